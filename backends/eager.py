@@ -1,0 +1,67 @@
+"""Eager PyTorch: the reference in fp32, and a peer row in fp16/bf16."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from pipeline.capture import Captured
+from pipeline.precision import Precision
+
+from .base import Backend, BackendOptions, CompiledModel, Tensors
+
+
+@dataclass(frozen=True)
+class EagerOptions(BackendOptions):
+    pass
+
+
+class EagerModel(CompiledModel):
+    def __init__(self, module: nn.Module, program: torch.export.ExportedProgram | None, **kw: Any) -> None:
+        super().__init__(**kw)
+        self.module, self.program = module, program
+
+    def run(self, inputs: Tensors) -> Tensors:
+        with torch.no_grad():
+            outs = self.module(**inputs)
+        return dict(zip(self.output_names, outs))
+
+    def _save_files(self, directory: Path) -> list[Path]:
+        # The deployable form of eager is the captured program itself (torch.export archive).
+        if self.program is None:
+            raise NotImplementedError("this eager model was loaded from an archive; save the original")
+        path = directory / "program.pt2"
+        torch.export.save(self.program, str(path))
+        return [path]
+
+    def describe(self) -> dict[str, Any]:
+        info = super().describe()
+        if self.program is not None:
+            info["graph_ops"] = sum(1 for n in self.program.graph.nodes if n.op == "call_function")
+        info["kernels"] = "op by op (no fusion)"
+        return info
+
+
+class EagerBackend(Backend):
+    name = "eager"
+    precisions = (Precision.FP32, Precision.FP16, Precision.BF16)
+    options_type = EagerOptions
+
+    def _compile(self, captured: Captured, precision: Precision, device: str, options: Any) -> CompiledModel:
+        module = captured.bundle.module
+        if precision != Precision.FP32 or device != "cpu":
+            module = copy.deepcopy(module).to(device=device, dtype=precision.dtype)
+        bundle = captured.bundle
+        return EagerModel(module.eval(), captured.program_at(precision), backend=self.name, precision=precision,
+                          device=device, input_names=bundle.input_names, output_names=bundle.output_names, options=options)
+
+    def _load(self, directory: Path, meta: dict[str, Any], device: str) -> CompiledModel:
+        program = torch.export.load(str(directory / "program.pt2"))
+        module = program.module().to(device)
+        return EagerModel(module, program, backend=self.name, precision=Precision(meta["precision"]), device=device,
+                          input_names=tuple(meta["inputs"]), output_names=tuple(meta["outputs"]), options=EagerOptions())

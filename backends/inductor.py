@@ -1,0 +1,102 @@
+"""torch.compile with Inductor; AOTInductor packages (.pt2) for deployment."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from pipeline.capture import Captured
+from pipeline.precision import Precision
+
+from .base import Backend, BackendOptions, CompiledModel, Tensors
+
+Mode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
+
+
+@dataclass(frozen=True)
+class InductorOptions(BackendOptions):
+    mode: Mode = "default"
+    # Weights folded into the graph as constants: the largest single Inductor win measured on the CPU.
+    freezing: bool = True
+    # None: specialize on the first shape, recompile dynamic on a new one (torch's default).
+    dynamic: bool | None = None
+
+
+def _inductor_options(options: InductorOptions) -> dict[str, Any]:
+    """torch.compile takes mode or options, not both: spell the mode out as options and add ours."""
+    mode_opts = {} if options.mode == "default" else dict(torch._inductor.list_mode_options(options.mode))
+    return {**mode_opts, "freezing": options.freezing}
+
+
+class InductorModel(CompiledModel):
+    def __init__(self, fn: Any, program: torch.export.ExportedProgram | None, package: Path | None, **kw: Any) -> None:
+        super().__init__(**kw)
+        self.fn, self.program, self.package = fn, program, package
+        from torch._inductor import metrics
+        self._metrics = (metrics.ir_nodes_pre_fusion, metrics.generated_kernel_count)
+
+    def run(self, inputs: Tensors) -> Tensors:
+        with torch.no_grad():
+            outs = self.fn(**inputs)
+        return dict(zip(self.output_names, outs))
+
+    def _save_files(self, directory: Path) -> list[Path]:
+        """AOTInductor: a .pt2 package that reloads with torch._inductor.aoti_load_package, no Python model code."""
+        if self.program is None:
+            raise NotImplementedError("this engine was loaded from a package; save the original")
+        path = directory / "model.pt2"
+        program = self.program
+        if self.device != "cpu":
+            program = torch.export.passes.move_to_device_pass(program, self.device)
+        t0 = time.perf_counter()
+        torch._inductor.aoti_compile_and_package(program, package_path=str(path),
+                                                 inductor_configs={"freezing": self.options.freezing})
+        self.aoti_build_s = time.perf_counter() - t0
+        return [path]
+
+    def describe(self) -> dict[str, Any]:
+        info = super().describe()
+        info["mode"] = self.options.mode if self.package is None else "aotinductor"
+        info["freezing"] = self.options.freezing
+        if hasattr(self, "aoti_build_s"):
+            info["aoti_build_s"] = round(self.aoti_build_s, 2)
+        if self.package is None:
+            # Inductor compiles lazily, once per shape: count what it generated since this engine was made
+            # (an FX-graph cache hit generates none).
+            from torch._inductor import metrics
+            info["ir_nodes_pre_fusion"] = metrics.ir_nodes_pre_fusion - self._metrics[0]
+            info["kernels_generated"] = metrics.generated_kernel_count - self._metrics[1]
+        return info
+
+
+class InductorBackend(Backend):
+    name = "inductor"
+    precisions = (Precision.FP32, Precision.FP16, Precision.BF16)
+    options_type = InductorOptions
+
+    def _check(self, device: str) -> Any:
+        import shutil
+
+        from .base import Availability
+        if device == "cpu" and not (shutil.which("gcc") or shutil.which("cc") or shutil.which("g++")):
+            return Availability.no("Inductor's CPU code generation needs a C++ compiler (gcc) on the PATH")
+        return Availability.yes()
+
+    def _compile(self, captured: Captured, precision: Precision, device: str, options: Any) -> CompiledModel:
+        program = captured.program_at(precision)
+        module = program.module().to(device)
+        fn = torch.compile(module, dynamic=options.dynamic, options=_inductor_options(options))
+        bundle = captured.bundle
+        return InductorModel(fn, program, None, backend=self.name, precision=precision, device=device,
+                             input_names=bundle.input_names, output_names=bundle.output_names, options=options)
+
+    def _load(self, directory: Path, meta: dict[str, Any], device: str) -> CompiledModel:
+        path = directory / "model.pt2"
+        fn = torch._inductor.aoti_load_package(str(path))
+        opts = InductorOptions.from_mapping(meta.get("options", {}))
+        return InductorModel(fn, None, path, backend=self.name, precision=Precision(meta["precision"]), device=device,
+                             input_names=tuple(meta["inputs"]), output_names=tuple(meta["outputs"]), options=opts)

@@ -1,0 +1,190 @@
+"""ONNX Runtime: ONNX from the captured program, ORT fusions, graph optimizations; fp16 by the ONNX converter."""
+
+from __future__ import annotations
+
+import collections
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from pipeline.capture import Captured
+from pipeline.errors import BackendError
+from pipeline.precision import Precision
+
+from .base import Availability, Backend, BackendOptions, CompiledModel, Tensors, runtime_option
+
+Level = Literal["disable", "basic", "extended", "all"]
+DATA = "model.onnx.data"
+
+
+@dataclass(frozen=True)
+class OrtOptions(BackendOptions):
+    # onnxscript's ORT fusions (Attention, SkipLayerNorm, BiasGelu) on the dynamo graph before ORT sees it.
+    fuse: bool = True
+    graph_optimization: Level = "all"
+    intra_op_threads: int = runtime_option(0)  # 0: as many as torch uses
+    # ORT's worker threads spin after each run by default; beside torch's threads in one process
+    # (an interleaved benchmark) the spinning steals the cores from whoever runs next.
+    spin: bool = runtime_option(False)
+
+
+def _level(name: str) -> Any:
+    import onnxruntime as ort
+
+    L = ort.GraphOptimizationLevel
+    return {"disable": L.ORT_DISABLE_ALL, "basic": L.ORT_ENABLE_BASIC, "extended": L.ORT_ENABLE_EXTENDED, "all": L.ORT_ENABLE_ALL}[name]
+
+
+def _providers(device: str) -> list[Any]:
+    if device.startswith("cuda"):
+        idx = int(device.split(":")[1]) if ":" in device else 0
+        return [("CUDAExecutionProvider", {"device_id": idx}), "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
+def _build_onnx(captured: Captured, precision: Precision, options: OrtOptions, out: Path) -> dict[str, int]:
+    """Write the engine's model.onnx into `out`; returns the fusions applied."""
+    import onnx
+    import onnx_ir as ir
+
+    src = captured.onnx_path()
+    fusions: dict[str, int] = {}
+    if precision == Precision.FP16:
+        # The converter works on plain ONNX ops; ORT's own optimizer fuses the fp16 graph at load.
+        import warnings
+
+        from onnxconverter_common import float16
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # it warns for every fp32 constant it clamps
+            proto = float16.convert_float_to_float16(onnx.load(str(src)), keep_io_types=True, disable_shape_infer=True)
+        onnx.save_model(proto, str(out / "model.onnx"), save_as_external_data=True, location=DATA)
+        return fusions
+    model = ir.load(str(src))
+    if options.fuse:
+        from onnxscript.rewriter.ort_fusions import optimize_for_ort
+
+        model, counts = optimize_for_ort(model)
+        fusions = {k: v for k, v in counts.items() if v}
+    ir.save(model, str(out / "model.onnx"), external_data=DATA)
+    return fusions
+
+
+class OrtModel(CompiledModel):
+    def __init__(self, path: Path, fusions: dict[str, int], **kw: Any) -> None:
+        super().__init__(**kw)
+        import onnxruntime as ort
+
+        self.path, self.fusions = path, fusions
+        so = ort.SessionOptions()
+        so.graph_optimization_level = _level(self.options.graph_optimization)
+        so.intra_op_num_threads = self.options.intra_op_threads or torch.get_num_threads()
+        so.add_session_config_entry("session.intra_op.allow_spinning", "1" if self.options.spin else "0")
+        so.log_severity_level = 3
+        self.optimized = path.with_name("optimized.onnx")
+        so.optimized_model_filepath = str(self.optimized)
+        so.add_session_config_entry("session.optimized_model_external_initializers_file_name", "optimized.onnx.data")
+        try:
+            self.session = ort.InferenceSession(str(path), so, providers=_providers(self.device))
+        except Exception as e:
+            raise BackendError(f"onnxruntime could not load {path.name}: {str(e).splitlines()[0]}") from e
+        self.providers = self.session.get_providers()
+        self.out_names = [o.name for o in self.session.get_outputs()]
+
+    def run(self, inputs: Tensors) -> Tensors:
+        if self.device == "cpu":
+            feeds = {n: t.detach().cpu().numpy() for n, t in inputs.items()}
+            outs = self.session.run(self.out_names, feeds)
+            return {n: torch.from_numpy(np.asarray(o)) for n, o in zip(self.output_names, outs)}
+        # CUDA: bind torch tensors in place, outputs allocated by ORT on the device.
+        binding = self.session.io_binding()
+        idx = torch.device(self.device).index or 0
+        for n, t in inputs.items():
+            t = t.contiguous()
+            binding.bind_input(n, "cuda", idx, _NP[t.dtype], list(t.shape), t.data_ptr())
+        for n in self.out_names:
+            binding.bind_output(n, "cuda", idx)
+        self.session.run_with_iobinding(binding)
+        return {n: torch.from_dlpack(v.to_dlpack()) if hasattr(v, "to_dlpack") else torch.from_numpy(v.numpy()).to(self.device)
+                for n, v in zip(self.output_names, binding.get_outputs())}
+
+    def _save_files(self, directory: Path) -> list[Path]:
+        files = []
+        for name in ("model.onnx", DATA):
+            if (self.path.parent / name).exists():
+                shutil.copy2(self.path.parent / name, directory / name)
+                files.append(directory / name)
+        return files
+
+    def describe(self) -> dict[str, Any]:
+        info = super().describe()
+        info["providers"] = self.providers
+        info["fusions_onnxscript"] = self.fusions
+        if self.optimized.exists():
+            import onnx
+
+            graph = onnx.load(str(self.optimized), load_external_data=False).graph
+            ops = collections.Counter(n.op_type for n in graph.node)
+            info["nodes_after_ort"] = sum(ops.values())
+            info["fused_ops"] = {k: v for k, v in sorted(ops.items()) if k in _FUSED}
+        return info
+
+
+_NP = {torch.int64: np.int64, torch.int32: np.int32, torch.float32: np.float32, torch.float16: np.float16, torch.bool: np.bool_}
+_FUSED = {"Attention", "MultiHeadAttention", "SkipLayerNormalization", "EmbedLayerNormalization", "BiasGelu",
+          "FastGelu", "Gelu", "FusedMatMul", "LayerNormalization", "SkipSimplifiedLayerNormalization", "MatMulNBits", "GroupQueryAttention"}
+
+
+class OrtBackend(Backend):
+    name = "onnxruntime"
+    precisions = (Precision.FP32, Precision.FP16)
+    options_type = OrtOptions
+
+    def _check(self, device: str) -> Availability:
+        import onnxruntime as ort
+
+        if device.startswith("cuda") and "CUDAExecutionProvider" not in ort.get_available_providers():
+            return Availability.no("this onnxruntime has no CUDAExecutionProvider (install onnxruntime-gpu)")
+        return Availability.yes()
+
+    def supports(self, precision: Precision, device: str) -> Availability:
+        if precision == Precision.BF16:
+            return Availability.no("onnxruntime has no bf16 kernels for these ops, and the ONNX converter makes fp16 only")
+        return super().supports(precision, device)
+
+    def _compile(self, captured: Captured, precision: Precision, device: str, options: Any) -> CompiledModel:
+        build = options.build_options()
+        key = f"{captured.graph_hash}-{precision.value}-" + "-".join(f"{k}={v}" for k, v in sorted(build.items()))
+        final = captured.cache_dir / "onnxruntime" / key
+        if not (final / "model.onnx").is_file():
+            final.parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(prefix=".build-", dir=final.parent))
+            try:
+                fusions = _build_onnx(captured, precision, options, tmp)
+                (tmp / "fusions.txt").write_text("".join(f"{k} {v}\n" for k, v in fusions.items()))
+                if final.exists():
+                    shutil.rmtree(tmp)
+                else:
+                    os.replace(tmp, final)
+            except Exception:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+        fusions = {k: int(v) for k, v in (line.split() for line in (final / "fusions.txt").read_text().splitlines())}
+        bundle = captured.bundle
+        return OrtModel(final / "model.onnx", fusions, backend=self.name, precision=precision, device=device,
+                        input_names=bundle.input_names, output_names=bundle.output_names, options=options)
+
+    def _load(self, directory: Path, meta: dict[str, Any], device: str) -> CompiledModel:
+        opts = OrtOptions.from_mapping(meta.get("options", {}))
+        work = Path(tempfile.mkdtemp(prefix="kiln-ort-"))
+        for name in ("model.onnx", DATA):
+            if (directory / name).exists():
+                shutil.copy2(directory / name, work / name)
+        return OrtModel(work / "model.onnx", {}, backend=self.name, precision=Precision(meta["precision"]), device=device,
+                        input_names=tuple(meta["inputs"]), output_names=tuple(meta["outputs"]), options=opts)

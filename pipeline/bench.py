@@ -1,0 +1,181 @@
+"""Timing: warm-up outside the numbers, interleaved rounds, each engine's own sync, raw samples, statistics."""
+
+from __future__ import annotations
+
+import os
+import platform
+import random
+import statistics
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from importlib import metadata
+from typing import Any, Protocol
+
+import torch
+
+
+class Timeable(Protocol):
+    device: str
+
+    def __call__(self, inputs: Mapping[str, torch.Tensor]) -> Any: ...
+    def synchronize(self) -> None: ...
+
+
+def _quantile(xs: Sequence[float], q: float) -> float:
+    s = sorted(xs)
+    if not s:
+        return float("nan")
+    pos = q * (len(s) - 1)
+    lo, hi = int(pos), min(int(pos) + 1, len(s) - 1)
+    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
+
+
+@dataclass
+class Timing:
+    samples_ms: list[float]
+
+    @property
+    def median(self) -> float:
+        return _quantile(self.samples_ms, 0.5)
+
+    @property
+    def p90(self) -> float:
+        return _quantile(self.samples_ms, 0.9)
+
+    @property
+    def iqr(self) -> float:
+        return _quantile(self.samples_ms, 0.75) - _quantile(self.samples_ms, 0.25)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"median": self.median, "p90": self.p90, "iqr": self.iqr, "min": min(self.samples_ms, default=float("nan")),
+                "n": len(self.samples_ms), "samples": [round(x, 4) for x in self.samples_ms]}
+
+
+@dataclass
+class Speedup:
+    value: float
+    ci_low: float
+    ci_high: float
+
+    def to_dict(self) -> dict[str, float]:
+        return {"value": self.value, "ci_low": self.ci_low, "ci_high": self.ci_high}
+
+
+def speedup(reference: Timing, candidate: Timing, resamples: int = 1000, seed: int = 0) -> Speedup:
+    """reference median / candidate median, with a 95% bootstrap interval over the raw samples."""
+    rng = random.Random(seed)
+    ref, cand = reference.samples_ms, candidate.samples_ms
+    ratios = sorted(
+        statistics.median(rng.choices(ref, k=len(ref))) / statistics.median(rng.choices(cand, k=len(cand)))
+        for _ in range(resamples)
+    )
+    return Speedup(reference.median / candidate.median, _quantile(ratios, 0.025), _quantile(ratios, 0.975))
+
+
+def time_call(model: Timeable, inputs: Mapping[str, torch.Tensor]) -> float:
+    """One call in milliseconds, ended by the engine's own synchronize; CUDA events on a GPU."""
+    if model.device.startswith("cuda"):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        model(inputs)
+        end.record()
+        model.synchronize()
+        return float(start.elapsed_time(end))
+    t0 = time.perf_counter_ns()
+    model(inputs)
+    model.synchronize()
+    return (time.perf_counter_ns() - t0) / 1e6
+
+
+def benchmark(entries: Mapping[str, tuple[Timeable, Mapping[str, torch.Tensor]]], *, warmup: int = 5, rounds: int = 20,
+              iters: int = 1, seed: int = 0, progress: Callable[[str], None] | None = None) -> dict[str, Timing]:
+    """Times every entry. Each round runs every entry `iters` times, in a fresh random order,
+    so that drift (thermal, other load) hits all entries alike."""
+    rng = random.Random(seed)
+    keys = list(entries)
+    for k in keys:
+        model, inputs = entries[k]
+        for _ in range(warmup):
+            model(inputs)
+        model.synchronize()
+    samples: dict[str, list[float]] = {k: [] for k in keys}
+    for r in range(rounds):
+        rng.shuffle(keys)
+        for k in keys:
+            model, inputs = entries[k]
+            samples[k].extend(time_call(model, inputs) for _ in range(iters))
+        if progress and (r + 1) % max(1, rounds // 4) == 0:
+            progress(f"round {r + 1}/{rounds}")
+    return {k: Timing(v) for k, v in samples.items()}
+
+
+def _rss_bytes() -> int:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:  # not Linux: fall back to the process peak
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+@dataclass
+class MemoryWatch:
+    """Peak host RSS above the start, sampled every `interval` s; peak device memory on CUDA."""
+
+    device: str = "cpu"
+    interval: float = 0.002
+    peak_host_mb: float = 0.0
+    peak_device_mb: float | None = None
+    _stop: threading.Event = field(default_factory=threading.Event)
+
+    def __enter__(self) -> MemoryWatch:
+        self._start = self._peak = _rss_bytes()
+        if self.device.startswith("cuda"):
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._dev0 = torch.cuda.memory_allocated(self.device)
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._peak = max(self._peak, _rss_bytes())
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._peak = max(self._peak, _rss_bytes())
+        self.peak_host_mb = (self._peak - self._start) / 2**20
+        if self.device.startswith("cuda"):
+            self.peak_device_mb = (torch.cuda.max_memory_allocated(self.device) - self._dev0) / 2**20
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def environment(device: str = "cpu") -> dict[str, Any]:
+    cpu = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    env: dict[str, Any] = {
+        "python": platform.python_version(), "platform": platform.platform(), "cpu": cpu, "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(), "device": device,
+        "versions": {d: _version(d) for d in ("torch", "transformers", "onnx", "onnxscript", "onnxruntime", "onnxruntime-gpu",
+                                              "apache-tvm", "tensorrt", "torch-tensorrt", "numpy")},
+    }
+    if device.startswith("cuda") and torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(device)
+        env.update(gpu=props.name, capability=f"sm_{props.major}{props.minor}", cuda=torch.version.cuda,
+                   gpu_memory_gb=round(props.total_memory / 2**30, 1))
+    return env

@@ -1,0 +1,113 @@
+"""Capture a model once with torch.export (batch and sequence dynamic); derive ONNX from it, cached by content."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.export import Dim, ExportedProgram
+
+from .errors import BackendError
+from .inputs import Shape, make_inputs
+from .models import ModelBundle
+from .precision import Precision
+
+DEFAULT_CACHE = Path(os.environ.get("KILN_CACHE", "artifacts/cache"))
+
+
+def _example(bundle: ModelBundle) -> dict[str, torch.Tensor]:
+    if bundle.example is not None:
+        return bundle.example
+    # batch 2 and seq 16 keep both axes dynamic (a size-1 example would be specialized).
+    lo_s, hi_s = bundle.axis_ranges.get("seq", (16, 16))
+    return make_inputs(bundle, Shape(2, min(max(16, lo_s), hi_s)), "padded", seed=0)
+
+
+def _dynamic_shapes(bundle: ModelBundle) -> dict[str, dict[int, Any]]:
+    dims = {axis: Dim(axis, min=lo, max=hi) for axis, (lo, hi) in bundle.axis_ranges.items()}
+    return {n: {i: dims[a] for i, a in enumerate(spec.dims) if isinstance(a, str)} for n, spec in bundle.inputs.items()}
+
+
+def graph_hash(ep: ExportedProgram) -> str:
+    """Content hash of a captured program: its graph code, signature, ranges and every weight."""
+    h = hashlib.sha256()
+    h.update(ep.graph_module.code.encode())
+    h.update(str(ep.graph_signature).encode())
+    h.update(str(sorted((str(k), str(v)) for k, v in ep.range_constraints.items())).encode())
+    for name, t in sorted({**ep.state_dict, **ep.constants}.items()):
+        if isinstance(t, torch.Tensor):
+            h.update(name.encode())
+            h.update(str(t.dtype).encode() + str(tuple(t.shape)).encode())
+            h.update(t.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def export(bundle: ModelBundle, dtype: torch.dtype = torch.float32) -> ExportedProgram:
+    module = bundle.module if dtype == torch.float32 else copy.deepcopy(bundle.module).to(dtype)
+    try:
+        with torch.no_grad():
+            return torch.export.export(module.eval(), (), _example(bundle), dynamic_shapes=_dynamic_shapes(bundle))
+    except Exception as e:  # torch raises many kinds here; the user needs the first line
+        raise BackendError(f"torch.export failed for {bundle.name}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
+
+
+@dataclass
+class Captured:
+    """One captured program and what is derived from it. Backends receive this, never the raw model."""
+
+    bundle: ModelBundle
+    program: ExportedProgram
+    graph_hash: str
+    capture_s: float
+    cache_dir: Path = DEFAULT_CACHE
+    _programs: dict[Precision, ExportedProgram] = field(default_factory=dict, repr=False)
+
+    @property
+    def name(self) -> str:
+        return self.bundle.name
+
+    def program_at(self, precision: Precision) -> ExportedProgram:
+        """The fp32 capture, or the same module captured with its weights cast to `precision`."""
+        if precision == Precision.FP32:
+            return self.program
+        if precision not in self._programs:
+            self._programs[precision] = export(self.bundle, precision.dtype)
+        return self._programs[precision]
+
+    def onnx_path(self) -> Path:
+        """ONNX exported from the fp32 program by the dynamo exporter; cached under cache_dir by graph hash."""
+        key = f"{self.graph_hash}-torch{torch.__version__.split('+')[0]}"
+        final = self.cache_dir / "onnx" / key
+        path = final / "model.onnx"
+        if path.is_file():
+            return path
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=final.parent))
+        os.chmod(tmp, 0o755)
+        try:
+            example = _example(self.bundle)
+            torch.onnx.export(self.program, (), kwargs=example, f=str(tmp / "model.onnx"), dynamo=True,
+                              input_names=list(self.bundle.input_names), output_names=list(self.bundle.output_names),
+                              verbose=False)
+            if final.exists():  # another process won the race; keep theirs
+                shutil.rmtree(tmp)
+            else:
+                os.replace(tmp, final)
+        except Exception as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise BackendError(f"ONNX export failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
+        return path
+
+
+def capture(bundle: ModelBundle, cache_dir: Path | str | None = None) -> Captured:
+    t0 = time.perf_counter()
+    ep = export(bundle)
+    return Captured(bundle, ep, graph_hash(ep), time.perf_counter() - t0, Path(cache_dir) if cache_dir else DEFAULT_CACHE)

@@ -1,0 +1,210 @@
+"""Equivalence, measured: per-output errors against eager fp32 and an fp64 shadow, cosine, task agreement.
+
+A verdict says why it passed or failed and which tolerance would have passed.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from .precision import DEFAULT_TOLERANCES, Precision, Tolerance
+
+Tensors = Mapping[str, torch.Tensor]
+
+
+@dataclass
+class OutputMetrics:
+    name: str
+    max_abs: float = 0.0            # vs eager fp32
+    max_rel: float = 0.0            # |c-r| / max(|r|, 1e-6 * max|r|), vs eager fp32
+    rmse_vs_fp64: float = 0.0       # candidate vs the fp64 shadow
+    eager_rmse_vs_fp64: float = 0.0  # eager at the same precision vs the shadow: what the precision itself costs
+    eager_max_abs_vs_fp64: float = 0.0
+    cosine: float = 1.0             # whole output, min over batches
+    needed_atol: float = 0.0        # the atol (with rtol unchanged) that would have passed
+    atol: float = 0.0               # effective atol applied
+    rtol: float = 0.0
+    min_cosine: float = 0.0
+    nonfinite: int = 0
+    elements: int = 0
+    violations: int = 0
+    agreement: float | None = None  # top-1 (logits) or nearest-neighbour ranking (embeddings)
+    agreement_kind: str | None = None
+    eager_agreement: float | None = None
+    min_agreement: float | None = None
+    embedding_cosine: float | None = None  # encoders: mean-pooled sentence embeddings, min over rows
+    top5_overlap: float | None = None
+    passed: bool = True
+    reason: str = ""
+
+    @property
+    def error_ratio(self) -> float | None:
+        """How much worse than eager at the same precision (1.0 = as good as eager)."""
+        return self.rmse_vs_fp64 / self.eager_rmse_vs_fp64 if self.eager_rmse_vs_fp64 > 0 else None
+
+
+@dataclass
+class Comparison:
+    passed: bool
+    reason: str
+    outputs: list[OutputMetrics] = field(default_factory=list)
+    batches: int = 0
+
+    def __bool__(self) -> bool:
+        return self.passed
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"passed": self.passed, "reason": self.reason, "batches": self.batches,
+                "outputs": [{**asdict(o), "error_ratio": o.error_ratio} for o in self.outputs]}
+
+    @property
+    def worst(self) -> OutputMetrics | None:
+        return max(self.outputs, key=lambda o: o.max_abs, default=None)
+
+
+def _f64(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().to("cpu", torch.float64)
+
+
+def pooled_embeddings(hidden: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Mean over valid tokens, L2-normalized: how sentence-transformers turns MiniLM into embeddings."""
+    m = torch.ones(hidden.shape[:2], dtype=hidden.dtype) if mask is None else mask.to(hidden.dtype).cpu()
+    pooled = (hidden * m.unsqueeze(-1)).sum(1) / m.sum(1, keepdim=True).clamp(min=1)
+    return torch.nn.functional.normalize(pooled, dim=-1)
+
+
+def _nearest(emb: torch.Tensor) -> torch.Tensor:
+    sim = emb @ emb.T
+    sim.fill_diagonal_(-math.inf)
+    return sim.argmax(-1)
+
+
+class Comparator:
+    """Accumulates metrics over several batches; `result()` gives the verdict."""
+
+    def __init__(self, precision: Precision, task: str = "generic",
+                 tolerances: Tolerance | Mapping[str, Tolerance] | None = None) -> None:
+        self.precision, self.task = precision, task
+        self.tolerances = tolerances
+        self._acc: dict[str, dict[str, Any]] = {}
+        self.batches = 0
+
+    def tolerance(self, output: str) -> Tolerance:
+        if isinstance(self.tolerances, Tolerance):
+            return self.tolerances
+        if self.tolerances and output in self.tolerances:
+            return self.tolerances[output]
+        return DEFAULT_TOLERANCES[self.precision]
+
+    def add(self, candidate: Tensors, reference: Tensors, shadow: Tensors,
+            eager_at_precision: Tensors | None = None, mask: torch.Tensor | None = None) -> None:
+        """candidate and eager_at_precision at the engine's precision; reference eager fp32; shadow eager fp64."""
+        self.batches += 1
+        for name, ref_t in reference.items():
+            if name not in candidate:
+                raise KeyError(f"candidate has no output {name!r} (has {', '.join(candidate)})")
+            a = self._acc.setdefault(name, {"m": OutputMetrics(name), "sq": 0.0, "sq_eager": 0.0, "agree": [], "eager_agree": [],
+                                            "top5": [], "emb_cos": []})
+            m: OutputMetrics = a["m"]
+            c, r, s = _f64(candidate[name]), _f64(ref_t), _f64(shadow[name])
+            e = _f64(eager_at_precision[name]) if eager_at_precision is not None else r
+            if c.shape != r.shape:
+                raise ValueError(f"output {name!r}: shape {tuple(c.shape)} differs from eager's {tuple(r.shape)}")
+            tol = self.tolerance(name)
+            finite = torch.isfinite(c)
+            m.nonfinite += int((~finite).sum())
+            m.elements += c.numel()
+            c = torch.where(finite, c, torch.zeros_like(c))
+            diff = (c - r).abs()
+            m.max_abs = max(m.max_abs, float(diff.max()) if diff.numel() else 0.0)
+            floor = 1e-6 * float(r.abs().max()) if r.numel() else 0.0
+            m.max_rel = max(m.max_rel, float((diff / r.abs().clamp(min=max(floor, 1e-12))).max()))
+            a["sq"] += float(((c - s) ** 2).sum())
+            a["sq_eager"] += float(((e - s) ** 2).sum())
+            m.eager_max_abs_vs_fp64 = max(m.eager_max_abs_vs_fp64, float((e - s).abs().max()))
+            m.cosine = min(m.cosine, float(torch.nn.functional.cosine_similarity(c.flatten(), r.flatten(), dim=0, eps=1e-30)))
+            excess = diff - tol.rtol * r.abs()
+            m.needed_atol = max(m.needed_atol, float(excess.max().clamp(min=0)) if excess.numel() else 0.0)
+            a.setdefault("beyond_floor", []).append(excess[excess > tol.atol].float())  # few, unless failing
+            self._agreement(a, c, r, e, mask)
+
+    def _agreement(self, a: dict[str, Any], c: torch.Tensor, r: torch.Tensor, e: torch.Tensor, mask: torch.Tensor | None) -> None:
+        if self.task == "causal-lm" and c.dim() == 3:
+            valid = (mask.bool().cpu() if mask is not None else torch.ones(c.shape[:2], dtype=torch.bool))
+            top_r = r.argmax(-1)[valid]
+            a["agree"].append((c.argmax(-1)[valid] == top_r).double())
+            a["eager_agree"].append((e.argmax(-1)[valid] == top_r).double())
+            k = min(5, c.shape[-1])
+            tc, tr = c.topk(k, -1).indices[valid], r.topk(k, -1).indices[valid]
+            a["top5"].append((tc.unsqueeze(-1) == tr.unsqueeze(-2)).any(-1).double().mean(-1))
+        elif self.task == "encoder" and c.dim() == 3:
+            ec, er, ee = (pooled_embeddings(x, mask) for x in (c, r, e))
+            a["emb_cos"].append((ec * er).sum(-1))
+            if c.shape[0] >= 3:
+                nn_r = _nearest(er)
+                a["agree"].append((_nearest(ec) == nn_r).double())
+                a["eager_agree"].append((_nearest(ee) == nn_r).double())
+
+    def result(self) -> Comparison:
+        outputs = []
+        for name, a in self._acc.items():
+            m: OutputMetrics = a["m"]
+            tol = self.tolerance(name)
+            n = max(m.elements, 1)
+            m.rmse_vs_fp64, m.eager_rmse_vs_fp64 = math.sqrt(a["sq"] / n), math.sqrt(a["sq_eager"] / n)
+            m.atol, m.rtol, m.min_cosine = max(tol.atol, tol.shadow_factor * m.eager_max_abs_vs_fp64), tol.rtol, tol.min_cosine
+            m.violations = sum(int((x > m.atol).sum()) for x in a.pop("beyond_floor", []))
+            if a["agree"]:
+                m.agreement_kind = "top1" if self.task == "causal-lm" else "nn-ranking"
+                m.agreement = float(torch.cat(a["agree"]).mean())
+                m.eager_agreement = float(torch.cat(a["eager_agree"]).mean())
+                m.min_agreement = min(tol.min_agreement, m.eager_agreement - 0.02)
+            if a["top5"]:
+                m.top5_overlap = float(torch.cat(a["top5"]).mean())
+            if a["emb_cos"]:
+                m.embedding_cosine = float(torch.cat(a["emb_cos"]).min())
+            m.passed, m.reason = _verdict(m)
+            outputs.append(m)
+        passed = all(o.passed for o in outputs) and bool(outputs)
+        failing = [o for o in outputs if not o.passed]
+        if not outputs:
+            reason = "nothing compared"
+        elif failing:
+            reason = "; ".join(f"{o.name}: {o.reason}" for o in failing)
+        else:
+            reason = "; ".join(f"{o.name}: {o.reason}" for o in outputs)
+        return Comparison(passed, reason, outputs, self.batches)
+
+
+def _verdict(m: OutputMetrics) -> tuple[bool, str]:
+    if m.nonfinite:
+        return False, f"{m.nonfinite} of {m.elements} values are NaN or Inf"
+    problems = []
+    if m.violations:
+        problems.append(f"{m.violations} of {m.elements} elements beyond atol {m.atol:.1e} + rtol {m.rtol:.0e}*|ref| "
+                        f"(max abs {m.max_abs:.2e}); would pass with atol {m.needed_atol * 1.01:.2e}")
+    if m.cosine < m.min_cosine:
+        problems.append(f"cosine {m.cosine:.6f} < {m.min_cosine}")
+    if m.embedding_cosine is not None and m.embedding_cosine < m.min_cosine:
+        problems.append(f"sentence-embedding cosine {m.embedding_cosine:.6f} < {m.min_cosine}")
+    if m.agreement is not None and m.min_agreement is not None and m.agreement < m.min_agreement:
+        problems.append(f"{m.agreement_kind} agreement {m.agreement:.1%} < {m.min_agreement:.1%} (eager at this precision: {m.eager_agreement:.1%})")
+    if problems:
+        return False, "; ".join(problems)
+    ratio = f", {m.rmse_vs_fp64 / m.eager_rmse_vs_fp64:.2f}x eager's own error" if m.eager_rmse_vs_fp64 > 0 else ""
+    agree = f", {m.agreement_kind} {m.agreement:.0%}" if m.agreement is not None else ""
+    return True, f"max abs {m.max_abs:.1e} within atol {m.atol:.0e}{ratio}, cosine {m.cosine:.6f}{agree}"
+
+
+def compare(candidate: Tensors, reference: Tensors, shadow: Tensors | None = None, *,
+            precision: Precision = Precision.FP32, task: str = "generic", eager_at_precision: Tensors | None = None,
+            mask: torch.Tensor | None = None, tolerances: Tolerance | Mapping[str, Tolerance] | None = None) -> Comparison:
+    """One batch, one verdict. Without a shadow, the reference stands in for it."""
+    comp = Comparator(precision, task, tolerances)
+    comp.add(candidate, reference, shadow if shadow is not None else reference, eager_at_precision, mask)
+    return comp.result()

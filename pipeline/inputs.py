@@ -1,0 +1,92 @@
+"""Example inputs: real sentences through the tokenizer, random ids, padding-heavy masks, shapes."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from importlib import resources
+
+import torch
+
+from .errors import ShapeError
+from .models import ModelBundle
+
+Inputs = dict[str, torch.Tensor]
+BATCH_KINDS = ("text", "random", "padded")
+
+
+@dataclass(frozen=True, order=True)
+class Shape:
+    batch: int
+    seq: int
+
+    def __str__(self) -> str:
+        return f"{self.batch}x{self.seq}"
+
+    @classmethod
+    def parse(cls, text: str) -> Shape:
+        m = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", text)
+        if not m or int(m[1]) < 1 or int(m[2]) < 1:
+            raise ShapeError(f"malformed shape {text!r}: expected BATCHxSEQ with positive integers, e.g. 1x128,8x64")
+        return cls(int(m[1]), int(m[2]))
+
+
+def parse_shapes(text: str) -> list[Shape]:
+    return list(dict.fromkeys(Shape.parse(s) for s in text.split(",") if s.strip()))
+
+
+def check_shape(bundle: ModelBundle, shape: Shape) -> None:
+    """Refuses a shape outside the model's dynamic ranges, naming the range."""
+    for axis, size in (("batch", shape.batch), ("seq", shape.seq)):
+        lo, hi = bundle.axis_ranges.get(axis, (size, size))
+        if axis in bundle.axis_ranges and not lo <= size <= hi:
+            raise ShapeError(f"shape {shape}: {axis} {size} is outside {bundle.name}'s range [{lo}, {hi}]")
+
+
+def sentences() -> list[str]:
+    text = resources.files("pipeline").joinpath("data/sentences.txt").read_text(encoding="utf-8")
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def make_inputs(bundle: ModelBundle, shape: Shape, kind: str = "random", seed: int = 0) -> Inputs:
+    """One seeded batch at `shape`.
+
+    text:   real sentences through the tokenizer, padded to seq (random ids if no tokenizer);
+    random: uniform ids, full mask;
+    padded: uniform ids, most rows padded to a quarter of seq or less (right padding).
+    """
+    check_shape(bundle, shape)
+    g = torch.Generator().manual_seed(seed * 1009 + shape.batch * 31 + shape.seq)
+    if bundle.task == "generic":
+        return _generic_inputs(bundle, shape, g)
+    vocab = bundle.inputs["input_ids"].high
+    ids = torch.randint(0, vocab, (shape.batch, shape.seq), generator=g)
+    mask = torch.ones_like(ids)
+    if kind == "text" and bundle.tokenizer is not None:
+        sents = sentences()
+        rows = [sents[(seed + i) % len(sents)] for i in range(shape.batch)]
+        enc = bundle.tokenizer(rows, padding="max_length", truncation=True, max_length=shape.seq, return_tensors="pt")
+        ids, mask = enc["input_ids"].to(torch.int64), enc["attention_mask"].to(torch.int64)
+    elif kind in ("padded", "text"):
+        hi = max(1, shape.seq // 4) if kind == "padded" else shape.seq
+        lengths = torch.randint(1, hi + 1, (shape.batch,), generator=g)
+        lengths[0] = shape.seq if kind == "padded" and shape.batch > 1 else lengths[0]
+        mask = (torch.arange(shape.seq).unsqueeze(0) < lengths.unsqueeze(1)).to(torch.int64)
+        ids = torch.where(mask.bool(), ids, torch.full_like(ids, bundle.pad_token_id))
+    elif kind != "random":
+        raise ValueError(f"unknown batch kind {kind!r}; valid: {', '.join(BATCH_KINDS)}")
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def _generic_inputs(bundle: ModelBundle, shape: Shape, g: torch.Generator) -> Inputs:
+    sizes = {"batch": shape.batch, "seq": shape.seq}
+    out: Inputs = {}
+    for name, spec in bundle.inputs.items():
+        dims = tuple(sizes.get(d, 1) if isinstance(d, str) else d for d in spec.dims)
+        if spec.dtype.is_floating_point:
+            out[name] = torch.randn(dims, generator=g).to(spec.dtype)
+        elif spec.dtype == torch.bool:
+            out[name] = torch.randint(0, 2, dims, generator=g).bool()
+        else:
+            out[name] = torch.randint(0, spec.high, dims, generator=g).to(spec.dtype)
+    return out

