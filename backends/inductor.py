@@ -33,6 +33,8 @@ def _inductor_options(options: InductorOptions) -> dict[str, Any]:
 
 
 class InductorModel(CompiledModel):
+    options: InductorOptions
+
     def __init__(self, fn: Any, program: torch.export.ExportedProgram | None, package: Path | None, **kw: Any) -> None:
         super().__init__(**kw)
         self.fn, self.program, self.package = fn, program, package
@@ -51,7 +53,9 @@ class InductorModel(CompiledModel):
         path = directory / "model.pt2"
         program = self.program
         if self.device != "cpu":
-            program = torch.export.passes.move_to_device_pass(program, self.device)
+            from torch.export.passes import move_to_device_pass
+
+            program = move_to_device_pass(program, self.device)
         t0 = time.perf_counter()
         torch._inductor.aoti_compile_and_package(program, package_path=str(path),
                                                  inductor_configs={"freezing": self.options.freezing})

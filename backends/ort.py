@@ -77,6 +77,8 @@ def _build_onnx(captured: Captured, precision: Precision, options: OrtOptions, o
 
 
 class OrtModel(CompiledModel):
+    options: OrtOptions
+
     def __init__(self, path: Path, fusions: dict[str, int], **kw: Any) -> None:
         super().__init__(**kw)
         import onnxruntime as ort

@@ -8,10 +8,10 @@ import random
 import statistics
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import metadata
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import torch
 
@@ -89,8 +89,11 @@ def time_call(model: Timeable, inputs: Mapping[str, torch.Tensor]) -> float:
     return (time.perf_counter_ns() - t0) / 1e6
 
 
-def benchmark(entries: Mapping[str, tuple[Timeable, Mapping[str, torch.Tensor]]], *, warmup: int = 5, rounds: int = 20,
-              iters: int = 1, seed: int = 0, progress: Callable[[str], None] | None = None) -> dict[str, Timing]:
+K = TypeVar("K", bound=Hashable)
+
+
+def benchmark(entries: Mapping[K, tuple[Timeable, Mapping[str, torch.Tensor]]], *, warmup: int = 5, rounds: int = 20,
+              iters: int = 1, seed: int = 0, progress: Callable[[str], None] | None = None) -> dict[K, Timing]:
     """Times every entry. Each round runs every entry `iters` times, in a fresh random order,
     so that drift (thermal, other load) hits all entries alike."""
     rng = random.Random(seed)
@@ -100,7 +103,7 @@ def benchmark(entries: Mapping[str, tuple[Timeable, Mapping[str, torch.Tensor]]]
         for _ in range(warmup):
             model(inputs)
         model.synchronize()
-    samples: dict[str, list[float]] = {k: [] for k in keys}
+    samples: dict[K, list[float]] = {k: [] for k in keys}
     for r in range(rounds):
         rng.shuffle(keys)
         for k in keys:

@@ -26,6 +26,7 @@ class OutputMetrics:
     eager_rmse_vs_fp64: float = 0.0  # eager at the same precision vs the shadow: what the precision itself costs
     eager_max_abs_vs_fp64: float = 0.0
     cosine: float = 1.0             # whole output, min over batches
+    eager_cosine: float = 1.0       # eager at the same precision vs eager fp32
     needed_atol: float = 0.0        # the atol (with rtol unchanged) that would have passed
     atol: float = 0.0               # effective atol applied
     rtol: float = 0.0
@@ -69,6 +70,10 @@ class Comparison:
 
 def _f64(t: torch.Tensor) -> torch.Tensor:
     return t.detach().to("cpu", torch.float64)
+
+
+def _cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0, eps=1e-30))
 
 
 def pooled_embeddings(hidden: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -127,7 +132,8 @@ class Comparator:
             a["sq"] += float(((c - s) ** 2).sum())
             a["sq_eager"] += float(((e - s) ** 2).sum())
             m.eager_max_abs_vs_fp64 = max(m.eager_max_abs_vs_fp64, float((e - s).abs().max()))
-            m.cosine = min(m.cosine, float(torch.nn.functional.cosine_similarity(c.flatten(), r.flatten(), dim=0, eps=1e-30)))
+            m.cosine = min(m.cosine, _cosine(c, r))
+            m.eager_cosine = min(m.eager_cosine, _cosine(e, r))
             excess = diff - tol.rtol * r.abs()
             m.needed_atol = max(m.needed_atol, float(excess.max().clamp(min=0)) if excess.numel() else 0.0)
             a.setdefault("beyond_floor", []).append(excess[excess > tol.atol].float())  # few, unless failing
@@ -157,7 +163,9 @@ class Comparator:
             tol = self.tolerance(name)
             n = max(m.elements, 1)
             m.rmse_vs_fp64, m.eager_rmse_vs_fp64 = math.sqrt(a["sq"] / n), math.sqrt(a["sq_eager"] / n)
-            m.atol, m.rtol, m.min_cosine = max(tol.atol, tol.shadow_factor * m.eager_max_abs_vs_fp64), tol.rtol, tol.min_cosine
+            # Both bounds widen to shadow_factor times what eager itself loses at this precision, never narrow.
+            m.atol, m.rtol = max(tol.atol, tol.shadow_factor * m.eager_max_abs_vs_fp64), tol.rtol
+            m.min_cosine = min(tol.min_cosine, 1 - tol.shadow_factor * (1 - m.eager_cosine))
             m.violations = sum(int((x > m.atol).sum()) for x in a.pop("beyond_floor", []))
             if a["agree"]:
                 m.agreement_kind = "top1" if self.task == "causal-lm" else "nn-ranking"

@@ -81,7 +81,7 @@ class ModelBundle:
             dims = tuple(axes.get(i, size) for i, size in enumerate(t.shape))
             high = int(t.max().item()) + 1 if not t.is_floating_point() and t.numel() else 2
             specs[iname] = InputSpec(t.dtype, dims, max(high, 2))
-        wrapped = _TupleOutputs(module).eval()
+        wrapped = _tuple_outputs(module, list(example_inputs)).eval()
         with torch.no_grad():
             outs = module(**example_inputs)
         names = _output_names(outs)
@@ -94,19 +94,34 @@ class ModelBundle:
 
 
 class _TupleOutputs(nn.Module):
-    """Calls a module with named tensors and flattens its output to a tuple of tensors."""
+    """Calls a module with named tensors and flattens its output to a tuple of tensors.
+
+    torch.export needs the input names in forward's signature (not **kwargs), so each
+    wrapper gets a subclass whose forward names them: see `_tuple_outputs`.
+    """
 
     def __init__(self, inner: nn.Module) -> None:
         super().__init__()
         self.inner = inner
 
-    def forward(self, **inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def _call(self, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
         out = self.inner(**inputs)
         if isinstance(out, torch.Tensor):
             return (out,)
         if isinstance(out, Mapping):
             return tuple(v for v in out.values() if isinstance(v, torch.Tensor))
         return tuple(out)
+
+
+def _tuple_outputs(inner: nn.Module, names: Sequence[str]) -> nn.Module:
+    bad = [n for n in names if not n.isidentifier() or n == "self"]
+    if bad:
+        raise InputError(f"input names must be Python identifiers: {', '.join(map(repr, bad))}")
+    params = ", ".join(names)
+    ns: dict[str, Any] = {}
+    exec(f"def forward(self, {params}):\n    return self._call({{{', '.join(f'{n!r}: {n}' for n in names)}}})\n", ns)
+    cls = type("TupleOutputs", (_TupleOutputs,), {"forward": ns["forward"]})
+    return cls(inner)
 
 
 def _output_names(out: Any) -> tuple[str, ...]:
@@ -156,11 +171,11 @@ def _packaged_minilm_dir() -> Path:
 def _hf_bundle(name: str, model: nn.Module, source: str, tokenizer: Any) -> ModelBundle:
     import transformers
 
-    config = model.config
+    config: Any = model.config
     causal = isinstance(model, transformers.GenerationMixin) or getattr(config, "is_decoder", False)
     output = "logits" if causal else "last_hidden_state"
     vocab = int(config.vocab_size)
-    max_pos = int(getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", 512))
+    max_pos = int(getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None) or 512)
     specs = {n: InputSpec(torch.int64, ("batch", "seq"), vocab if n == "input_ids" else 2) for n in ("input_ids", "attention_mask")}
     pad = getattr(config, "pad_token_id", None)
     return ModelBundle(
@@ -190,9 +205,10 @@ def _from_config(kind: str, **overrides: Any) -> Callable[[str], ModelBundle]:
             model = transformers.DistilBertModel(transformers.DistilBertConfig(**overrides))
         else:
             model = transformers.GPT2LMHeadModel(transformers.GPT2Config(**overrides))
-        model.config._attn_implementation = "eager" if kind == "gpt2" else "sdpa"
+        config: Any = model.config
+        config._attn_implementation = "eager" if kind == "gpt2" else "sdpa"
         # BERT's uncased WordPiece vocabulary (30522) is the one MiniLM ships: real text for free.
-        tok = _minilm_tokenizer() if kind != "gpt2" and model.config.vocab_size == 30522 else None
+        tok = _minilm_tokenizer() if kind != "gpt2" and config.vocab_size == 30522 else None
         return _hf_bundle(name, model.eval(), f"config:{kind} (seeded random weights)", tok)
 
     return build

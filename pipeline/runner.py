@@ -44,10 +44,9 @@ def _short(e: BaseException) -> str:
     return f"{type(e).__name__}: {text[0] if text else ''}"[:400]
 
 
-def _run_no_grad(model: Any, inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def _run_no_grad(model: Any, inputs: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
     with torch.no_grad():
-        outs = model(**inputs)
-    return outs
+        return tuple(model(**inputs))
 
 
 @dataclass
@@ -211,9 +210,9 @@ class Runner:
                 continue
             self.say(f"benchmark {s}: {len(live)} engines, {cfg.warmup} warm-up + {cfg.rounds} interleaved rounds")
             inputs = {k: v.to(cfg.device) for k, v in batches[s][0].items()}
-            entries = {(r.backend, r.precision): (r.model, inputs) for r in live}
+            entries = {(r.backend, r.precision): (r.model, inputs) for r in live if r.model is not None}
             try:
-                timings = benchmark(entries, warmup=cfg.warmup, rounds=cfg.rounds)  # type: ignore[arg-type]
+                timings = benchmark(entries, warmup=cfg.warmup, rounds=cfg.rounds)
             except Exception as e:
                 for r in live:
                     r.results[s].status, r.results[s].reason = "failed", f"benchmark: {_short(e)}"

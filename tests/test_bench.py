@@ -1,0 +1,78 @@
+"""Benchmark statistics and the interleaving contract (no timed assertions)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import pytest
+import torch
+
+from pipeline.bench import MemoryWatch, Timing, benchmark, environment, speedup, time_call
+
+
+def test_timing_statistics_on_known_samples() -> None:
+    t = Timing([5.0, 1.0, 4.0, 2.0, 3.0])
+    assert t.median == 3.0
+    assert t.p90 == pytest.approx(4.6)
+    assert t.iqr == pytest.approx(2.0)
+    d = t.to_dict()
+    assert d["n"] == 5 and d["min"] == 1.0 and d["samples"] == [5.0, 1.0, 4.0, 2.0, 3.0]
+
+
+def test_speedup_is_ratio_of_medians_with_interval() -> None:
+    ref = Timing([10.0, 10.5, 9.5, 10.2, 9.8] * 4)
+    fast = Timing([5.0, 5.2, 4.8, 5.1, 4.9] * 4)
+    s = speedup(ref, fast)
+    assert s.value == pytest.approx(2.0)
+    assert s.ci_low <= s.value <= s.ci_high
+    assert 1.8 < s.ci_low and s.ci_high < 2.2
+    same = speedup(ref, ref)
+    assert same.value == 1.0 and same.ci_low <= 1.0 <= same.ci_high
+
+
+class FakeModel:
+    device = "cpu"
+
+    def __init__(self, name: str, log: list[str]) -> None:
+        self.name, self.log, self.syncs = name, log, 0
+
+    def __call__(self, inputs: Mapping[str, torch.Tensor]) -> Any:
+        self.log.append(self.name)
+
+    def synchronize(self) -> None:
+        self.syncs += 1
+
+
+def test_benchmark_warms_up_outside_the_numbers_and_interleaves() -> None:
+    log: list[str] = []
+    a, b = FakeModel("a", log), FakeModel("b", log)
+    out = benchmark({"a": (a, {}), "b": (b, {})}, warmup=3, rounds=10, iters=2)
+    assert len(out["a"].samples_ms) == 20 and len(out["b"].samples_ms) == 20
+    assert log.count("a") == 3 + 20
+    timed = log[6:]
+    # interleaved: every round of 4 calls holds both engines
+    assert all(set(timed[i:i + 4]) == {"a", "b"} for i in range(0, 40, 4))
+    # the order changes between rounds, so neither always goes first
+    firsts = {timed[i] for i in range(0, 40, 4)}
+    assert firsts == {"a", "b"}
+    assert a.syncs >= 20  # every timed call ends with the engine's own sync
+
+
+def test_time_call_syncs() -> None:
+    m = FakeModel("m", [])
+    assert time_call(m, {}) >= 0 and m.syncs == 1
+
+
+def test_memory_watch_sees_an_allocation() -> None:
+    with MemoryWatch() as w:
+        x = torch.ones(64 * 2**20 // 4)  # 64 MiB
+        x.add_(1)
+        del x
+    assert w.peak_host_mb > 30
+
+
+def test_environment_records_threads_and_versions() -> None:
+    env = environment()
+    assert env["torch_threads"] == torch.get_num_threads()
+    assert env["versions"]["torch"]

@@ -1,0 +1,145 @@
+"""The CLI in-process and the runner's handling of failing backends."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+import backends as registry
+from backends.base import Backend, BackendOptions, CompiledModel
+from backends.eager import EagerBackend, EagerModel
+from pipeline.cli import main
+from pipeline.precision import Precision
+from pipeline.report import Report
+
+ROW_KEYS = {"backend", "precision", "shape", "status", "reason", "verdict", "latency_ms", "speedup"}
+
+
+def test_backends_lists_availability(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["backends", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "eager" in out and "onnxruntime" in out and "available" in out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["run", "--model", "nope"], "unknown model 'nope'; valid:"),
+    (["run", "--backends", "eager,nope"], "unknown backend 'nope'; valid: eager"),
+    (["run", "--precisions", "fp8"], "unknown precision 'fp8'; valid: bf16, fp16, fp32"),
+    (["run", "--shapes", "8by128"], "malformed shape '8by128'"),
+    (["run", "--model", "tiny-bert", "--shapes", "1x4096"], "seq 4096 is outside tiny-bert's range"),
+    (["run", "--option", "inductor.mdoe=x"], "unknown option(s) mdoe"),
+    (["run", "--option", "nonsense"], "malformed --option"),
+])
+def test_bad_input_is_one_line_without_traceback(argv: list[str], message: str, capsys: pytest.CaptureFixture[str],
+                                                 tmp_path: Path) -> None:
+    assert main([*argv, "--out", str(tmp_path / "o"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not (tmp_path / "o").exists()  # nothing written
+
+
+def test_run_writes_a_report_scripts_can_read(tmp_path: Path, capsys: pytest.CaptureFixture[str], cache_dir: Path) -> None:
+    out = tmp_path / "run"
+    rc = main(["run", "--model", "tiny-bert", "--backends", "eager,onnxruntime", "--precisions", "fp32,bf16",
+               "--shapes", "1x16,2x32", "--rounds", "3", "--warmup", "1", "--out", str(out), "--cache-dir", str(cache_dir),
+               "--quiet", "--device", "cpu"])
+    assert rc == 0
+    data = json.loads((out / "report.json").read_text())
+    assert data["schema_version"] == 1 and {"environment", "model", "results"} <= set(data)
+    rows = {(r["backend"], r["precision"], r["shape"]): r for r in data["results"]}
+    assert len(rows) == 8 and all(ROW_KEYS <= set(r) for r in rows.values())
+    ok = rows[("onnxruntime", "fp32", "2x32")]
+    assert ok["status"] == "ok" and ok["verdict"] == "pass"
+    assert len(ok["latency_ms"]["samples"]) == 3 and ok["latency_ms"]["median"] > 0
+    assert ok["speedup"]["ci_low"] <= ok["speedup"]["value"] <= ok["speedup"]["ci_high"]
+    assert rows[("eager", "fp32", "1x16")]["speedup"]["value"] == 1.0
+    assert rows[("onnxruntime", "bf16", "1x16")]["status"] == "unsupported"
+    assert "bf16" in rows[("onnxruntime", "bf16", "1x16")]["reason"]
+    assert rows[("eager", "bf16", "2x32")]["status"] == "ok"
+    printed = capsys.readouterr().out
+    assert "| onnxruntime | fp32 | 2x32 | ok |" in printed
+    assert Report.load(out / "report.json").find("onnxruntime", "fp32", "2x32") is not None
+    assert (out / "report.md").read_text().startswith("# Kiln report: tiny-bert")
+
+
+class _Raising(Backend):
+    name = "raises-for-test"
+    precisions = (Precision.FP32,)
+
+    def _compile(self, captured: Any, precision: Precision, device: str, options: Any) -> CompiledModel:
+        raise RuntimeError("kernel generation exploded\nsecond line")
+
+    def _load(self, directory: Any, meta: Any, device: str) -> CompiledModel:
+        raise NotImplementedError
+
+
+class _NaNModel(EagerModel):
+    def run(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        out = super().run(inputs)
+        return {k: v.clone().fill_(float("nan")) for k, v in out.items()}
+
+
+class _NaNBackend(EagerBackend):
+    name = "nan-for-test"
+
+    def _compile(self, captured: Any, precision: Precision, device: str, options: Any) -> CompiledModel:
+        m = super()._compile(captured, precision, device, options)
+        return _NaNModel(m.module, m.program, backend=self.name, precision=precision, device=device,  # type: ignore[attr-defined]
+                         input_names=m.input_names, output_names=m.output_names, options=options)
+
+
+@pytest.fixture
+def broken_backends() -> Any:
+    for b in (_Raising(), _NaNBackend()):
+        registry.register(b)
+    yield
+    for n in ("raises-for-test", "nan-for-test"):
+        registry.unregister(n)
+
+
+def test_failing_backends_become_rows_and_the_report_is_still_written(broken_backends: Any, tmp_path: Path,
+                                                                      cache_dir: Path) -> None:
+    rc = main(["run", "--model", "tiny-bert", "--backends", "eager,raises-for-test,nan-for-test", "--shapes", "1x8",
+               "--rounds", "2", "--warmup", "1", "--out", str(tmp_path), "--cache-dir", str(cache_dir), "--quiet", "--device", "cpu"])
+    assert rc == 0
+    r = Report.load(tmp_path / "report.json")
+    failed = r.find("raises-for-test", "fp32", "1x8")
+    assert failed is not None and failed.status == "failed" and failed.reason == "RuntimeError: kernel generation exploded"
+    nan = r.find("nan-for-test", "fp32", "1x8")
+    assert nan is not None and nan.status == "mismatch" and nan.verdict == "fail" and "NaN or Inf" in nan.reason
+    eager = r.find("eager", "fp32", "1x8")
+    assert eager is not None and eager.status == "ok"
+
+
+def test_options_reach_the_backend(tmp_path: Path, cache_dir: Path) -> None:
+    from pipeline.runner import run
+
+    report = run("tiny-bert", backends="onnxruntime", shapes="1x8", device="cpu", rounds=2, warmup=1, cache_dir=cache_dir,
+                 options={"onnxruntime": {"fuse": False}})
+    row = report.find("onnxruntime", "fp32", "1x8")
+    assert row is not None and row.status == "ok"
+    assert row.describe["fusions_onnxscript"] == {}
+    assert report.config["options"]["onnxruntime"]["fuse"] is False
+
+
+def test_report_round_trips_and_writes_atomically(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from pipeline import report as rep
+
+    r = Report(model={"name": "m"}, environment={}, config={}, results=[rep.Result("eager", "fp32", "1x8", "ok", verdict="pass")])
+    r.save(tmp_path)
+    before = (tmp_path / "report.json").read_text()
+    assert Report.from_dict(json.loads(before)).results == r.results
+
+    def boom(*a: Any) -> None:
+        raise OSError("disk full")
+
+    monkeypatch.setattr(rep.os, "replace", boom)
+    r.results[0].status = "failed"
+    with pytest.raises(OSError):
+        r.save(tmp_path)
+    assert (tmp_path / "report.json").read_text() == before  # the old report is whole
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary left behind

@@ -1,0 +1,143 @@
+"""The comparator's metrics on known inputs with known results."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from pipeline.compare import Comparator, compare, pooled_embeddings
+from pipeline.precision import DEFAULT_TOLERANCES, Precision, Tolerance
+
+
+def _ref(seed: int = 0, shape: tuple[int, ...] = (4, 8, 16)) -> torch.Tensor:
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+def test_identical_outputs_pass_with_zero_error() -> None:
+    r = _ref()
+    c = compare({"y": r.float()}, {"y": r.float()}, {"y": r})
+    assert c.passed and bool(c)
+    (o,) = c.outputs
+    assert o.max_abs == 0 and o.needed_atol == 0 and o.cosine == pytest.approx(1.0)
+    assert "within atol" in c.reason
+
+
+def test_known_error_values() -> None:
+    r = torch.zeros(2, 3, 4, dtype=torch.float64)
+    r[0, 0, 0] = 2.0
+    cand = r.clone()
+    cand[0, 0, 0] = 2.5  # abs 0.5, rel 0.25
+    c = compare({"y": cand}, {"y": r}, {"y": r}, tolerances=Tolerance(atol=1e-3, rtol=0.0, min_cosine=0.0, min_agreement=0.0))
+    (o,) = c.outputs
+    assert o.max_abs == pytest.approx(0.5)
+    assert o.max_rel == pytest.approx(0.25)
+    assert o.rmse_vs_fp64 == pytest.approx(math.sqrt(0.25 / 24))
+    assert o.cosine == pytest.approx(1.0)  # a scaled vector keeps its direction
+    assert o.needed_atol == pytest.approx(0.5)
+    assert o.violations == 1 and not c.passed
+    assert "would pass with atol 5.05e-01" in c.reason
+
+
+def test_fp16_sized_error_passes_at_fp16_and_fails_at_fp32() -> None:
+    r = _ref()
+    cand = (r.half().double() + 1e-3 * _ref(1)).float()  # an fp16 round-trip plus 1e-3 noise
+    assert compare({"y": cand}, {"y": r.float()}, {"y": r}, precision=Precision.FP16).passed
+    strict = compare({"y": cand}, {"y": r.float()}, {"y": r}, precision=Precision.FP32)
+    assert not strict.passed and "beyond atol" in strict.reason
+
+
+def test_perturbed_output_fails_even_at_bf16() -> None:
+    r = _ref()
+    cand = r.clone()
+    cand[1, 2] += 3.0  # one token's hidden state is wrong
+    c = compare({"y": cand}, {"y": r}, {"y": r}, precision=Precision.BF16)
+    assert not c.passed
+    assert c.outputs[0].violations == 16
+    assert c.outputs[0].needed_atol > DEFAULT_TOLERANCES[Precision.BF16].atol
+
+
+def test_nan_and_inf_fail_loudly() -> None:
+    r = _ref()
+    cand = r.clone()
+    cand[0, 0, 0], cand[0, 0, 1] = float("nan"), float("inf")
+    c = compare({"y": cand}, {"y": r}, {"y": r}, precision=Precision.BF16)
+    assert not c.passed
+    assert "2 of 512 values are NaN or Inf" in c.reason
+
+
+def test_negated_output_has_cosine_minus_one() -> None:
+    r = _ref()
+    c = compare({"y": -r}, {"y": r}, {"y": r}, tolerances=Tolerance(atol=1e9, rtol=0, min_cosine=0.5, min_agreement=0))
+    assert c.outputs[0].cosine == pytest.approx(-1.0)
+    assert not c.passed and "cosine" in c.reason
+
+
+def test_top1_agreement_on_logits() -> None:
+    logits = torch.zeros(1, 4, 10, dtype=torch.float64)
+    logits[0, torch.arange(4), torch.tensor([1, 2, 3, 4])] = 5.0
+    cand = logits.clone()
+    cand[0, 0, 1], cand[0, 0, 7] = 0.0, 5.0  # one of four positions now predicts token 7
+    loose = Tolerance(atol=1e9, rtol=0, min_cosine=-1, min_agreement=0.9)
+    c = compare({"logits": cand}, {"logits": logits}, {"logits": logits}, task="causal-lm", tolerances=loose)
+    o = c.outputs[0]
+    assert o.agreement_kind == "top1" and o.agreement == pytest.approx(0.75)
+    assert not c.passed and "top1 agreement 75.0%" in c.reason
+    # padded positions (mask 0) do not count
+    mask = torch.tensor([[0, 1, 1, 1]])
+    c2 = compare({"logits": cand}, {"logits": logits}, {"logits": logits}, task="causal-lm", tolerances=loose, mask=mask)
+    assert c2.outputs[0].agreement == 1.0 and c2.passed
+
+
+def test_embedding_ranking_agreement() -> None:
+    # Three sentences: 0 and 1 are neighbours, 2 is nearest to 1.
+    h = torch.tensor([[1.0, 0.0, 0.0], [0.9, 0.1, 0.0], [0.0, 1.0, 0.2]], dtype=torch.float64).unsqueeze(1)
+    swapped = h.clone()
+    swapped[2] = torch.tensor([1.0, -0.1, 0.0])  # now sentence 2 is nearest to 0
+    loose = Tolerance(atol=1e9, rtol=0, min_cosine=-1, min_agreement=0.99)
+    c = compare({"h": swapped}, {"h": h}, {"h": h}, task="encoder", tolerances=loose)
+    o = c.outputs[0]
+    assert o.agreement_kind == "nn-ranking"
+    assert o.agreement == pytest.approx(1 / 3)  # only sentence 1 keeps its nearest neighbour (0)
+    assert not c.passed
+
+
+def test_pooled_embeddings_ignore_padding() -> None:
+    h = torch.tensor([[[1.0, 0.0], [0.0, 100.0]]])
+    emb = pooled_embeddings(h, torch.tensor([[1, 0]]))
+    assert torch.allclose(emb, torch.tensor([[1.0, 0.0]]))
+
+
+def test_shadow_widens_atol_to_what_eager_costs_at_that_precision() -> None:
+    r = _ref()
+    eager16 = r + 0.05  # eager fp16 is itself 5e-2 off the fp64 shadow
+    cand = r + 0.06
+    c = compare({"y": cand}, {"y": r}, {"y": r}, precision=Precision.FP16, eager_at_precision={"y": eager16})
+    o = c.outputs[0]
+    assert o.atol == pytest.approx(0.2)  # shadow_factor 4 x 0.05
+    assert o.min_cosine < DEFAULT_TOLERANCES[Precision.FP16].min_cosine
+    assert c.passed and o.error_ratio == pytest.approx(1.2)
+
+
+def test_per_output_tolerance() -> None:
+    r = _ref()
+    tol = {"a": Tolerance(atol=1.0, rtol=0, min_cosine=0, min_agreement=0)}
+    c = compare({"a": r + 0.5, "b": r + 0.5}, {"a": r, "b": r}, {"a": r, "b": r}, tolerances=tol)
+    by = {o.name: o for o in c.outputs}
+    assert by["a"].passed and not by["b"].passed and not c.passed
+    assert c.reason.startswith("b:")
+
+
+def test_accumulates_worst_case_over_batches() -> None:
+    comp = Comparator(Precision.FP32)
+    r = _ref()
+    comp.add({"y": r}, {"y": r}, {"y": r})
+    comp.add({"y": r + 1e-3}, {"y": r}, {"y": r})
+    c = comp.result()
+    assert c.batches == 2 and c.outputs[0].max_abs == pytest.approx(1e-3) and not c.passed
+
+
+def test_shape_mismatch_is_an_error() -> None:
+    with pytest.raises(ValueError, match="shape"):
+        compare({"y": torch.zeros(2, 3)}, {"y": torch.zeros(3, 2)})

@@ -1,0 +1,110 @@
+"""Every registered backend through the same contract on a tiny BERT: compile, run, compare, describe,
+save, reload. A backend that cannot run here is a skip that names its reason."""
+
+from __future__ import annotations
+
+from pathlib import Path
+import copy
+from typing import Any
+
+import pytest
+import torch
+
+import backends as registry
+from backends.base import CompiledModel
+from pipeline.compare import Comparator
+from pipeline.errors import ArtifactError, InputError
+from pipeline.inputs import Shape, make_inputs
+from pipeline.precision import Precision
+
+SHAPES = (Shape(1, 16), Shape(3, 24))
+_engines: dict[tuple[str, Precision], CompiledModel] = {}
+
+
+def _available(name: str) -> Any:
+    b = registry.get(name)
+    a = b.availability("cpu")
+    if not a:
+        pytest.skip(f"{name}: {a}")
+    return b
+
+
+def _engine(name: str, precision: Precision, captured: Any) -> CompiledModel:
+    if (name, precision) not in _engines:
+        _engines[(name, precision)] = _available(name).compile(captured, precision, "cpu")
+    return _engines[(name, precision)]
+
+
+def _verdict(model: CompiledModel, captured: Any, precision: Precision) -> Any:
+    bundle = captured.bundle
+    shadow = copy.deepcopy(bundle.module).double()
+    at_prec = copy.deepcopy(bundle.module).to(precision.dtype)
+    comp = Comparator(precision, bundle.task)
+    for s in SHAPES:
+        for i, kind in enumerate(("text", "random", "padded")):
+            x = make_inputs(bundle, s, kind, seed=i)
+            with torch.no_grad():
+                ref, sh, ep = bundle.module(**x), shadow(**x), at_prec(**x)
+            names = bundle.output_names
+            comp.add(model(x), dict(zip(names, ref)), dict(zip(names, sh)), dict(zip(names, ep)), x["attention_mask"])
+    return comp.result()
+
+
+BACKENDS = ["eager", "inductor", "onnxruntime"]
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+def test_fp32_engine_matches_eager(name: str, tiny_captured: Any) -> None:
+    model = _engine(name, Precision.FP32, tiny_captured)
+    assert model.backend == name and model.output_names == ("last_hidden_state",)
+    verdict = _verdict(model, tiny_captured, Precision.FP32)
+    assert verdict.passed, verdict.reason
+    assert verdict.outputs[0].agreement == 1.0  # nearest-neighbour ranking of the 3 sentences kept
+    info = model.describe()
+    assert info["build_s"] >= 0
+
+
+@pytest.mark.parametrize("name", ["eager", "onnxruntime"])
+def test_fp16_engine_within_fp16_tolerance(name: str, tiny_captured: Any) -> None:
+    model = _engine(name, Precision.FP16, tiny_captured)
+    verdict = _verdict(model, tiny_captured, Precision.FP16)
+    assert verdict.passed, verdict.reason
+    assert verdict.outputs[0].max_abs > 1e-5  # it really ran in fp16
+
+
+def test_every_registered_backend_is_in_the_suite() -> None:
+    assert set(registry.names()) <= set(BACKENDS) | {"tvm", "tensorrt", "torch-tensorrt"}
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+def test_missing_input_is_a_clear_error(name: str, tiny_captured: Any) -> None:
+    model = _engine(name, Precision.FP32, tiny_captured)
+    with pytest.raises(InputError, match="missing input.*attention_mask"):
+        model({"input_ids": torch.zeros(1, 4, dtype=torch.int64)})
+
+
+@pytest.mark.parametrize("name", ["eager", "onnxruntime"])
+def test_save_and_load_give_the_same_outputs(name: str, tiny_captured: Any, tmp_path: Path) -> None:
+    model = _engine(name, Precision.FP32, tiny_captured)
+    files = model.save(tmp_path / "e")
+    assert all(f.is_file() for f in files)
+    loaded = registry.get(name).load(tmp_path / "e")
+    x = make_inputs(tiny_captured.bundle, Shape(2, 20), "padded")
+    assert torch.allclose(loaded(x)["last_hidden_state"], model(x)["last_hidden_state"], atol=1e-6)
+
+
+def test_aotinductor_package_reloads(tiny_captured: Any, tmp_path: Path) -> None:
+    model = _engine("inductor", Precision.FP32, tiny_captured)
+    model.save(tmp_path / "e")
+    loaded = registry.get("inductor").load(tmp_path / "e")
+    for s in (Shape(1, 16), Shape(4, 40)):  # dynamic batch and seq survive packaging
+        x = make_inputs(tiny_captured.bundle, s, "padded")
+        assert torch.allclose(loaded(x)["last_hidden_state"], model(x)["last_hidden_state"], atol=1e-5)
+
+
+def test_load_refuses_a_foreign_engine(tiny_captured: Any, tmp_path: Path) -> None:
+    _engine("eager", Precision.FP32, tiny_captured).save(tmp_path / "e")
+    with pytest.raises(ArtifactError, match="is a 'eager' engine, not 'onnxruntime'"):
+        registry.get("onnxruntime").load(tmp_path / "e")
+    with pytest.raises(ArtifactError, match="no readable engine.json"):
+        registry.get("eager").load(tmp_path / "nothing")

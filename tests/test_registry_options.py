@@ -1,0 +1,100 @@
+"""The registry, availability, options."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+
+import backends as registry
+from backends.base import Availability, Backend, BackendOptions, runtime_option
+from backends.inductor import InductorOptions
+from backends.ort import OrtOptions
+from pipeline.errors import BackendError, InputError, UnknownChoiceError
+from pipeline.precision import Precision
+
+
+def test_builtin_backends_are_registered() -> None:
+    assert {"eager", "inductor", "onnxruntime"} <= set(registry.names())
+
+
+def test_unknown_backend_names_the_valid_ones() -> None:
+    with pytest.raises(UnknownChoiceError, match="valid: .*eager.*onnxruntime"):
+        registry.get("tensorflow")
+
+
+def test_duplicate_names_are_refused() -> None:
+    with pytest.raises(ValueError, match="already registered"):
+        registry.register(registry.get("eager").__class__())
+
+
+class _Broken(Backend):
+    name = "broken-for-test"
+    precisions = (Precision.FP32,)
+
+    def _check(self, device: str) -> Availability:
+        raise ImportError("libfoo.so: cannot open shared object file")
+
+    def _compile(self, captured: Any, precision: Precision, device: str, options: Any) -> Any:
+        raise AssertionError("never reached")
+
+    def _load(self, directory: Any, meta: Any, device: str) -> Any:
+        raise AssertionError("never reached")
+
+
+def test_availability_never_raises_and_compile_refuses(tiny_captured: Any) -> None:
+    b = _Broken()
+    a = b.availability("cpu")
+    assert not a and str(a) == "unavailable: ImportError: libfoo.so: cannot open shared object file"
+    with pytest.raises(BackendError, match="libfoo"):
+        b.compile(tiny_captured)
+
+
+def test_cuda_without_a_device_is_unavailable() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    a = registry.get("eager").availability("cuda")
+    assert not a and a.reason == "no CUDA device"
+
+
+def test_unsupported_precision_has_a_reason(tiny_captured: Any) -> None:
+    ort = registry.get("onnxruntime")
+    assert not ort.supports(Precision.BF16, "cpu")
+    with pytest.raises(BackendError, match="bf16"):
+        ort.compile(tiny_captured, Precision.BF16)
+
+
+def test_options_reject_unknown_keys_and_list_valid_ones() -> None:
+    with pytest.raises(InputError, match="unknown option.*mdoe.*valid: mode, freezing, dynamic"):
+        InductorOptions.from_mapping({"mdoe": "max-autotune"})
+
+
+def test_options_coerce_strings_from_the_command_line() -> None:
+    o = InductorOptions.from_mapping({"mode": "max-autotune", "freezing": "false", "dynamic": "none"})
+    assert o == InductorOptions(mode="max-autotune", freezing=False, dynamic=None)
+    assert OrtOptions.from_mapping({"intra_op_threads": "4"}).intra_op_threads == 4
+    with pytest.raises(InputError, match="valid: default"):
+        InductorOptions.from_mapping({"mode": "fastest"})
+    with pytest.raises(InputError, match="not a valid"):
+        OrtOptions.from_mapping({"intra_op_threads": "many"})
+
+
+def test_options_are_frozen_with_defaults_in_one_place() -> None:
+    o = InductorOptions()
+    with pytest.raises(Exception):
+        o.mode = "max-autotune"  # type: ignore[misc]
+    assert InductorOptions.from_mapping({}) == o
+
+
+@dataclass(frozen=True)
+class _Opts(BackendOptions):
+    level: int = 3
+    threads: int = runtime_option(0)
+
+
+def test_only_build_options_enter_the_cache_key() -> None:
+    assert _Opts(threads=8).build_options() == {"level": 3}
+    assert OrtOptions().build_options() == {"fuse": True, "graph_optimization": "all"}
