@@ -14,6 +14,8 @@ BUILTIN = {
     "eager": "backends.eager:EagerBackend",
     "inductor": "backends.inductor:InductorBackend",
     "onnxruntime": "backends.ort:OrtBackend",
+    "tensorrt": "backends.trt:TensorRTBackend",
+    "torch-tensorrt": "backends.torch_trt:TorchTensorRTBackend",
 }
 
 _REGISTRY: dict[str, Backend] = {}

@@ -8,7 +8,7 @@ import time
 import types
 import typing
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
@@ -17,6 +17,7 @@ import torch
 
 from pipeline.capture import Captured
 from pipeline.errors import ArtifactError, BackendError, InputError
+from pipeline.inputs import Shape
 from pipeline.precision import Precision
 
 Tensors = dict[str, torch.Tensor]
@@ -171,19 +172,22 @@ class Backend(ABC):
         return self.options_type.from_mapping(values)
 
     def compile(self, captured: Captured, precision: Precision = Precision.FP32, device: str = "cpu",
-                options: BackendOptions | Mapping[str, Any] | None = None) -> CompiledModel:
-        """Build an engine. Unavailable backends and unsupported precisions raise BackendError."""
+                options: BackendOptions | Mapping[str, Any] | None = None, shapes: Sequence[Shape] | None = None) -> CompiledModel:
+        """Build an engine. Unavailable backends and unsupported precisions raise BackendError.
+
+        `shapes` are the shapes the engine will be run at; backends that build for fixed shape
+        ranges (TensorRT profiles) use them, the others may ignore them."""
         opts = options if isinstance(options, BackendOptions) else self.options(options)
         for check in (self.availability(device), self.supports(precision, device)):
             if not check:
                 raise BackendError(f"{self.name} ({precision}, {device}): {check.reason}")
         t0 = time.perf_counter()
-        model = self._compile(captured, precision, device, opts)
+        model = self._compile(captured, precision, device, opts, list(shapes or []))
         model.build_s = time.perf_counter() - t0
         return model
 
     @abstractmethod
-    def _compile(self, captured: Captured, precision: Precision, device: str, options: Any) -> CompiledModel:
+    def _compile(self, captured: Captured, precision: Precision, device: str, options: Any, shapes: list[Shape]) -> CompiledModel:
         ...
 
     def load(self, directory: str | Path, device: str = "cpu") -> CompiledModel:

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from pipeline.capture import Captured
+from pipeline.inputs import Shape
 from pipeline.precision import Precision
 
 from .base import Backend, BackendOptions, CompiledModel, Tensors
@@ -52,7 +53,7 @@ class EagerBackend(Backend):
     precisions = (Precision.FP32, Precision.FP16, Precision.BF16)
     options_type = EagerOptions
 
-    def _compile(self, captured: Captured, precision: Precision, device: str, options: Any) -> CompiledModel:
+    def _compile(self, captured: Captured, precision: Precision, device: str, options: Any, shapes: list[Shape]) -> CompiledModel:
         module = captured.bundle.module
         if precision != Precision.FP32 or device != "cpu":
             module = copy.deepcopy(module).to(device=device, dtype=precision.dtype)

@@ -10,6 +10,7 @@ from typing import Any, Literal
 import torch
 
 from pipeline.capture import Captured
+from pipeline.inputs import Shape
 from pipeline.precision import Precision
 
 from .base import Backend, BackendOptions, CompiledModel, Tensors
@@ -90,7 +91,7 @@ class InductorBackend(Backend):
             return Availability.no("Inductor's CPU code generation needs a C++ compiler (gcc) on the PATH")
         return Availability.yes()
 
-    def _compile(self, captured: Captured, precision: Precision, device: str, options: Any) -> CompiledModel:
+    def _compile(self, captured: Captured, precision: Precision, device: str, options: Any, shapes: list[Shape]) -> CompiledModel:
         program = captured.program_at(precision)
         module = program.module().to(device)
         fn = torch.compile(module, dynamic=options.dynamic, options=_inductor_options(options))

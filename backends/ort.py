@@ -15,6 +15,7 @@ import torch
 
 from pipeline.capture import Captured
 from pipeline.errors import BackendError
+from pipeline.inputs import Shape
 from pipeline.precision import Precision
 
 from .base import Availability, Backend, BackendOptions, CompiledModel, Tensors, runtime_option
@@ -160,7 +161,7 @@ class OrtBackend(Backend):
             return Availability.no("onnxruntime has no bf16 kernels for these ops, and the ONNX converter makes fp16 only")
         return super().supports(precision, device)
 
-    def _compile(self, captured: Captured, precision: Precision, device: str, options: Any) -> CompiledModel:
+    def _compile(self, captured: Captured, precision: Precision, device: str, options: Any, shapes: list[Shape]) -> CompiledModel:
         build = options.build_options()
         key = f"{captured.graph_hash}-{precision.value}-" + "-".join(f"{k}={v}" for k, v in sorted(build.items()))
         final = captured.cache_dir / "onnxruntime" / key

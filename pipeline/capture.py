@@ -82,9 +82,9 @@ class Captured:
             self._programs[precision] = export(self.bundle, precision.dtype)
         return self._programs[precision]
 
-    def onnx_path(self) -> Path:
-        """ONNX exported from the fp32 program by the dynamo exporter; cached under cache_dir by graph hash."""
-        key = f"{self.graph_hash}-torch{torch.__version__.split('+')[0]}"
+    def onnx_path(self, precision: Precision = Precision.FP32) -> Path:
+        """ONNX exported by the dynamo exporter from program_at(precision); cached under cache_dir by graph hash."""
+        key = f"{self.graph_hash}-{precision.value}-torch{torch.__version__.split('+')[0]}"
         final = self.cache_dir / "onnx" / key
         path = final / "model.onnx"
         if path.is_file():
@@ -94,7 +94,7 @@ class Captured:
         os.chmod(tmp, 0o755)
         try:
             example = _example(self.bundle)
-            torch.onnx.export(self.program, (), kwargs=example, f=str(tmp / "model.onnx"), dynamo=True,
+            torch.onnx.export(self.program_at(precision), (), kwargs=example, f=str(tmp / "model.onnx"), dynamo=True,
                               input_names=list(self.bundle.input_names), output_names=list(self.bundle.output_names),
                               verbose=False)
             if final.exists():  # another process won the race; keep theirs

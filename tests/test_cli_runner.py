@@ -70,7 +70,7 @@ class _Raising(Backend):
     name = "raises-for-test"
     precisions = (Precision.FP32,)
 
-    def _compile(self, captured: Any, precision: Precision, device: str, options: Any) -> CompiledModel:
+    def _compile(self, captured: Any, precision: Precision, device: str, options: Any, shapes: Any) -> CompiledModel:
         raise RuntimeError("kernel generation exploded\nsecond line")
 
     def _load(self, directory: Any, meta: Any, device: str) -> CompiledModel:
@@ -86,8 +86,8 @@ class _NaNModel(EagerModel):
 class _NaNBackend(EagerBackend):
     name = "nan-for-test"
 
-    def _compile(self, captured: Any, precision: Precision, device: str, options: Any) -> CompiledModel:
-        m = super()._compile(captured, precision, device, options)
+    def _compile(self, captured: Any, precision: Precision, device: str, options: Any, shapes: Any) -> CompiledModel:
+        m = super()._compile(captured, precision, device, options, shapes)
         return _NaNModel(m.module, m.program, backend=self.name, precision=precision, device=device,  # type: ignore[attr-defined]
                          input_names=m.input_names, output_names=m.output_names, options=options)
 

@@ -50,7 +50,7 @@ def _verdict(model: CompiledModel, captured: Any, precision: Precision) -> Any:
     return comp.result()
 
 
-BACKENDS = ["eager", "inductor", "onnxruntime"]
+BACKENDS = registry.names()  # every registered backend; one that cannot run here skips, naming why
 
 
 @pytest.mark.parametrize("name", BACKENDS)
@@ -64,16 +64,12 @@ def test_fp32_engine_matches_eager(name: str, tiny_captured: Any) -> None:
     assert info["build_s"] >= 0
 
 
-@pytest.mark.parametrize("name", ["eager", "onnxruntime"])
+@pytest.mark.parametrize("name", [n for n in BACKENDS if n != "inductor"])  # Inductor fp16 on CPU: a slow compile, checked by kiln run
 def test_fp16_engine_within_fp16_tolerance(name: str, tiny_captured: Any) -> None:
     model = _engine(name, Precision.FP16, tiny_captured)
     verdict = _verdict(model, tiny_captured, Precision.FP16)
     assert verdict.passed, verdict.reason
     assert verdict.outputs[0].max_abs > 1e-5  # it really ran in fp16
-
-
-def test_every_registered_backend_is_in_the_suite() -> None:
-    assert set(registry.names()) <= set(BACKENDS) | {"tvm", "tensorrt", "torch-tensorrt"}
 
 
 @pytest.mark.parametrize("name", BACKENDS)
@@ -83,7 +79,7 @@ def test_missing_input_is_a_clear_error(name: str, tiny_captured: Any) -> None:
         model({"input_ids": torch.zeros(1, 4, dtype=torch.int64)})
 
 
-@pytest.mark.parametrize("name", ["eager", "onnxruntime"])
+@pytest.mark.parametrize("name", [n for n in BACKENDS if n != "inductor"])  # AOTInductor has its own test below
 def test_save_and_load_give_the_same_outputs(name: str, tiny_captured: Any, tmp_path: Path) -> None:
     model = _engine(name, Precision.FP32, tiny_captured)
     files = model.save(tmp_path / "e")

@@ -36,7 +36,7 @@ class _Broken(Backend):
     def _check(self, device: str) -> Availability:
         raise ImportError("libfoo.so: cannot open shared object file")
 
-    def _compile(self, captured: Any, precision: Precision, device: str, options: Any) -> Any:
+    def _compile(self, captured: Any, precision: Precision, device: str, options: Any, shapes: Any) -> Any:
         raise AssertionError("never reached")
 
     def _load(self, directory: Any, meta: Any, device: str) -> Any:

@@ -1,0 +1,117 @@
+"""torch-tensorrt: torch_tensorrt.dynamo.compile on the captured program; torch_tensorrt.save for deployment.
+
+Precision is explicit typing: the program captured at fp16/bf16 is compiled with
+use_explicit_typing=True, so TensorRT keeps the graph's types (the strongly typed path).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pipeline.capture import Captured
+from pipeline.errors import InputError
+from pipeline.inputs import Shape
+from pipeline.precision import Precision
+
+from .base import Availability, Backend, BackendOptions, CompiledModel, Tensors
+from .trt import Profile, check_shapes, input_profile, profile_shapes, trt_availability
+
+PROGRAM = "program.ep"
+
+
+@dataclass(frozen=True)
+class TorchTrtOptions(BackendOptions):
+    optimization_level: int | None = None  # None: TensorRT's default (3)
+    workspace_mb: int = 0                  # 0: TensorRT's default
+    min_block_size: int = 5                # smallest subgraph given to TensorRT; smaller ones stay in torch
+    profile_min: str | None = None
+    profile_opt: str | None = None
+    profile_max: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.optimization_level is not None and not 0 <= self.optimization_level <= 5:
+            raise InputError(f"optimization_level {self.optimization_level} is outside 0..5")
+        for name in ("profile_min", "profile_opt", "profile_max"):
+            if getattr(self, name) is not None:
+                Shape.parse(getattr(self, name))
+
+
+def trt_inputs(profile: Profile, dtypes: dict[str, torch.dtype]) -> dict[str, Any]:
+    import torch_tensorrt
+
+    return {n: torch_tensorrt.Input(min_shape=mn, opt_shape=opt, max_shape=mx, dtype=dtypes[n]) for n, (mn, opt, mx) in profile.items()}
+
+
+class TorchTrtModel(CompiledModel):
+    options: TorchTrtOptions
+
+    def __init__(self, module: Any, profile: Profile, **kw: Any) -> None:
+        super().__init__(**kw)
+        self.module, self.profile = module, profile
+
+    def run(self, inputs: Tensors) -> Tensors:
+        check_shapes(self.profile, {n: tuple(t.shape) for n, t in inputs.items()})
+        with torch.no_grad():
+            outs = self.module(**{n: t.to(self.device) for n, t in inputs.items()})
+        return dict(zip(self.output_names, outs))
+
+    def _save_files(self, directory: Path) -> list[Path]:
+        import torch_tensorrt
+
+        example = {n: torch.ones(mn, dtype=torch.int64, device=self.device) for n, (mn, _, _) in self.profile.items()}
+        path = directory / PROGRAM
+        torch_tensorrt.save(self.module, str(path), output_format="exported_program", arg_inputs=(), kwarg_inputs=example)
+        import json
+
+        (directory / "profile.json").write_text(json.dumps({k: [list(d) for d in v] for k, v in self.profile.items()}))
+        return [path, directory / "profile.json"]
+
+    def describe(self) -> dict[str, Any]:
+        info = super().describe()
+        names = [n for n, _ in getattr(self.module, "named_children", lambda: [])()]
+        info["trt_engines"] = sum(1 for n in names if n.startswith("_run_on_acc"))
+        info["torch_fallback_blocks"] = sum(1 for n in names if n.startswith("_run_on_gpu"))
+        return info
+
+
+class TorchTensorRTBackend(Backend):
+    name = "torch-tensorrt"
+    precisions = (Precision.FP32, Precision.FP16, Precision.BF16)
+    devices = ("cuda",)
+    options_type = TorchTrtOptions
+
+    def availability(self, device: str = "cuda") -> Availability:
+        return trt_availability(device, "torch_tensorrt")
+
+    def _compile(self, captured: Captured, precision: Precision, device: str, options: Any, shapes: list[Shape]) -> CompiledModel:
+        import torch_tensorrt
+        from torch.export.passes import move_to_device_pass
+
+        bundle = captured.bundle
+        profile = input_profile(bundle, profile_shapes(bundle, shapes, options))
+        program = move_to_device_pass(captured.program_at(precision), device)
+        kwargs: dict[str, Any] = {"min_block_size": options.min_block_size, "use_explicit_typing": True}
+        if options.optimization_level is not None:
+            kwargs["optimization_level"] = options.optimization_level
+        if options.workspace_mb:
+            kwargs["workspace_size"] = options.workspace_mb << 20
+        module = torch_tensorrt.dynamo.compile(program, arg_inputs=(), kwarg_inputs=trt_inputs(profile, {n: s.dtype for n, s in bundle.inputs.items()}),
+                                               device=torch.device(device), **kwargs)
+        return TorchTrtModel(module, profile, backend=self.name, precision=precision, device=device,
+                             input_names=bundle.input_names, output_names=bundle.output_names, options=options)
+
+    def _load(self, directory: Path, meta: dict[str, Any], device: str) -> CompiledModel:
+        import json
+
+        import torch_tensorrt
+
+        module = torch_tensorrt.load(str(directory / PROGRAM)).module()
+        raw = json.loads((directory / "profile.json").read_text())
+        profile: Profile = {k: (tuple(v[0]), tuple(v[1]), tuple(v[2])) for k, v in raw.items()}
+        return TorchTrtModel(module, profile, backend=self.name, precision=Precision(meta["precision"]), device=device,
+                             input_names=tuple(meta["inputs"]), output_names=tuple(meta["outputs"]),
+                             options=TorchTrtOptions.from_mapping(meta.get("options", {})))
