@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from .artifacts import build, load, verify
 from .bench import Timing, benchmark, speedup
 from .capture import Captured, capture
 from .compare import Comparison, Tolerance, compare
@@ -39,4 +40,5 @@ def compile(captured: Captured, backend: str, precision: str | Precision = "fp32
 
 __all__ = ["ArtifactError", "BackendError", "Captured", "Comparison", "InputError", "KilnError", "ModelBundle", "NumericsError",
            "Precision", "Report", "Result", "Shape", "ShapeError", "Timing", "Tolerance", "UnknownChoiceError", "benchmark",
-           "capture", "compare", "compile", "list_backends", "load_model", "make_inputs", "run", "speedup"]
+           "build", "capture", "compare", "compile", "list_backends", "load", "load_model", "make_inputs", "run", "speedup",
+           "verify"]

@@ -62,6 +62,71 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_build(args: argparse.Namespace) -> int:
+    from .artifacts import build
+
+    outcomes = build(args.model, args.backends, args.precisions, args.shapes, root=args.root, device=args.device,
+                     options=_parse_options(args.option), progress=None if args.quiet else _progress(),
+                     cache_dir=args.cache_dir, warmup=args.warmup, rounds=args.rounds)
+    for o in outcomes:
+        print(f"{o.backend:14s} {o.precision:5s} {o.status:11s} {o.path}" + (f"  ({o.reason})" if o.reason and o.status != "built" else ""))
+    return 0 if all(o.status in ("built", "reused") for o in outcomes) else 1
+
+
+def cmd_load(args: argparse.Namespace) -> int:
+    import time
+
+    import torch
+
+    from .artifacts import REFERENCE, load, read_manifest
+
+    model = load(args.artifact, args.device)
+    meta = read_manifest(args.artifact)
+    ref = torch.load(Path(args.artifact) / REFERENCE, weights_only=True)
+    print(f"loaded {meta['backend']} {meta['precision']} engine of {meta['model']['name']} (graph {meta['model']['graph_hash']}) on {model.device}")
+    for x in ref["inputs"]:
+        t0 = time.perf_counter()
+        out = model({k: v.to(model.device) for k, v in x.items()})
+        model.synchronize()
+        ms = (time.perf_counter() - t0) * 1e3
+        shapes = ", ".join(f"{k} {tuple(v.shape)} {str(v.dtype).removeprefix('torch.')}" for k, v in out.items())
+        print(f"  input {tuple(next(iter(x.values())).shape)} -> {shapes}  ({ms:.1f} ms, first calls included)")
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from .artifacts import verify
+
+    c = verify(args.artifact, args.device)
+    print(f"{'PASS' if c.passed else 'FAIL'}: {c.reason}")
+    return 0 if c.passed else 1
+
+
+def cmd_triton(args: argparse.Namespace) -> int:
+    from .triton import export_triton
+
+    path = export_triton(args.artifact, args.repo, args.name, args.version)
+    print(f"wrote Triton model {path} (config.pbtxt, {args.version}/)")
+    return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from .gate import check, load_baseline, summary, update_baseline
+    from .report import Report
+
+    report = Report.load(args.report)
+    if args.update_baseline:
+        print(f"wrote baseline {update_baseline(report, args.baseline)}")
+        return 0
+    checks = check(load_baseline(args.baseline), report, args.floor)
+    text = summary(checks, args.floor)
+    print(text)
+    if args.summary:
+        with open(args.summary, "a") as f:
+            f.write(text)
+    return 1 if any(c.failed for c in checks) else 0
+
+
 def _progress() -> Any:
     from .runner import _stderr_progress
 
@@ -93,6 +158,45 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--cache-dir", help="capture and build cache (default artifacts/cache or $KILN_CACHE)")
     r.add_argument("--quiet", action="store_true", help="no progress lines")
     r.set_defaults(func=cmd_run)
+
+    bd = sub.add_parser("build", help="build deployable engines under ROOT/<model>/<backend>-<precision>/ (reused when unchanged)")
+    bd.add_argument("--model", default=DEFAULT_MODEL)
+    bd.add_argument("--backends", default="onnxruntime", help="comma-separated (default onnxruntime)")
+    bd.add_argument("--precisions", default="fp32")
+    bd.add_argument("--shapes", default="1x128,8x128", help="the shapes checked and timed at build; TensorRT profiles span them")
+    bd.add_argument("--device")
+    bd.add_argument("--root", default="artifacts", help="where engines go (default artifacts)")
+    bd.add_argument("--option", action="append", default=[], metavar="BACKEND.KEY=VALUE")
+    bd.add_argument("--warmup", type=int, default=3)
+    bd.add_argument("--rounds", type=int, default=10)
+    bd.add_argument("--cache-dir")
+    bd.add_argument("--quiet", action="store_true")
+    bd.set_defaults(func=cmd_build)
+
+    ld = sub.add_parser("load", help="load an engine (hashes and versions checked first) and run its reference inputs")
+    ld.add_argument("artifact")
+    ld.add_argument("--device")
+    ld.set_defaults(func=cmd_load)
+
+    vf = sub.add_parser("verify", help="reload an engine and re-run the comparator against its stored reference outputs")
+    vf.add_argument("artifact")
+    vf.add_argument("--device")
+    vf.set_defaults(func=cmd_verify)
+
+    tr = sub.add_parser("triton", help="export an ONNX or TensorRT engine to a Triton model repository")
+    tr.add_argument("artifact")
+    tr.add_argument("--repo", required=True)
+    tr.add_argument("--name")
+    tr.add_argument("--version", type=int, default=1)
+    tr.set_defaults(func=cmd_triton)
+
+    ck = sub.add_parser("check", help="CI gate: compare a report with a baseline (exit 0 pass, 1 regression, 2 bad input)")
+    ck.add_argument("report")
+    ck.add_argument("--baseline", required=True)
+    ck.add_argument("--update-baseline", action="store_true", help="write the report as the new baseline instead")
+    ck.add_argument("--floor", type=float, default=0.10, help="smallest allowed speedup drop, as a fraction (default 0.10)")
+    ck.add_argument("--summary", help="also append the Markdown summary to this file (e.g. $GITHUB_STEP_SUMMARY)")
+    ck.set_defaults(func=cmd_check)
     return p
 
 

@@ -108,11 +108,13 @@ class Runner:
         for s in config.shapes:
             check_shape(bundle, s)
 
-    def run(self) -> Report:
+    def run(self, captured: Captured | None = None) -> Report:
+        """The whole job; `captured` skips the capture when the caller already has it."""
         cfg = self.cfg
-        self.say(f"capturing {self.bundle.name} with torch.export (batch and seq dynamic)")
-        captured = capture(self.bundle, self.cache_dir)
-        self.say(f"captured graph {captured.graph_hash} in {captured.capture_s:.1f}s")
+        if captured is None:
+            self.say(f"capturing {self.bundle.name} with torch.export (batch and seq dynamic)")
+            captured = capture(self.bundle, self.cache_dir)
+            self.say(f"captured graph {captured.graph_hash} in {captured.capture_s:.1f}s")
         batches = {s: [make_inputs(self.bundle, s, kind, seed=i) for i, kind in enumerate(("text", "random", "padded"))]
                    for s in cfg.shapes}
         refs = self._references(batches)
@@ -180,7 +182,7 @@ class Runner:
             return self._rows_for(name, precision, "failed", _short(e))
         for r in row.results.values():
             r.peak_host_mb, r.peak_device_mb = mem.peak_host_mb, mem.peak_device_mb
-            r.describe = row.model.describe()
+            r.describe = {**r.describe, **row.model.describe()}
         return row
 
     def _check(self, model: CompiledModel, shape: Shape, batches: list[dict[str, torch.Tensor]], refs: dict[str, Any],
@@ -189,8 +191,10 @@ class Runner:
         on_dev = [{k: v.to(dev) for k, v in b.items()} for b in batches]
         cold = time_call(model, on_dev[0])  # first call at this shape: lazy compilers compile here
         comp = Comparator(precision, self.bundle.task, self.cfg.tolerances)
+        dtypes: dict[str, str] = {}
         for i, b in enumerate(on_dev):
             out = model(b)
+            dtypes = {k: str(v.dtype).removeprefix("torch.") for k, v in out.items()}
             comp.add(out, refs["fp32"][shape][i], refs["fp64"][shape][i], refs[precision.value][shape][i],
                      batches[i].get("attention_mask"))
         c = comp.result()
@@ -200,7 +204,7 @@ class Runner:
                       reason="" if c.passed else c.reason, verdict="pass" if c.passed else "fail",
                       max_abs=worst.max_abs if worst else None, cosine=min(o.cosine for o in c.outputs),
                       agreement=agree.agreement if agree else None, agreement_kind=agree.agreement_kind if agree else None,
-                      compile_s=model.build_s + cold / 1e3, comparison=c.to_dict())
+                      compile_s=model.build_s + cold / 1e3, comparison=c.to_dict(), describe={"output_dtypes": dtypes})
 
     def _benchmark(self, rows: list[_Row], batches: dict[Shape, list[dict[str, torch.Tensor]]]) -> None:
         cfg = self.cfg
