@@ -1,0 +1,18 @@
+"""The README's Python API example runs as written."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+
+def test_readme_api_example_runs(tmp_path: Path) -> None:
+    text = (Path(__file__).parent.parent / "README.md").read_text()
+    code = re.search(r"## The Python API\n\n```python\n(.*?)```", text, re.S)
+    assert code, "the README lost its API example"
+    res = subprocess.run([sys.executable, "-c", code.group(1)], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.splitlines()[0].startswith("True")
+    assert (tmp_path / "artifacts/tiny-bert/onnxruntime-fp32/manifest.json").is_file()
