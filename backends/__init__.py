@@ -14,6 +14,7 @@ BUILTIN = {
     "eager": "backends.eager:EagerBackend",
     "inductor": "backends.inductor:InductorBackend",
     "onnxruntime": "backends.ort:OrtBackend",
+    "tvm": "backends.tvm_relax:TvmBackend",
     "tensorrt": "backends.trt:TensorRTBackend",
     "torch-tensorrt": "backends.torch_trt:TorchTensorRTBackend",
 }

@@ -129,13 +129,17 @@ class CompiledModel(ABC):
         files = self._save_files(directory)
         meta = {"backend": self.backend, "precision": self.precision.value, "device": self.device,
                 "inputs": list(self.input_names), "outputs": list(self.output_names),
-                "options": self.options.to_dict(), "files": [p.name for p in files]}
+                "options": self.options.to_dict(), "files": [p.name for p in files], **self._extra_meta()}
         (directory / ENGINE_META).write_text(json.dumps(meta, indent=2))
         return [*files, directory / ENGINE_META]
 
     @abstractmethod
     def _save_files(self, directory: Path) -> list[Path]:
         ...
+
+    def _extra_meta(self) -> dict[str, Any]:
+        """Backend-specific facts its _load needs, kept in engine.json."""
+        return {}
 
     def describe(self) -> dict[str, Any]:
         """What the compiler actually did: kernels, fused ops, fallbacks, build time."""

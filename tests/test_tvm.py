@@ -1,0 +1,142 @@
+"""Apache TVM on the CPU: an untuned dynamic build that passes the comparator, a library reloaded
+in a process that has only tvm and numpy, tuning with its database reused, a CUDA library built here."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+import backends as registry
+from pipeline.capture import capture
+from pipeline.compare import Comparator
+from pipeline.errors import ShapeError
+from pipeline.inputs import Shape, make_inputs
+from pipeline.models import ModelBundle
+from pipeline.precision import Precision
+
+tvm = pytest.importorskip("tvm", reason="apache-tvm is not installed (pip install -e '.[tvm]')")
+pytestmark = pytest.mark.tvm
+
+
+def _check(model: Any, bundle: ModelBundle, shapes: list[Shape], precision: Precision = Precision.FP32) -> Any:
+    import copy
+
+    shadow, at_p = copy.deepcopy(bundle.module).double(), copy.deepcopy(bundle.module).to(precision.dtype)
+    comp = Comparator(precision, bundle.task)
+    for s in shapes:
+        for i, kind in enumerate(("text", "padded")):
+            x = make_inputs(bundle, s, kind, seed=i)
+            with torch.no_grad():
+                outs = [dict(zip(bundle.output_names, m(**x))) for m in (bundle.module, shadow, at_p)]
+            comp.add(model(x), *outs, x.get("attention_mask"))
+    return comp.result()
+
+
+@pytest.fixture(scope="module")
+def untuned(tiny_captured: Any) -> Any:
+    return registry.get("tvm").compile(tiny_captured, Precision.FP32, "cpu", {"trials_per_task": 0})
+
+
+def test_untuned_dynamic_build_matches_eager_and_says_it_is_untuned(untuned: Any, tiny_captured: Any) -> None:
+    verdict = _check(untuned, tiny_captured.bundle, [Shape(1, 16), Shape(3, 40)])  # one build, two shapes
+    assert verdict.passed, verdict.reason
+    info = untuned.describe()
+    assert info["shapes"] == "dynamic" and "untuned" in info["warning"]
+    assert 0 < info["kernels_after_fusion"] < 80
+
+
+def test_fp16_through_to_mixed_precision(tiny_captured: Any) -> None:
+    model = registry.get("tvm").compile(tiny_captured, Precision.FP16, "cpu", {"trials_per_task": 0})
+    verdict = _check(model, tiny_captured.bundle, [Shape(2, 16)], Precision.FP16)
+    assert verdict.passed, verdict.reason
+    assert not registry.get("tvm").supports(Precision.BF16, "cpu")
+
+
+def test_library_reloads_in_a_process_with_only_tvm_and_numpy(untuned: Any, tiny_captured: Any, tmp_path: Path) -> None:
+    untuned.save(tmp_path)
+    x = make_inputs(tiny_captured.bundle, Shape(2, 12), "padded")
+    expected = untuned(x)["last_hidden_state"].numpy()
+    import numpy as np
+
+    np.savez(tmp_path / "io.npz", input_ids=x["input_ids"].numpy(), attention_mask=x["attention_mask"].numpy(), expected=expected)
+    code = (
+        "import sys, numpy as np, tvm\n"
+        "from tvm import relax\n"
+        f"io = np.load({str(tmp_path / 'io.npz')!r})\n"
+        f"vm = relax.VirtualMachine(tvm.runtime.load_module({str(tmp_path / 'model.so')!r}), tvm.cpu())\n"
+        "out = vm['main'](tvm.runtime.tensor(io['input_ids']), tvm.runtime.tensor(io['attention_mask'])).numpy()\n"
+        "assert np.allclose(out, io['expected'], atol=1e-5), abs(out - io['expected']).max()\n"
+        "print('ok', out.shape)\n"
+    )
+    blocked = tmp_path / "blocked"  # torch, transformers and Kiln itself cannot be imported there
+    for name in ("torch", "transformers", "pipeline", "backends"):
+        (blocked / name).mkdir(parents=True)
+        (blocked / name / "__init__.py").write_text(f"raise ImportError('{name} is not available here')\n")
+    env = {**os.environ, "PYTHONPATH": str(blocked)}
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path, env=env)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "ok (2, 12, 32)" in res.stdout
+    loaded = registry.get("tvm").load(tmp_path)
+    assert torch.allclose(loaded(x)["last_hidden_state"], torch.from_numpy(expected))
+
+
+class _Mlp(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b = torch.nn.Linear(16, 32), torch.nn.Linear(32, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(torch.nn.functional.gelu(self.a(x)))
+
+
+def test_tuning_database_is_reused_on_the_second_build(tmp_path: Path) -> None:
+    bundle = ModelBundle.from_module(_Mlp(), {"x": torch.randn(2, 16)}, name="mlp", dynamic_axes={"x": {0: "batch"}})
+    captured = capture(bundle, tmp_path)
+    opts = {"trials_per_task": 2, "budget_s": 400}
+    first = registry.get("tvm").compile(captured, Precision.FP32, "cpu", opts, [Shape(4, 1)])
+    tuning = first.describe()["tuning"]["4x1"]
+    assert tuning["reused"] is False and tuning["trials_per_task"] == 2
+    (work,) = (tmp_path / "tvm").iterdir()
+    records = (work / "database_tuning_record.json").read_text().splitlines()
+    assert records and json.loads((work / "kiln-tuned.json").read_text())["trials_per_task"] == 2
+    second = registry.get("tvm").compile(captured, Precision.FP32, "cpu", opts, [Shape(4, 1)])
+    assert second.describe()["tuning"]["4x1"]["reused"] is True
+    x = make_inputs(bundle, Shape(4, 1))
+    with torch.no_grad():
+        assert torch.allclose(second(x)["output"], bundle.module(**x)[0], atol=1e-4)
+    with pytest.raises(ShapeError, match="tuned for the static shapes 4x1"):
+        second(make_inputs(bundle, Shape(3, 1)))
+
+
+def test_cuda_library_builds_on_the_cpu_machine(tiny_captured: Any, tmp_path: Path) -> None:
+    from backends.tvm_relax import cuda_library
+
+    lib, n_kernels = cuda_library(tiny_captured, "sm_90")
+    assert n_kernels > 0
+    path = tmp_path / "model-cuda.so"
+    lib.export_library(str(path))
+    # The runtime here has no CUDA loader; what can be inspected is the CUDA source inside.
+    assert path.read_bytes().count(b'extern "C" __global__') >= n_kernels // 2
+
+
+def test_the_tuning_budget_terminates_every_unfinished_task() -> None:
+    import time
+    import types
+
+    from backends.tvm_relax import _budget_callback
+
+    terminated: list[int] = []
+    tasks = [types.SimpleNamespace(is_terminated=False), types.SimpleNamespace(is_terminated=True)]
+    sched = types.SimpleNamespace(tasks_=tasks, terminate_task=terminated.append)
+    _budget_callback(time.monotonic() + 3600).apply(sched, 0, [], [], [])
+    assert terminated == []  # within budget: tuning goes on
+    _budget_callback(time.monotonic() - 1).apply(sched, 0, [], [], [])
+    assert terminated == [0]  # past it: the unfinished task stops, the finished one is left alone
