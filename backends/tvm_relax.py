@@ -31,7 +31,7 @@ UNTUNED = "untuned TVM build (tvm.trials_per_task=0): expect it far slower than 
 @dataclass(frozen=True)
 class TvmOptions(BackendOptions):
     trials_per_task: int = 8     # MetaSchedule trials per kernel on the CPU; 0: no tuning (dynamic shapes, warned)
-    budget_s: float = 600.0      # wall-clock cap on tuning one engine, all its shapes together
+    budget_s: float = 600.0      # wall-clock cap on tuning each static shape
     fast_math: bool = True       # GELU as 0.5x(1+fast_erf(x/sqrt2)) and FastMathTransform: vectorized erf/exp/tanh
     arch: str | None = None      # CUDA arch (sm_90); default: the device's
 
@@ -107,17 +107,23 @@ def bind_shape(mod: Any, shape: Shape, dims: dict[str, tuple[Any, ...]]) -> Any:
     return relax.transform.BindSymbolicVars(binding, "main")(mod)
 
 
+class BudgetSpent(Exception):
+    """Raised from inside MetaSchedule to stop tuning at the deadline."""
+
+
 def _budget_callback(deadline: float) -> Any:
-    from tvm.s_tir.meta_schedule.measure_callback import PyMeasureCallback
+    """Stops tuning once the deadline has passed. It runs after AddToDatabase, so every measured
+    batch is already in the JSON database (which writes each record as it comes). Raising is the
+    stop MetaSchedule honours at once; terminating tasks from a callback races its own clean-up,
+    which then terminates a finished task a second time and fails."""
     from tvm.ir.utils import derived_object
+    from tvm.s_tir.meta_schedule.measure_callback import PyMeasureCallback
 
     @derived_object
     class Budget(PyMeasureCallback):
         def apply(self, task_scheduler: Any, task_id: int, *args: Any) -> None:
             if time.monotonic() > deadline:
-                for i, task in enumerate(task_scheduler.tasks_):
-                    if not task.is_terminated:
-                        task_scheduler.terminate_task(i)
+                raise BudgetSpent(f"tuning budget spent at task {task_id}")
 
     return Budget()
 
@@ -134,9 +140,13 @@ def tune(mod: Any, target: Any, work_dir: Path, trials_per_task: int, deadline: 
     work_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()
     callbacks = [*ms.MeasureCallback.create("default"), _budget_callback(deadline)]
-    ms.relax_integration.tune_relax(mod, {}, target, str(work_dir), max_trials_global=trials_per_task * 10_000,
-                                    max_trials_per_task=trials_per_task, num_trials_per_iter=min(64, trials_per_task),
-                                    measure_callbacks=callbacks, seed=0)
+    try:
+        ms.relax_integration.tune_relax(mod, {}, target, str(work_dir), max_trials_global=trials_per_task * 10_000,
+                                        max_trials_per_task=trials_per_task, num_trials_per_iter=min(64, trials_per_task),
+                                        measure_callbacks=callbacks, seed=0)
+    except Exception as e:  # the FFI hands BudgetSpent back wrapped in its own error type
+        if "tuning budget spent" not in str(e):
+            raise
     info = {"trials_per_task": trials_per_task, "seconds": round(time.monotonic() - t0, 1), "hit_budget": time.monotonic() > deadline}
     if info["hit_budget"]:  # a cut-short database is kept for reuse, but asks for more next time
         info["trials_per_task"] = 0
@@ -252,7 +262,6 @@ class TvmBackend(Backend):
         else:
             if not shapes:
                 raise BackendError("a tuned TVM build needs the shapes to tune for (MetaSchedule tunes static shapes)")
-            deadline = time.monotonic() + options.budget_s
             dims = {n: s.dims for n, s in captured.bundle.inputs.items()}
             libs, info["tuning"], info["kernels_after_fusion"] = {}, {}, {}
             for s in shapes:
@@ -261,7 +270,7 @@ class TvmBackend(Backend):
                 static = lower(bind_shape(imported, s, dims), target, precision, options.fast_math)
                 info["kernels_after_fusion"][str(s)] = kernels(static)
                 work = captured.cache_dir / "tvm" / f"{captured.graph_hash}-{precision.value}-{target.attrs['mcpu']}-{s}"
-                info["tuning"][str(s)] = tune(static, target, work, options.trials_per_task, deadline)
+                info["tuning"][str(s)] = tune(static, target, work, options.trials_per_task, time.monotonic() + options.budget_s)
                 libs[s] = tvm.compile(apply_database(static, target, work), target=target)
             info.update(shapes=f"static: {', '.join(map(str, shapes))} (tuned builds are per shape)",
                         schedules=f"MetaSchedule, {options.trials_per_task} trials/kernel, budget {options.budget_s:.0f}s")
