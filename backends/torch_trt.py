@@ -13,31 +13,19 @@ from typing import Any
 import torch
 
 from pipeline.capture import Captured
-from pipeline.errors import InputError
 from pipeline.inputs import Shape
 from pipeline.precision import Precision
 
-from .base import Availability, Backend, BackendOptions, CompiledModel, Tensors
-from .trt import Profile, check_shapes, input_profile, profile_shapes, trt_availability
+from .base import Availability, Backend, CompiledModel, Tensors
+from .trt import Profile, ProfileOptions, check_shapes, input_profile, profile_shapes, trt_availability
 
 PROGRAM = "program.ep"
 
 
 @dataclass(frozen=True)
-class TorchTrtOptions(BackendOptions):
-    optimization_level: int | None = None  # None: TensorRT's default (3)
+class TorchTrtOptions(ProfileOptions):
     workspace_mb: int = 0                  # 0: TensorRT's default
     min_block_size: int = 5                # smallest subgraph given to TensorRT; smaller ones stay in torch
-    profile_min: str | None = None
-    profile_opt: str | None = None
-    profile_max: str | None = None
-
-    def __post_init__(self) -> None:
-        if self.optimization_level is not None and not 0 <= self.optimization_level <= 5:
-            raise InputError(f"optimization_level {self.optimization_level} is outside 0..5")
-        for name in ("profile_min", "profile_opt", "profile_max"):
-            if getattr(self, name) is not None:
-                Shape.parse(getattr(self, name))
 
 
 def trt_inputs(profile: Profile, dtypes: dict[str, torch.dtype]) -> dict[str, Any]:

@@ -33,33 +33,40 @@ Profile = dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]  #
 
 
 @dataclass(frozen=True)
-class TrtOptions(BackendOptions):
-    workspace_mb: int = 4096           # IBuilderConfig memory pool limit for WORKSPACE
-    optimization_level: int = 3        # builder_optimization_level, 0..5 (TensorRT's default 3)
-    # False: fp16/bf16 by builder flags (TensorRT picks per layer). True: a strongly typed network
-    # built from ONNX exported at that precision; types are the graph's, no precision flags.
-    strongly_typed: bool = False
+class ProfileOptions(BackendOptions):
+    """Options shared by both TensorRT backends: profile bounds and the builder optimization level."""
+
+    optimization_level: int | None = None  # builder_optimization_level, 0..5; None: TensorRT's default (3)
     # Profile bounds as BATCHxSEQ; unset ones come from the run's shapes (min, largest, max).
     profile_min: str | None = None
     profile_opt: str | None = None
     profile_max: str | None = None
-    timing_cache: bool = True          # persisted under the cache dir, reused by later builds
 
     def __post_init__(self) -> None:
-        if not 0 <= self.optimization_level <= 5:
+        if self.optimization_level is not None and not 0 <= self.optimization_level <= 5:
             raise InputError(f"optimization_level {self.optimization_level} is outside 0..5")
-        if self.workspace_mb < 1:
-            raise InputError(f"workspace_mb must be positive, got {self.workspace_mb}")
-        for name in ("profile_min", "profile_opt", "profile_max"):
-            value = getattr(self, name)
+        for value in (self.profile_min, self.profile_opt, self.profile_max):
             if value is not None:
                 Shape.parse(value)
 
 
-def profile_shapes(bundle: ModelBundle, shapes: Sequence[Shape], options: Any) -> tuple[Shape, Shape, Shape]:
+@dataclass(frozen=True)
+class TrtOptions(ProfileOptions):
+    workspace_mb: int = 4096           # IBuilderConfig memory pool limit for WORKSPACE
+    # False: fp16/bf16 by builder flags (TensorRT picks per layer). True: a strongly typed network
+    # built from ONNX exported at that precision; types are the graph's, no precision flags.
+    strongly_typed: bool = False
+    timing_cache: bool = True          # persisted under the cache dir, reused by later builds
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.workspace_mb < 1:
+            raise InputError(f"workspace_mb must be positive, got {self.workspace_mb}")
+
+
+def profile_shapes(bundle: ModelBundle, shapes: Sequence[Shape], options: ProfileOptions) -> tuple[Shape, Shape, Shape]:
     """(min, opt, max) over batch and seq: the user's bounds where given, else the run's shapes
-    (elementwise min, the largest, elementwise max), else the model's whole range with opt 1x128.
-    `options` has profile_min, profile_opt and profile_max (BATCHxSEQ strings or None)."""
+    (elementwise min, the largest, elementwise max), else the model's whole range with opt 1x128."""
     ranges = bundle.axis_ranges
     lo_b, hi_b = ranges.get("batch", (1, 1))
     lo_s, hi_s = ranges.get("seq", (1, 1))
@@ -183,7 +190,8 @@ def build_engine(onnx_path: Path, profile: Profile, precision: Precision, option
         raise BackendError(f"TensorRT's ONNX parser refused the model: {parser_errors(parser)}")
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, options.workspace_mb << 20)
-    config.builder_optimization_level = options.optimization_level
+    if options.optimization_level is not None:
+        config.builder_optimization_level = options.optimization_level
     for name in builder_flags:
         config.set_flag(getattr(trt.BuilderFlag, name))
     opt_profile = builder.create_optimization_profile()

@@ -272,8 +272,12 @@ class TvmBackend(Backend):
                 work = captured.cache_dir / "tvm" / f"{captured.graph_hash}-{precision.value}-{target.attrs['mcpu']}-{s}"
                 info["tuning"][str(s)] = tune(static, target, work, options.trials_per_task, time.monotonic() + options.budget_s)
                 libs[s] = tvm.compile(apply_database(static, target, work), target=target)
-            info.update(shapes=f"static: {', '.join(map(str, shapes))} (tuned builds are per shape)",
-                        schedules=f"MetaSchedule, {options.trials_per_task} trials/kernel, budget {options.budget_s:.0f}s")
+            info.update(shapes=[str(s) for s in shapes], schedules=f"MetaSchedule, {options.trials_per_task} trials/kernel, "
+                        f"budget {options.budget_s:.0f}s per shape",
+                        note=f"static shapes {', '.join(map(str, shapes))} (MetaSchedule tunes static shapes; other shapes are refused)")
+            cut = [k for k, t in info["tuning"].items() if t.get("hit_budget")]
+            if cut:
+                info["warning"] = f"tuning budget ({options.budget_s:.0f}s) ran out at {', '.join(cut)}: some kernels are untuned"
         info["tvm_build_s"] = round(time.monotonic() - t0, 1)
         bundle = captured.bundle
         return TvmModel(libs, info, backend=self.name, precision=precision, device=device,

@@ -183,6 +183,10 @@ class Runner:
         for r in row.results.values():
             r.peak_host_mb, r.peak_device_mb = mem.peak_host_mb, mem.peak_device_mb
             r.describe = {**r.describe, **row.model.describe()}
+            # What a backend wants every reader to see (an untuned build, static shapes) goes into the row.
+            notes = [str(r.describe[k]) for k in ("warning", "note") if r.describe.get(k)]
+            if notes:
+                r.reason = "; ".join([r.reason, *notes] if r.reason else notes)
         return row
 
     def _check(self, model: CompiledModel, shape: Shape, batches: list[dict[str, torch.Tensor]], refs: dict[str, Any],

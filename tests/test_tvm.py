@@ -135,3 +135,13 @@ def test_the_tuning_budget_stops_tuning() -> None:
     _budget_callback(time.monotonic() + 3600).apply(None, 0, [], [], [])  # within budget: tuning goes on
     with pytest.raises(BudgetSpent, match="budget spent at task 3"):
         _budget_callback(time.monotonic() - 1).apply(None, 3, [], [], [])
+
+
+def test_an_untuned_build_says_so_in_the_report(tmp_path: Path, cache_dir: Path) -> None:
+    from pipeline.runner import run
+
+    report = run("tiny-bert", backends="tvm", shapes="2x8", device="cpu", rounds=2, warmup=1, cache_dir=cache_dir,
+                 options={"tvm": {"trials_per_task": 0}}, out=tmp_path)
+    row = report.find("tvm", "fp32", "2x8")
+    assert row is not None and row.status == "ok" and "untuned TVM build" in row.reason
+    assert "untuned TVM build" in (tmp_path / "report.md").read_text()
