@@ -143,7 +143,10 @@ def tune(mod: Any, target: Any, work_dir: Path, trials_per_task: int, deadline: 
     try:
         ms.relax_integration.tune_relax(mod, {}, target, str(work_dir), max_trials_global=trials_per_task * 10_000,
                                         max_trials_per_task=trials_per_task, num_trials_per_iter=min(64, trials_per_task),
-                                        measure_callbacks=callbacks, seed=0)
+                                        measure_callbacks=callbacks, seed=0,
+                                        # joins each task as soon as it is measured, so the budget callback runs
+                                        # then; the gradient scheduler joins only after a first pass over all tasks
+                                        task_scheduler="round-robin")
     except Exception as e:  # the FFI hands BudgetSpent back wrapped in its own error type
         if "tuning budget spent" not in str(e):
             raise
