@@ -111,6 +111,11 @@ class BudgetSpent(Exception):
     """Raised from inside MetaSchedule to stop tuning at the deadline."""
 
 
+def check_budget(deadline: float, task_id: int) -> None:
+    if time.monotonic() > deadline:
+        raise BudgetSpent(f"tuning budget spent at task {task_id}")
+
+
 def _budget_callback(deadline: float) -> Any:
     """Stops tuning once the deadline has passed. It runs after AddToDatabase, so every measured
     batch is already in the JSON database (which writes each record as it comes). Raising is the
@@ -122,8 +127,7 @@ def _budget_callback(deadline: float) -> Any:
     @derived_object
     class Budget(PyMeasureCallback):
         def apply(self, task_scheduler: Any, task_id: int, *args: Any) -> None:
-            if time.monotonic() > deadline:
-                raise BudgetSpent(f"tuning budget spent at task {task_id}")
+            check_budget(deadline, task_id)
 
     return Budget()
 
