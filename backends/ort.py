@@ -80,19 +80,20 @@ def _build_onnx(captured: Captured, precision: Precision, options: OrtOptions, o
 class OrtModel(CompiledModel):
     options: OrtOptions
 
-    def __init__(self, path: Path, fusions: dict[str, int], **kw: Any) -> None:
+    def __init__(self, path: Path, fusions: dict[str, int], record_optimized: bool = True, **kw: Any) -> None:
         super().__init__(**kw)
         import onnxruntime as ort
 
-        self.path, self.fusions = path, fusions
+        self.path, self.fusions, self.record_optimized = path, fusions, record_optimized
         so = ort.SessionOptions()
         so.graph_optimization_level = _level(self.options.graph_optimization)
         so.intra_op_num_threads = self.options.intra_op_threads or torch.get_num_threads()
         so.add_session_config_entry("session.intra_op.allow_spinning", "1" if self.options.spin else "0")
         so.log_severity_level = 3
         self.optimized = path.with_name("optimized.onnx")
-        so.optimized_model_filepath = str(self.optimized)
-        so.add_session_config_entry("session.optimized_model_external_initializers_file_name", "optimized.onnx.data")
+        if record_optimized:  # a build directory: keep ORT's optimized graph for describe(); never in a loaded artifact
+            so.optimized_model_filepath = str(self.optimized)
+            so.add_session_config_entry("session.optimized_model_external_initializers_file_name", "optimized.onnx.data")
         try:
             self.session = ort.InferenceSession(str(path), so, providers=_providers(self.device))
         except Exception as e:
@@ -129,7 +130,7 @@ class OrtModel(CompiledModel):
         info = super().describe()
         info["providers"] = self.providers
         info["fusions_onnxscript"] = self.fusions
-        if self.optimized.exists():
+        if self.record_optimized and self.optimized.exists():
             import onnx
 
             graph = onnx.load(str(self.optimized), load_external_data=False).graph
@@ -185,9 +186,5 @@ class OrtBackend(Backend):
 
     def _load(self, directory: Path, meta: dict[str, Any], device: str) -> CompiledModel:
         opts = OrtOptions.from_mapping(meta.get("options", {}))
-        work = Path(tempfile.mkdtemp(prefix="kiln-ort-"))
-        for name in ("model.onnx", DATA):
-            if (directory / name).exists():
-                shutil.copy2(directory / name, work / name)
-        return OrtModel(work / "model.onnx", {}, backend=self.name, precision=Precision(meta["precision"]), device=device,
+        return OrtModel(directory / "model.onnx", {}, record_optimized=False, backend=self.name, precision=Precision(meta["precision"]), device=device,
                         input_names=tuple(meta["inputs"]), output_names=tuple(meta["outputs"]), options=opts)
