@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import collections
-import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -17,6 +15,7 @@ from pipeline.capture import Captured
 from pipeline.errors import BackendError
 from pipeline.inputs import Shape
 from pipeline.precision import Precision
+from pipeline.report import staged_dir
 
 from .base import Availability, Backend, BackendOptions, CompiledModel, Tensors, runtime_option
 
@@ -167,18 +166,9 @@ class OrtBackend(Backend):
         key = f"{captured.graph_hash}-{precision.value}-" + "-".join(f"{k}={v}" for k, v in sorted(build.items()))
         final = captured.cache_dir / "onnxruntime" / key
         if not (final / "model.onnx").is_file():
-            final.parent.mkdir(parents=True, exist_ok=True)
-            tmp = Path(tempfile.mkdtemp(prefix=".build-", dir=final.parent))
-            try:
+            with staged_dir(final) as tmp:
                 fusions = _build_onnx(captured, precision, options, tmp)
                 (tmp / "fusions.txt").write_text("".join(f"{k} {v}\n" for k, v in fusions.items()))
-                if final.exists():
-                    shutil.rmtree(tmp)
-                else:
-                    os.replace(tmp, final)
-            except Exception:
-                shutil.rmtree(tmp, ignore_errors=True)
-                raise
         fusions = {k: int(v) for k, v in (line.split() for line in (final / "fusions.txt").read_text().splitlines())}
         bundle = captured.bundle
         return OrtModel(final / "model.onnx", fusions, backend=self.name, precision=precision, device=device,

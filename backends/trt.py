@@ -10,9 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +22,7 @@ from pipeline.errors import ArtifactError, BackendError, InputError, ShapeError
 from pipeline.inputs import Shape
 from pipeline.models import ModelBundle
 from pipeline.precision import Precision
+from pipeline.report import staged_dir
 
 from .base import Availability, Backend, BackendOptions, CompiledModel, Tensors
 
@@ -307,15 +305,9 @@ class TensorRTBackend(Backend):
                         hashlib.sha256(json.dumps([options.build_options(), profile], default=str).encode()).hexdigest()[:12]])
         final = captured.cache_dir / "tensorrt" / key
         if not (final / ENGINE_FILE).is_file():
-            final.parent.mkdir(parents=True, exist_ok=True)
-            tmp = Path(tempfile.mkdtemp(prefix=".build-", dir=final.parent))
-            try:
-                cache = captured.cache_dir / "tensorrt" / f"timing-{gpu['capability']}-trt{trt.__version__}.cache"
+            cache = captured.cache_dir / "tensorrt" / f"timing-{gpu['capability']}-trt{trt.__version__}.cache"
+            with staged_dir(final) as tmp:
                 (tmp / ENGINE_FILE).write_bytes(build_engine(onnx, profile, precision, options, cache if options.timing_cache else None))
-                os.replace(tmp, final) if not final.exists() else shutil.rmtree(tmp)
-            except BaseException:
-                shutil.rmtree(tmp, ignore_errors=True)
-                raise
         bundle = captured.bundle
         return TrtModel((final / ENGINE_FILE).read_bytes(), profile, backend=self.name, precision=precision, device=device,
                         input_names=bundle.input_names, output_names=bundle.output_names, options=options)

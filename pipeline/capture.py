@@ -5,8 +5,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import os
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +17,7 @@ from .errors import BackendError
 from .inputs import Shape, make_inputs
 from .models import ModelBundle
 from .precision import Precision
+from .report import staged_dir
 
 DEFAULT_CACHE = Path(os.environ.get("KILN_CACHE", "artifacts/cache"))
 
@@ -89,20 +88,12 @@ class Captured:
         path = final / "model.onnx"
         if path.is_file():
             return path
-        final.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=final.parent))
-        os.chmod(tmp, 0o755)
         try:
-            example = _example(self.bundle)
-            torch.onnx.export(self.program_at(precision), (), kwargs=example, f=str(tmp / "model.onnx"), dynamo=True,
-                              input_names=list(self.bundle.input_names), output_names=list(self.bundle.output_names),
-                              verbose=False)
-            if final.exists():  # another process won the race; keep theirs
-                shutil.rmtree(tmp)
-            else:
-                os.replace(tmp, final)
+            with staged_dir(final) as tmp:
+                torch.onnx.export(self.program_at(precision), (), kwargs=_example(self.bundle), f=str(tmp / "model.onnx"),
+                                  dynamo=True, input_names=list(self.bundle.input_names),
+                                  output_names=list(self.bundle.output_names), verbose=False)
         except Exception as e:
-            shutil.rmtree(tmp, ignore_errors=True)
             raise BackendError(f"ONNX export failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
         return path
 

@@ -6,7 +6,10 @@ import csv
 import io
 import json
 import os
+import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -129,6 +132,25 @@ def atomic_write(path: Path, text: str | bytes) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+@contextmanager
+def staged_dir(final: Path) -> Iterator[Path]:
+    """The directory twin of atomic_write: build into a hidden directory beside `final`, then
+    rename it into place whole. If another process got there first, theirs is kept; on an
+    error nothing is left behind."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
+    os.chmod(tmp, 0o755)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if final.exists():
+        shutil.rmtree(tmp)
+    else:
+        os.replace(tmp, final)
 
 
 def _fmt(x: float | None, spec: str) -> str:
