@@ -109,6 +109,8 @@ def test_tuning_database_is_reused_on_the_second_build(tmp_path: Path) -> None:
     assert records and json.loads((work / "kiln-tuned.json").read_text())["trials_per_task"] == 2
     second = registry.get("tvm").compile(captured, Precision.FP32, "cpu", opts, [Shape(4, 1)])
     assert second.describe()["tuning"]["4x1"]["reused"] is True
+    # TVM's x86 default is half the logical CPUs; Kiln gives it torch's thread count, and says so
+    assert second.describe()["threads"] == int(os.environ["TVM_NUM_THREADS"]) == torch.get_num_threads()
     x = make_inputs(bundle, Shape(4, 1))
     with torch.no_grad():
         assert torch.allclose(second(x)["output"], bundle.module(**x)[0], atol=1e-4)
@@ -127,15 +129,37 @@ def test_cuda_library_builds_on_the_cpu_machine(tiny_captured: Any, tmp_path: Pa
     assert path.read_bytes().count(b'extern "C" __global__') >= n_kernels // 2
 
 
-def test_the_tuning_budget_stops_tuning() -> None:
+def test_the_budget_check_waits_until_every_kernel_has_a_schedule() -> None:
     import time
 
     from backends.tvm_relax import BudgetSpent, _budget_callback, check_budget
 
-    check_budget(time.monotonic() + 3600, 0)  # within budget: tuning goes on
+    check_budget(time.monotonic() + 3600, 0, 5, 5)  # within budget: tuning goes on
+    check_budget(time.monotonic() - 1, 3, 4, 5)  # past it, but one task was never measured
     with pytest.raises(BudgetSpent, match="budget spent at task 3"):
-        check_budget(time.monotonic() - 1, 3)
+        check_budget(time.monotonic() - 1, 3, 5, 5)
     assert _budget_callback(time.monotonic()) is not None  # MetaSchedule accepts it as a MeasureCallback
+
+
+def test_a_spent_budget_stops_real_tuning_after_one_round(tmp_path: Path) -> None:
+    bundle = ModelBundle.from_module(_Mlp(), {"x": torch.randn(2, 16)}, name="mlp", dynamic_axes={"x": {0: "batch"}})
+    captured = capture(bundle, tmp_path)
+    model = registry.get("tvm").compile(captured, Precision.FP32, "cpu", {"trials_per_task": 64, "budget_s": 0}, [Shape(4, 1)])
+    info = model.describe()
+    assert info["tuning"]["4x1"]["hit_budget"] is True
+    assert "budget reached" in info["note"] and "warning" not in info
+    assert info["kernels_unscheduled"]["4x1"] == []  # stopped only once every kernel had a schedule
+    (work,) = (tmp_path / "tvm").iterdir()
+    records = [json.loads(line) for line in (work / "database_tuning_record.json").read_text().splitlines()]
+    # every task measured once (one round of at most 16 trials each), far short of 64 per task
+    assert 0 < len(records) <= 16 * info["kernels_after_fusion"]["4x1"]
+    assert json.loads((work / "kiln-tuned.json").read_text())["hit_budget"] is True
+    x = make_inputs(bundle, Shape(4, 1))
+    with torch.no_grad():
+        assert torch.allclose(model(x)["output"], bundle.module(**x)[0], atol=1e-4)
+    # the same budget again: that database is what this budget buys, so it is reused
+    again = registry.get("tvm").compile(captured, Precision.FP32, "cpu", {"trials_per_task": 64, "budget_s": 0}, [Shape(4, 1)])
+    assert again.describe()["tuning"]["4x1"]["reused"] is True
 
 
 def test_an_untuned_build_says_so_in_the_report(tmp_path: Path, cache_dir: Path) -> None:
