@@ -1,7 +1,7 @@
 """Apache TVM (Relax): the captured program through from_exported_program, operator fusion,
 MetaSchedule tuning under a time budget with a reused database, and export_library.
 
-On the CPU an untuned build is ~90x slower than eager on MiniLM (measured: NOTES.md), so tuning
+On the CPU an untuned build is ~70x slower than eager on MiniLM (measured: README), so tuning
 is on by default, per static shape (MetaSchedule tunes static shapes); with trials_per_task=0
 the build stays dynamic and every row says it is untuned. On CUDA, dlight's default GPU
 schedules make an untuned build sensible; this wheel carries no cuBLAS/DNNL for library dispatch.
@@ -25,7 +25,7 @@ from pipeline.precision import Precision
 
 from .base import Availability, Backend, BackendOptions, CompiledModel, Tensors
 
-UNTUNED = "untuned TVM build (tvm.trials_per_task=0): expect it far slower than eager (MiniLM 1x128: ~90x on the CPU)"
+UNTUNED = "untuned TVM build (tvm.trials_per_task=0): expect it far slower than eager (MiniLM 1x128 on 2 CPU cores: ~70x)"
 
 
 @dataclass(frozen=True)
