@@ -59,6 +59,17 @@ def test_fp16_through_to_mixed_precision(tiny_captured: Any) -> None:
     assert not registry.get("tvm").supports(Precision.BF16, "cpu")
 
 
+def _run_with_only_tvm_and_numpy(code: str, tmp_path: Path) -> str:
+    blocked = tmp_path / "blocked"  # torch, transformers and Kiln itself cannot be imported there
+    for name in ("torch", "transformers", "pipeline", "backends"):
+        (blocked / name).mkdir(parents=True, exist_ok=True)
+        (blocked / name / "__init__.py").write_text(f"raise ImportError('{name} is not available here')\n")
+    env = {**os.environ, "PYTHONPATH": str(blocked)}
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path, env=env)
+    assert res.returncode == 0, res.stderr[-2000:]
+    return res.stdout
+
+
 def test_library_reloads_in_a_process_with_only_tvm_and_numpy(untuned: Any, tiny_captured: Any, tmp_path: Path) -> None:
     untuned.save(tmp_path)
     x = make_inputs(tiny_captured.bundle, Shape(2, 12), "padded")
@@ -75,14 +86,7 @@ def test_library_reloads_in_a_process_with_only_tvm_and_numpy(untuned: Any, tiny
         "assert np.allclose(out, io['expected'], atol=1e-5), abs(out - io['expected']).max()\n"
         "print('ok', out.shape)\n"
     )
-    blocked = tmp_path / "blocked"  # torch, transformers and Kiln itself cannot be imported there
-    for name in ("torch", "transformers", "pipeline", "backends"):
-        (blocked / name).mkdir(parents=True)
-        (blocked / name / "__init__.py").write_text(f"raise ImportError('{name} is not available here')\n")
-    env = {**os.environ, "PYTHONPATH": str(blocked)}
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path, env=env)
-    assert res.returncode == 0, res.stderr[-2000:]
-    assert "ok (2, 12, 32)" in res.stdout
+    assert "ok (2, 12, 32)" in _run_with_only_tvm_and_numpy(code, tmp_path)
     loaded = registry.get("tvm").load(tmp_path)
     assert torch.allclose(loaded(x)["last_hidden_state"], torch.from_numpy(expected))
 
@@ -116,6 +120,23 @@ def test_tuning_database_is_reused_on_the_second_build(tmp_path: Path) -> None:
         assert torch.allclose(second(x)["output"], bundle.module(**x)[0], atol=1e-4)
     with pytest.raises(ShapeError, match="tuned for the static shapes 4x1"):
         second(make_inputs(bundle, Shape(3, 1)))
+    # the tuned library (weights repacked at build time, embedded) runs without Kiln or torch
+    import numpy as np
+
+    second.save(tmp_path / "engine")
+    assert json.loads((tmp_path / "engine" / "engine.json").read_text())["threads"] == torch.get_num_threads()
+    with torch.no_grad():
+        np.savez(tmp_path / "io.npz", x=x["x"].numpy(), expected=bundle.module(**x)[0].numpy())
+    code = (
+        "import numpy as np, tvm\n"
+        "from tvm import relax\n"
+        f"io = np.load({str(tmp_path / 'io.npz')!r})\n"
+        f"vm = relax.VirtualMachine(tvm.runtime.load_module({str(tmp_path / 'engine' / 'model-4x1.so')!r}), tvm.cpu())\n"
+        "out = vm['main'](tvm.runtime.tensor(io['x'])).numpy()\n"
+        "assert np.allclose(out, io['expected'], atol=1e-4), abs(out - io['expected']).max()\n"
+        "print('ok', out.shape)\n"
+    )
+    assert "ok (4, 8)" in _run_with_only_tvm_and_numpy(code, tmp_path)
 
 
 def test_cuda_library_builds_on_the_cpu_machine(tiny_captured: Any, tmp_path: Path) -> None:
