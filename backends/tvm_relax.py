@@ -42,7 +42,7 @@ def cpu_threads() -> int:
     - TVM_NUM_THREADS: torch's thread count unless set. TVM's own default on x86 is half the
       logical CPUs (it assumes hyper-threading): one thread on this 2-vCPU machine kind, which
       measured MiniLM 1x128 at 30.9 ms against 15.5 ms with two.
-    - TVM_THREAD_POOL_SPIN_COUNT: 10000 unless set. With the default (300000) a worker spins
+    - TVM_THREAD_POOL_SPIN_COUNT: 10000 unless set. With TVM's default a worker spins
       ~170 ms of CPU after every call (measured), taking a core from whatever runs next: eager
       timed after TVM went from 25.8 to 28.8 ms, while TVM itself was no faster (16.6 vs 16.3 ms)."""
     import os
@@ -388,8 +388,8 @@ class TvmBackend(Backend):
                         schedules=f"MetaSchedule, at most {options.trials_per_task} trials/kernel, budget {options.budget_s:.0f}s per shape")
             notes = [f"static shapes {', '.join(map(str, shapes))} (MetaSchedule tunes static shapes; other shapes are refused)"]
             for k, t in info["tuning"].items():
-                notes.append(f"{k}: {t['trials_measured']} trials in {t['seconds']:.0f}s{' (database reused)' if t['reused'] else ''}"
-                             f"{', budget reached' if t['hit_budget'] else ''}")
+                notes.append(f"{k}: {t.get('trials_measured', '?')} trials in {t['seconds']:.0f}s{' (database reused)' if t['reused'] else ''}"
+                             f"{', budget reached' if t.get('hit_budget') else ''}")
                 if unscheduled[k]:  # e.g. embedding gathers, whose measurement on random indices fails
                     notes.append(f"kept as generated at {k}: {', '.join(unscheduled[k])}")
             info["note"] = "; ".join(notes)
