@@ -93,14 +93,9 @@ K = TypeVar("K", bound=Hashable)
 
 
 def benchmark(entries: Mapping[K, tuple[Timeable, Mapping[str, torch.Tensor]]], *, warmup: int = 5, rounds: int = 20,
-              iters: int = 1, seed: int = 0, settle_s: float = 0.02,
-              progress: Callable[[str], None] | None = None) -> dict[K, Timing]:
+              iters: int = 1, seed: int = 0, progress: Callable[[str], None] | None = None) -> dict[K, Timing]:
     """Times every entry. Each round runs every entry `iters` times, in a fresh random order,
-    so that drift (thermal, other load) hits all entries alike. Before each entry's turn the
-    benchmark sleeps `settle_s`: thread pools (OpenMP under torch, TVM's, ONNX Runtime's) spin
-    for a while after a call, and on two cores the spinning threads of the engine timed last
-    took the cores from the next one (measured here, eager then TVM back to back: eager 38 ms,
-    TVM 29 ms; with 20 ms between them 29 and 18 ms; each alone 30 and 22 ms)."""
+    so that drift (thermal, other load) hits all entries alike."""
     rng = random.Random(seed)
     keys = list(entries)
     for k in keys:
@@ -113,8 +108,6 @@ def benchmark(entries: Mapping[K, tuple[Timeable, Mapping[str, torch.Tensor]]], 
         rng.shuffle(keys)
         for k in keys:
             model, inputs = entries[k]
-            if settle_s:
-                time.sleep(settle_s)
             samples[k].extend(time_call(model, inputs) for _ in range(iters))
         if progress and (r + 1) % max(1, rounds // 4) == 0:
             progress(f"round {r + 1}/{rounds}")
