@@ -8,15 +8,15 @@ from importlib.metadata import entry_points
 
 from pipeline.errors import UnknownChoiceError
 
-from .base import Availability, Backend, BackendOptions, CompiledModel
+from .base import Availability, Backend, BackendOptions, CompiledModel, EngineSpec
 
 BUILTIN = {
     "eager": "backends.eager:EagerBackend",
     "inductor": "backends.inductor:InductorBackend",
     "onnxruntime": "backends.ort:OrtBackend",
-    "tvm": "backends.tvm_relax:TvmBackend",
-    "tensorrt": "backends.trt:TensorRTBackend",
-    "torch-tensorrt": "backends.torch_trt:TorchTensorRTBackend",
+    "tvm": "backends.tvm:TvmBackend",
+    "tensorrt": "backends.tensorrt.engine:TensorRTBackend",
+    "torch-tensorrt": "backends.tensorrt.torch_trt:TorchTensorRTBackend",
 }
 
 _REGISTRY: dict[str, Backend] = {}
@@ -55,4 +55,4 @@ def names() -> list[str]:
     return list(_REGISTRY)
 
 
-__all__ = ["Availability", "Backend", "BackendOptions", "CompiledModel", "get", "names", "register", "unregister"]
+__all__ = ["Availability", "Backend", "BackendOptions", "CompiledModel", "EngineSpec", "get", "names", "register", "unregister"]

@@ -1,9 +1,8 @@
-"""The backend contract: Backend, CompiledModel, Availability, options."""
+"""The backend contract: Backend, CompiledModel, EngineSpec, Availability, options."""
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 import types
 import typing
@@ -11,17 +10,19 @@ from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar, Literal, TypeVar, final
 
 import torch
 
+from pipeline import store
 from pipeline.capture import Captured
+from pipeline.env import version
 from pipeline.errors import ArtifactError, BackendError, InputError
 from pipeline.inputs import Shape
 from pipeline.precision import Precision
 
 Tensors = dict[str, torch.Tensor]
-ENGINE_META = "engine.json"
+Pin = Literal["exact", "minor"]
 
 
 @dataclass(frozen=True)
@@ -98,13 +99,39 @@ def _coerce(name: str, value: Any, hint: Any) -> Any:
     raise InputError(f"option {name}={value!r} is not a valid {hint}")
 
 
+@dataclass(frozen=True)
+class EngineSpec:
+    """What every engine is, whatever compiled it: the facts a loader needs besides the backend's files."""
+
+    backend: str
+    precision: Precision
+    device: str
+    input_names: tuple[str, ...]
+    output_names: tuple[str, ...]
+    options: BackendOptions
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"inputs": list(self.input_names), "outputs": list(self.output_names), "options": self.options.to_dict()}
+
+
+@dataclass(frozen=True)
+class ServingFormat:
+    """How Triton Inference Server serves an engine: its platform, Kiln's files under the names
+    Triton expects, and the largest batch the engine takes where it is narrower than the model's."""
+
+    platform: str
+    files: Mapping[str, str]
+    max_batch: int | None = None
+
+
 class CompiledModel(ABC):
     """A compiled engine: named tensors in, named tensors out."""
 
-    def __init__(self, backend: str, precision: Precision, device: str,
-                 input_names: tuple[str, ...], output_names: tuple[str, ...], options: BackendOptions) -> None:
-        self.backend, self.precision, self.device = backend, precision, device
-        self.input_names, self.output_names, self.options = input_names, output_names, options
+    def __init__(self, spec: EngineSpec) -> None:
+        self.spec = spec
+        # the spec's fields as attributes: what callers and subclasses read most
+        self.backend, self.precision, self.device = spec.backend, spec.precision, spec.device
+        self.input_names, self.output_names, self.options = spec.input_names, spec.output_names, spec.options
         self.build_s = 0.0
 
     def __call__(self, inputs: Mapping[str, torch.Tensor]) -> Tensors:
@@ -123,51 +150,73 @@ class CompiledModel(ABC):
             torch.cuda.synchronize(self.device)
 
     def save(self, directory: str | Path) -> list[Path]:
-        """Write the deployable engine into `directory` (created); returns the files written."""
+        """Write the deployable engine into `directory` (created) with its manifest; returns the files written."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
+        from . import get
+
         files = self._save_files(directory)
-        meta = {"backend": self.backend, "precision": self.precision.value, "device": self.device,
-                "inputs": list(self.input_names), "outputs": list(self.output_names),
-                "options": self.options.to_dict(), "files": [p.name for p in files], **self._extra_meta()}
-        (directory / ENGINE_META).write_text(json.dumps(meta, indent=2))
-        return [*files, directory / ENGINE_META]
+        engine = {**self.spec.to_dict(), **self._extra_meta()}
+        return [*files, store.write_engine_manifest(directory, self.spec.backend, self.precision, self.device,
+                                                    get(self.backend).pinned(), engine)]
 
     @abstractmethod
     def _save_files(self, directory: Path) -> list[Path]:
         ...
 
     def _extra_meta(self) -> dict[str, Any]:
-        """Backend-specific facts its _load needs, kept in engine.json."""
+        """Backend-specific facts its _load needs, kept in the manifest's `engine` section."""
         return {}
 
     def describe(self) -> dict[str, Any]:
         """What the compiler actually did: kernels, fused ops, fallbacks, build time."""
         return {"build_s": round(self.build_s, 3)}
 
+    def notes(self) -> list[str]:
+        """What every reader of a report row should see about this engine (an untuned build, fixed shapes)."""
+        return []
+
 
 class Backend(ABC):
     name: ClassVar[str]
     precisions: ClassVar[tuple[Precision, ...]]
+    # Precisions this backend refuses, each with the reason a row shows.
+    refused: ClassVar[Mapping[Precision, str]] = {}
     devices: ClassVar[tuple[str, ...]] = ("cpu", "cuda")
+    # How the availability reason names a device this backend never runs on ("TensorRT runs on CUDA devices").
+    runs_on: ClassVar[str] = ""
     options_type: ClassVar[type[BackendOptions]] = BackendOptions
+    # The libraries a saved engine needs at load time, pinned exactly (compiled code) or to major.minor (archives).
+    requires: ClassVar[Mapping[str, Pin]] = {"torch": "minor"}
+    # How Triton Inference Server serves this backend's engines: its platform, and Kiln's files under Triton's names.
+    serving_platform: ClassVar[str | None] = None
+    serving_files: ClassVar[Mapping[str, str]] = {}
 
+    @final
     def availability(self, device: str = "cpu") -> Availability:
-        """ok, or why not; never raises."""
+        """ok, or every reason why not (a missing library and a missing device are both worth knowing); never raises."""
+        reasons = []
+        try:
+            check = self._check(device)
+            if not check:
+                reasons.append(check.reason)
+        except Exception as e:  # an optional library may fail to import in any way
+            reasons.append(f"{type(e).__name__}: {e}")
         kind = device.split(":")[0]
         if kind not in self.devices:
-            return Availability.no(f"{self.name} does not run on {kind} (runs on {', '.join(self.devices)})")
-        if kind == "cuda" and not torch.cuda.is_available():
-            return Availability.no("no CUDA device")
-        try:
-            return self._check(device)
-        except Exception as e:  # an optional library may fail to import in any way
-            return Availability.no(f"{type(e).__name__}: {e}")
+            reasons.append(f"{self.runs_on or f'{self.name} runs on ' + ', '.join(self.devices)}, not {kind}")
+        elif kind == "cuda" and not torch.cuda.is_available():
+            reasons.append("no CUDA device")
+        return Availability.no("; ".join(reasons)) if reasons else Availability.yes()
 
     def _check(self, device: str) -> Availability:
+        """The backend's own libraries and tools on this machine."""
         return Availability.yes()
 
+    @final
     def supports(self, precision: Precision, device: str) -> Availability:
+        if precision in self.refused:
+            return Availability.no(self.refused[precision])
         if precision not in self.precisions:
             return Availability.no(f"{self.name} supports {', '.join(p.value for p in self.precisions)}")
         return Availability.yes()
@@ -175,6 +224,19 @@ class Backend(ABC):
     def options(self, values: Mapping[str, Any] | None = None) -> BackendOptions:
         return self.options_type.from_mapping(values)
 
+    def pinned(self) -> dict[str, str]:
+        """The installed versions of `requires`, at the granularity each is pinned to ("none" if absent)."""
+        out = {}
+        for dist, pin in self.requires.items():
+            v = (version(dist) or "none").split("+")[0]
+            out[dist] = v if pin == "exact" else ".".join(v.split(".")[:2])
+        return out
+
+    def spec(self, captured: Captured, precision: Precision, device: str, options: BackendOptions) -> EngineSpec:
+        bundle = captured.bundle
+        return EngineSpec(self.name, precision, device, bundle.input_names, bundle.output_names, options)
+
+    @final
     def compile(self, captured: Captured, precision: Precision = Precision.FP32, device: str = "cpu",
                 options: BackendOptions | Mapping[str, Any] | None = None, shapes: Sequence[Shape] | None = None) -> CompiledModel:
         """Build an engine. Unavailable backends and unsupported precisions raise BackendError.
@@ -186,27 +248,43 @@ class Backend(ABC):
             if not check:
                 raise BackendError(f"{self.name} ({precision}, {device}): {check.reason}")
         t0 = time.perf_counter()
-        model = self._compile(captured, precision, device, opts, list(shapes or []))
+        model = self._compile(captured, self.spec(captured, precision, device, opts), list(shapes or []))
         model.build_s = time.perf_counter() - t0
         return model
 
     @abstractmethod
-    def _compile(self, captured: Captured, precision: Precision, device: str, options: Any, shapes: list[Shape]) -> CompiledModel:
+    def _compile(self, captured: Captured, spec: EngineSpec, shapes: list[Shape]) -> CompiledModel:
         ...
 
-    def load(self, directory: str | Path, device: str = "cpu") -> CompiledModel:
+    @final
+    def load(self, directory: str | Path, device: str | None = None) -> CompiledModel:
+        """An engine from its directory. Its manifest, every file's sha256 and the library versions
+        are checked before the backend opens anything (a .pt2 or .so runs code when loaded)."""
         directory = Path(directory)
-        try:
-            meta = json.loads((directory / ENGINE_META).read_text())
-        except (OSError, ValueError) as e:
-            raise ArtifactError(f"{directory} holds no readable {ENGINE_META}: {e}") from e
+        meta = store.read_manifest(directory)
         if meta.get("backend") != self.name:
             raise ArtifactError(f"{directory} is a {meta.get('backend')!r} engine, not {self.name!r}")
+        store.check_files(directory, meta)
+        store.check_requires(directory, meta, self.pinned())
+        device = device or meta["device"]["type"]
         check = self.availability(device)
         if not check:
             raise BackendError(f"{self.name} cannot load on {device}: {check.reason}")
-        return self._load(directory, meta, device)
+        engine = meta["engine"]
+        spec = EngineSpec(self.name, Precision(meta["precision"]), device, tuple(engine["inputs"]), tuple(engine["outputs"]),
+                          self.options_type.from_mapping(engine.get("options", {})))
+        return self._load(directory, spec, meta)
 
     @abstractmethod
-    def _load(self, directory: Path, meta: dict[str, Any], device: str) -> CompiledModel:
+    def _load(self, directory: Path, spec: EngineSpec, manifest: dict[str, Any]) -> CompiledModel:
         ...
+
+    def serving(self, manifest: dict[str, Any]) -> ServingFormat | None:
+        """How Triton serves one of this backend's engines; None where Triton has no backend for it."""
+        if self.serving_platform is None:
+            return None
+        return ServingFormat(self.serving_platform, self.serving_files, self._max_batch(manifest))
+
+    def _max_batch(self, manifest: dict[str, Any]) -> int | None:
+        """The largest batch an engine takes, where it is narrower than the model's range (a built profile)."""
+        return None

@@ -14,7 +14,7 @@ from pipeline.capture import Captured
 from pipeline.inputs import Shape
 from pipeline.precision import Precision
 
-from .base import Backend, BackendOptions, CompiledModel, Tensors
+from .base import Backend, BackendOptions, CompiledModel, EngineSpec, Tensors
 
 
 @dataclass(frozen=True)
@@ -23,8 +23,8 @@ class EagerOptions(BackendOptions):
 
 
 class EagerModel(CompiledModel):
-    def __init__(self, module: nn.Module, program: torch.export.ExportedProgram | None, **kw: Any) -> None:
-        super().__init__(**kw)
+    def __init__(self, spec: EngineSpec, module: nn.Module, program: torch.export.ExportedProgram | None) -> None:
+        super().__init__(spec)
         self.module, self.program = module, program
 
     def run(self, inputs: Tensors) -> Tensors:
@@ -53,16 +53,12 @@ class EagerBackend(Backend):
     precisions = (Precision.FP32, Precision.FP16, Precision.BF16)
     options_type = EagerOptions
 
-    def _compile(self, captured: Captured, precision: Precision, device: str, options: Any, shapes: list[Shape]) -> CompiledModel:
+    def _compile(self, captured: Captured, spec: EngineSpec, shapes: list[Shape]) -> CompiledModel:
         module = captured.bundle.module
-        if precision != Precision.FP32 or device != "cpu":
-            module = copy.deepcopy(module).to(device=device, dtype=precision.dtype)
-        bundle = captured.bundle
-        return EagerModel(module.eval(), captured.program_at(precision), backend=self.name, precision=precision,
-                          device=device, input_names=bundle.input_names, output_names=bundle.output_names, options=options)
+        if spec.precision != Precision.FP32 or spec.device != "cpu":
+            module = copy.deepcopy(module).to(device=spec.device, dtype=spec.precision.dtype)
+        return EagerModel(spec, module.eval(), captured.program_at(spec.precision))
 
-    def _load(self, directory: Path, meta: dict[str, Any], device: str) -> CompiledModel:
+    def _load(self, directory: Path, spec: EngineSpec, manifest: dict[str, Any]) -> CompiledModel:
         program = torch.export.load(str(directory / "program.pt2"))
-        module = program.module().to(device)
-        return EagerModel(module, program, backend=self.name, precision=Precision(meta["precision"]), device=device,
-                          input_names=tuple(meta["inputs"]), output_names=tuple(meta["outputs"]), options=EagerOptions())
+        return EagerModel(spec, program.module().to(spec.device), program)

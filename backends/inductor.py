@@ -13,7 +13,7 @@ from pipeline.capture import Captured
 from pipeline.inputs import Shape
 from pipeline.precision import Precision
 
-from .base import Backend, BackendOptions, CompiledModel, Tensors
+from .base import Availability, Backend, BackendOptions, CompiledModel, EngineSpec, Tensors
 
 Mode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
 
@@ -21,7 +21,8 @@ Mode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cu
 @dataclass(frozen=True)
 class InductorOptions(BackendOptions):
     mode: Mode = "default"
-    # Weights folded into the graph as constants: the largest single Inductor win measured on the CPU.
+    # Weights folded into the graph as constants, so Inductor can fold and pre-pack them for its CPU
+    # matrix products; what that buys differs between hosts (docs/benchmarks.md).
     freezing: bool = True
     # None: specialize on the first shape, recompile dynamic on a new one (torch's default).
     dynamic: bool | None = None
@@ -36,8 +37,8 @@ def _inductor_options(options: InductorOptions) -> dict[str, Any]:
 class InductorModel(CompiledModel):
     options: InductorOptions
 
-    def __init__(self, fn: Any, program: torch.export.ExportedProgram | None, package: Path | None, **kw: Any) -> None:
-        super().__init__(**kw)
+    def __init__(self, spec: EngineSpec, fn: Any, program: torch.export.ExportedProgram | None, package: Path | None) -> None:
+        super().__init__(spec)
         self.fn, self.program, self.package = fn, program, package
         from torch._inductor import metrics
         self._metrics = (metrics.ir_nodes_pre_fusion, metrics.generated_kernel_count)
@@ -82,26 +83,21 @@ class InductorBackend(Backend):
     name = "inductor"
     precisions = (Precision.FP32, Precision.FP16, Precision.BF16)
     options_type = InductorOptions
+    requires = {"torch": "exact"}  # an AOTInductor package is compiled code for one torch build
 
-    def _check(self, device: str) -> Any:
+    def _check(self, device: str) -> Availability:
         import shutil
 
-        from .base import Availability
         if device == "cpu" and not (shutil.which("gcc") or shutil.which("cc") or shutil.which("g++")):
             return Availability.no("Inductor's CPU code generation needs a C++ compiler (gcc) on the PATH")
         return Availability.yes()
 
-    def _compile(self, captured: Captured, precision: Precision, device: str, options: Any, shapes: list[Shape]) -> CompiledModel:
-        program = captured.program_at(precision)
-        module = program.module().to(device)
-        fn = torch.compile(module, dynamic=options.dynamic, options=_inductor_options(options))
-        bundle = captured.bundle
-        return InductorModel(fn, program, None, backend=self.name, precision=precision, device=device,
-                             input_names=bundle.input_names, output_names=bundle.output_names, options=options)
+    def _compile(self, captured: Captured, spec: EngineSpec, shapes: list[Shape]) -> CompiledModel:
+        options: InductorOptions = spec.options  # type: ignore[assignment]
+        program = captured.program_at(spec.precision)
+        fn = torch.compile(program.module().to(spec.device), dynamic=options.dynamic, options=_inductor_options(options))
+        return InductorModel(spec, fn, program, None)
 
-    def _load(self, directory: Path, meta: dict[str, Any], device: str) -> CompiledModel:
+    def _load(self, directory: Path, spec: EngineSpec, manifest: dict[str, Any]) -> CompiledModel:
         path = directory / "model.pt2"
-        fn = torch._inductor.aoti_load_package(str(path))
-        opts = InductorOptions.from_mapping(meta.get("options", {}))
-        return InductorModel(fn, None, path, backend=self.name, precision=Precision(meta["precision"]), device=device,
-                             input_names=tuple(meta["inputs"]), output_names=tuple(meta["outputs"]), options=opts)
+        return InductorModel(spec, torch._inductor.aoti_load_package(str(path)), None, path)

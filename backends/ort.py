@@ -15,9 +15,10 @@ from pipeline.capture import Captured
 from pipeline.errors import BackendError
 from pipeline.inputs import Shape
 from pipeline.precision import Precision
-from pipeline.report import staged_dir
+from pipeline.env import version
+from pipeline.fsutil import cache_entry, staged_dir
 
-from .base import Availability, Backend, BackendOptions, CompiledModel, Tensors, runtime_option
+from .base import Availability, Backend, BackendOptions, CompiledModel, EngineSpec, Tensors, runtime_option
 
 Level = Literal["disable", "basic", "extended", "all"]
 DATA = "model.onnx.data"
@@ -79,8 +80,8 @@ def _build_onnx(captured: Captured, precision: Precision, options: OrtOptions, o
 class OrtModel(CompiledModel):
     options: OrtOptions
 
-    def __init__(self, path: Path, fusions: dict[str, int], record_optimized: bool = True, **kw: Any) -> None:
-        super().__init__(**kw)
+    def __init__(self, spec: EngineSpec, path: Path, fusions: dict[str, int], record_optimized: bool = True) -> None:
+        super().__init__(spec)
         import onnxruntime as ort
 
         self.path, self.fusions, self.record_optimized = path, fusions, record_optimized
@@ -147,7 +148,11 @@ _FUSED = {"Attention", "MultiHeadAttention", "SkipLayerNormalization", "EmbedLay
 class OrtBackend(Backend):
     name = "onnxruntime"
     precisions = (Precision.FP32, Precision.FP16)
+    refused = {Precision.BF16: "onnxruntime has no bf16 kernels for these ops, and the ONNX converter makes fp16 only"}
     options_type = OrtOptions
+    requires = {"onnxruntime": "minor"}
+    serving_platform = "onnxruntime_onnx"
+    serving_files = {"model.onnx": "model.onnx", DATA: DATA}
 
     def _check(self, device: str) -> Availability:
         import onnxruntime as ort
@@ -156,25 +161,17 @@ class OrtBackend(Backend):
             return Availability.no("this onnxruntime has no CUDAExecutionProvider (install onnxruntime-gpu)")
         return Availability.yes()
 
-    def supports(self, precision: Precision, device: str) -> Availability:
-        if precision == Precision.BF16:
-            return Availability.no("onnxruntime has no bf16 kernels for these ops, and the ONNX converter makes fp16 only")
-        return super().supports(precision, device)
-
-    def _compile(self, captured: Captured, precision: Precision, device: str, options: Any, shapes: list[Shape]) -> CompiledModel:
-        build = options.build_options()
-        key = f"{captured.graph_hash}-{precision.value}-" + "-".join(f"{k}={v}" for k, v in sorted(build.items()))
-        final = captured.cache_dir / "onnxruntime" / key
+    def _compile(self, captured: Captured, spec: EngineSpec, shapes: list[Shape]) -> CompiledModel:
+        options: OrtOptions = spec.options  # type: ignore[assignment]
+        libs = {d: version(d) for d in ("torch", "onnx", "onnxscript", "onnx-ir", "onnxconverter-common")}
+        final = cache_entry(captured.cache_dir, "onnxruntime", f"{captured.graph_hash}-{spec.precision.value}",
+                            {"options": options.build_options(), **libs})
         if not (final / "model.onnx").is_file():
             with staged_dir(final) as tmp:
-                fusions = _build_onnx(captured, precision, options, tmp)
+                fusions = _build_onnx(captured, spec.precision, options, tmp)
                 (tmp / "fusions.txt").write_text("".join(f"{k} {v}\n" for k, v in fusions.items()))
         fusions = {k: int(v) for k, v in (line.split() for line in (final / "fusions.txt").read_text().splitlines())}
-        bundle = captured.bundle
-        return OrtModel(final / "model.onnx", fusions, backend=self.name, precision=precision, device=device,
-                        input_names=bundle.input_names, output_names=bundle.output_names, options=options)
+        return OrtModel(spec, final / "model.onnx", fusions)
 
-    def _load(self, directory: Path, meta: dict[str, Any], device: str) -> CompiledModel:
-        opts = OrtOptions.from_mapping(meta.get("options", {}))
-        return OrtModel(directory / "model.onnx", {}, record_optimized=False, backend=self.name, precision=Precision(meta["precision"]), device=device,
-                        input_names=tuple(meta["inputs"]), output_names=tuple(meta["outputs"]), options=opts)
+    def _load(self, directory: Path, spec: EngineSpec, manifest: dict[str, Any]) -> CompiledModel:
+        return OrtModel(spec, directory / "model.onnx", {}, record_optimized=False)

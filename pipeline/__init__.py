@@ -3,7 +3,8 @@
     import pipeline as kiln
     bundle = kiln.load_model("tiny-bert")
     captured = kiln.capture(bundle)
-    engine = kiln.compile(captured, "onnxruntime", "fp32")
+    print(kiln.list_backends())                  # {name: 'available' | 'unavailable: <reason>'}
+    engine = kiln.compile(captured, name, "fp32")  # one of those names
     ...
 """
 
@@ -11,16 +12,17 @@ from __future__ import annotations
 
 from typing import Any
 
-from .artifacts import build, load, verify
-from .bench import Timing, benchmark, speedup
+from .bench import Speedup, Timing, benchmark, speedup
+from .build import build, run
 from .capture import Captured, capture
 from .compare import Comparison, Tolerance, compare
 from .errors import ArtifactError, BackendError, InputError, KilnError, NumericsError, ShapeError, UnknownChoiceError
 from .inputs import Shape, make_inputs
 from .models import ModelBundle, load_model
 from .precision import Precision
+from .references import References
 from .report import Report, Result
-from .runner import run
+from .store import load, verify
 
 
 def list_backends(device: str = "cpu") -> dict[str, str]:
@@ -39,6 +41,6 @@ def compile(captured: Captured, backend: str, precision: str | Precision = "fp32
 
 
 __all__ = ["ArtifactError", "BackendError", "Captured", "Comparison", "InputError", "KilnError", "ModelBundle", "NumericsError",
-           "Precision", "Report", "Result", "Shape", "ShapeError", "Timing", "Tolerance", "UnknownChoiceError", "benchmark",
+           "Precision", "References", "Report", "Result", "Shape", "ShapeError", "Speedup", "Timing", "Tolerance", "UnknownChoiceError", "benchmark",
            "build", "capture", "compare", "compile", "list_backends", "load", "load_model", "make_inputs", "run", "speedup",
            "verify"]

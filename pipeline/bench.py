@@ -1,16 +1,14 @@
-"""Timing: warm-up outside the numbers, interleaved rounds, each engine's own sync, raw samples, statistics."""
+"""Timing: warm-up outside the numbers, interleaved rounds, each engine's own sync, raw samples, statistics, memory."""
 
 from __future__ import annotations
 
 import os
-import platform
 import random
 import statistics
 import threading
 import time
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
-from importlib import metadata
 from typing import Any, Protocol, TypeVar
 
 import torch
@@ -52,6 +50,10 @@ class Timing:
         return {"median": self.median, "p90": self.p90, "iqr": self.iqr, "min": min(self.samples_ms, default=float("nan")),
                 "n": len(self.samples_ms), "samples": [round(x, 4) for x in self.samples_ms]}
 
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Timing:
+        return cls([float(x) for x in d["samples"]])
+
 
 @dataclass
 class Speedup:
@@ -61,6 +63,10 @@ class Speedup:
 
     def to_dict(self) -> dict[str, float]:
         return {"value": self.value, "ci_low": self.ci_low, "ci_high": self.ci_high}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Speedup:
+        return cls(float(d["value"]), float(d["ci_low"]), float(d["ci_high"]))
 
 
 def speedup(reference: Timing, candidate: Timing, resamples: int = 1000, seed: int = 0) -> Speedup:
@@ -155,30 +161,3 @@ class MemoryWatch:
         self.peak_host_mb = (self._peak - self._start) / 2**20
         if self.device.startswith("cuda"):
             self.peak_device_mb = (torch.cuda.max_memory_allocated(self.device) - self._dev0) / 2**20
-
-
-def _version(dist: str) -> str | None:
-    try:
-        return metadata.version(dist)
-    except metadata.PackageNotFoundError:
-        return None
-
-
-def environment(device: str = "cpu") -> dict[str, Any]:
-    cpu = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    env: dict[str, Any] = {
-        "python": platform.python_version(), "platform": platform.platform(), "cpu": cpu, "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(), "device": device,
-        "versions": {d: _version(d) for d in ("torch", "transformers", "onnx", "onnxscript", "onnxruntime", "onnxruntime-gpu",
-                                              "apache-tvm", "tensorrt", "torch-tensorrt", "numpy")},
-    }
-    if device.startswith("cuda") and torch.cuda.is_available():
-        props = torch.cuda.get_device_properties(device)
-        env.update(gpu=props.name, capability=f"sm_{props.major}{props.minor}", cuda=torch.version.cuda,
-                   gpu_memory_gb=round(props.total_memory / 2**30, 1))
-    return env

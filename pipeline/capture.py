@@ -17,7 +17,8 @@ from .errors import BackendError
 from .inputs import Shape, make_inputs
 from .models import ModelBundle
 from .precision import Precision
-from .report import staged_dir
+from .env import version
+from .fsutil import cache_entry, staged_dir
 
 DEFAULT_CACHE = Path(os.environ.get("KILN_CACHE", "artifacts/cache"))
 
@@ -83,8 +84,8 @@ class Captured:
 
     def onnx_path(self, precision: Precision = Precision.FP32) -> Path:
         """ONNX exported by the dynamo exporter from program_at(precision); cached under cache_dir by graph hash."""
-        key = f"{self.graph_hash}-{precision.value}-torch{torch.__version__.split('+')[0]}"
-        final = self.cache_dir / "onnx" / key
+        final = cache_entry(self.cache_dir, "onnx", f"{self.graph_hash}-{precision.value}",
+                            {"exporter": "dynamo", **{d: version(d) for d in ("torch", "onnx", "onnxscript")}})
         path = final / "model.onnx"
         if path.is_file():
             return path

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as dt
+import logging
+import os
 import sys
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +22,7 @@ def _parse_options(pairs: Sequence[str]) -> dict[str, dict[str, Any]]:
         key, sep, value = pair.partition("=")
         backend, dot, name = key.partition(".")
         if not sep or not dot or not name:
-            raise InputError(f"malformed --option {pair!r}: expected BACKEND.KEY=VALUE, e.g. inductor.mode=max-autotune")
+            raise InputError(f"malformed --option {pair!r}: expected BACKEND.KEY=VALUE (kiln backends --options lists them)")
         out.setdefault(backend, {})[name] = value
     return out
 
@@ -26,12 +30,16 @@ def _parse_options(pairs: Sequence[str]) -> dict[str, dict[str, Any]]:
 def cmd_backends(args: argparse.Namespace) -> int:
     import backends as registry
 
-    from .runner import default_device
+    from .config import default_device
 
     device = args.device or default_device()
     for name in registry.names():
         b = registry.get(name)
         print(f"{name:14s} {b.availability(device)}  [{', '.join(p.value for p in b.precisions)}]")
+        if args.options:
+            for f in dataclasses.fields(b.options_type):
+                kind = "run-time" if f.metadata.get("runtime") else "build"
+                print(f"    --option {name}.{f.name}={f.default}  ({kind})")
     return 0
 
 
@@ -44,8 +52,10 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from .build import save_engines
+    from .config import make_config
     from .models import load_model
-    from .runner import Runner, make_config
+    from .runner import Runner
 
     out = Path(args.out) if args.out else Path("artifacts/runs") / dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     cfg = make_config(backends=args.backends, precisions=args.precisions, shapes=args.shapes, device=args.device,
@@ -55,7 +65,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     if progress:
         progress(f"loading model {args.model}")
     bundle = load_model(args.model)
-    report = Runner(bundle, cfg, progress, Path(args.cache_dir) if args.cache_dir else None).run()
+    runner = Runner(bundle, cfg, progress, Path(args.cache_dir) if args.cache_dir else None)
+    report = runner.run()
+    if cfg.save_engines:
+        save_engines(runner, report, cfg.save_engines)
     files = report.save(out)
     print(report.to_markdown())
     print(f"wrote {', '.join(str(f) for f in files)}", file=sys.stderr)
@@ -63,7 +76,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_build(args: argparse.Namespace) -> int:
-    from .artifacts import build
+    from .build import build
 
     outcomes = build(args.model, args.backends, args.precisions, args.shapes, root=args.root, device=args.device,
                      options=_parse_options(args.option), progress=None if args.quiet else _progress(),
@@ -74,15 +87,11 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 
 def cmd_load(args: argparse.Namespace) -> int:
-    import time
-
-    import torch
-
-    from .artifacts import REFERENCE, load, read_manifest
+    from .store import load, read_manifest, read_reference
 
     model = load(args.artifact, args.device)
     meta = read_manifest(args.artifact)
-    ref = torch.load(Path(args.artifact) / REFERENCE, weights_only=True)
+    ref = read_reference(args.artifact)
     print(f"loaded {meta['backend']} {meta['precision']} engine of {meta['model']['name']} (graph {meta['model']['graph_hash']}) on {model.device}")
     for x in ref["inputs"]:
         t0 = time.perf_counter()
@@ -95,7 +104,7 @@ def cmd_load(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from .artifacts import verify
+    from .store import verify
 
     c = verify(args.artifact, args.device)
     print(f"{'PASS' if c.passed else 'FAIL'}: {c.reason}")
@@ -127,10 +136,10 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 1 if any(c.failed for c in checks) else 0
 
 
-def _progress() -> Any:
-    from .runner import _stderr_progress
-
-    return _stderr_progress()
+def _progress() -> Callable[[str], None]:
+    """Progress lines on stderr, each with the seconds since the command started."""
+    t0 = time.perf_counter()
+    return lambda msg: print(f"[{time.perf_counter() - t0:7.1f}s] {msg}", file=sys.stderr, flush=True)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -141,6 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     b = sub.add_parser("backends", help="list backends and whether they can run here")
     b.add_argument("--device", help="cpu or cuda (default: cuda if present)")
+    b.add_argument("--options", action="store_true", help="also list each backend's options and their defaults")
     b.set_defaults(func=cmd_backends)
     m = sub.add_parser("models", help="list the built-in models")
     m.set_defaults(func=cmd_models)
@@ -161,9 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     bd = sub.add_parser("build", help="build deployable engines under ROOT/<model>/<backend>-<precision>/ (reused when unchanged)")
     bd.add_argument("--model", default=DEFAULT_MODEL)
-    bd.add_argument("--backends", default="onnxruntime", help="comma-separated (default onnxruntime)")
+    bd.add_argument("--backends", required=True, help="comma-separated: the engines to build (kiln backends lists them)")
     bd.add_argument("--precisions", default="fp32")
-    bd.add_argument("--shapes", default="1x128,8x128", help="the shapes checked and timed at build; TensorRT profiles span them")
+    bd.add_argument("--shapes", default="1x128,8x128", help="the shapes checked and timed at build; engines built for a shape range (profiles) span them")
     bd.add_argument("--device")
     bd.add_argument("--root", default="artifacts", help="where engines go (default artifacts)")
     bd.add_argument("--option", action="append", default=[], metavar="BACKEND.KEY=VALUE")
@@ -183,7 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     vf.add_argument("--device")
     vf.set_defaults(func=cmd_verify)
 
-    tr = sub.add_parser("triton", help="export an ONNX or TensorRT engine to a Triton model repository")
+    tr = sub.add_parser("triton", help="export an engine to a Triton model repository (engines whose backend Triton serves)")
     tr.add_argument("artifact")
     tr.add_argument("--repo", required=True)
     tr.add_argument("--name")
@@ -203,6 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if os.environ.get("KILN_DEBUG"):  # tracebacks of backends that failed, for whoever debugs them
+        logging.basicConfig(level=logging.DEBUG, format="%(name)s: %(message)s")
     try:
         return int(args.func(args))
     except KilnError as e:

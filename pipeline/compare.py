@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import torch
@@ -20,6 +20,7 @@ Tensors = Mapping[str, torch.Tensor]
 @dataclass
 class OutputMetrics:
     name: str
+    dtype: str = ""                 # the candidate's output dtype
     max_abs: float = 0.0            # vs eager fp32
     max_rel: float = 0.0            # |c-r| / max(|r|, 1e-6 * max|r|), vs eager fp32
     rmse_vs_fp64: float = 0.0       # candidate vs the fp64 shadow
@@ -48,6 +49,12 @@ class OutputMetrics:
         """How much worse than eager at the same precision (1.0 = as good as eager)."""
         return self.rmse_vs_fp64 / self.eager_rmse_vs_fp64 if self.eager_rmse_vs_fp64 > 0 else None
 
+    @property
+    def applied(self) -> Tolerance:
+        """The tolerance this verdict applied, already widened: judges the same output again without a shadow."""
+        return Tolerance(self.atol, self.rtol, self.min_cosine,
+                         self.min_agreement if self.min_agreement is not None else 0.0, shadow_factor=0.0)
+
 
 @dataclass
 class Comparison:
@@ -62,6 +69,12 @@ class Comparison:
     def to_dict(self) -> dict[str, Any]:
         return {"passed": self.passed, "reason": self.reason, "batches": self.batches,
                 "outputs": [{**asdict(o), "error_ratio": o.error_ratio} for o in self.outputs]}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Comparison:
+        names = {f.name for f in fields(OutputMetrics)}
+        outputs = [OutputMetrics(**{k: v for k, v in o.items() if k in names}) for o in d.get("outputs", [])]
+        return cls(bool(d["passed"]), str(d.get("reason", "")), outputs, int(d.get("batches", 0)))
 
     @property
     def worst(self) -> OutputMetrics | None:
@@ -121,6 +134,7 @@ class Comparator:
             if c.shape != r.shape:
                 raise ValueError(f"output {name!r}: shape {tuple(c.shape)} differs from eager's {tuple(r.shape)}")
             tol = self.tolerance(name)
+            m.dtype = str(candidate[name].dtype).removeprefix("torch.")
             finite = torch.isfinite(c)
             m.nonfinite += int((~finite).sum())
             m.elements += c.numel()

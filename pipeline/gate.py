@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from .errors import InputError
-from .report import Report, atomic_write
+from .fsutil import atomic_write
+from .report import Report, Result
 
 BASELINE_KIND = "kiln-baseline"
 _RANK = {"ok": 3, "mismatch": 1, "failed": 0, "unsupported": -1, "unavailable": -1}
@@ -32,10 +33,10 @@ class Check:
         return self.outcome == "regression"
 
 
-def _entry(r: Any) -> dict[str, Any]:
-    sp = r.speedup or {}
-    return {"status": r.status, "verdict": r.verdict, "max_abs": r.max_abs, "speedup": sp.get("value"),
-            "ci": [sp.get("ci_low"), sp.get("ci_high")] if sp else None}
+def _entry(r: Result) -> dict[str, Any]:
+    sp = r.speedup
+    return {"status": r.status, "verdict": r.verdict, "max_abs": r.max_abs, "speedup": sp.value if sp else None,
+            "ci": [sp.ci_low, sp.ci_high] if sp else None}
 
 
 def baseline_from(report: Report) -> dict[str, Any]:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, fields
+from typing import Any
 
 import torch
 
@@ -56,7 +58,14 @@ class Tolerance:
     rtol: float
     min_cosine: float
     min_agreement: float
-    shadow_factor: float = 4.0
+    shadow_factor: float = 4.0  # 0: already widened (a tolerance recorded at build), applied as it is
+
+    def to_dict(self) -> dict[str, float]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Tolerance:
+        return cls(**{f.name: float(d[f.name]) for f in fields(cls) if f.name in d})
 
 
 # Where these come from: fp32 compilers reorder reductions and fuse (observed max abs error

@@ -11,8 +11,9 @@ from typing import Any
 
 import pytest
 
-from pipeline import artifacts
-from pipeline.artifacts import MANIFEST, build, check_artifact, load, verify
+from pipeline import store
+from pipeline.build import build
+from pipeline.store import MANIFEST, check_artifact, load, verify
 from pipeline.cli import main
 from pipeline.errors import ArtifactError, InputError
 from pipeline.triton import config_pbtxt, export_triton
@@ -40,7 +41,7 @@ def test_manifest_records_what_a_deployment_needs(built: Path) -> None:
     assert meta["inputs"]["input_ids"] == {"dtype": "int64", "dims": ["batch", "seq"], "high": 30522}
     assert meta["outputs"]["last_hidden_state"] == {"dims": ["batch", "seq", 32], "dtype": "float32"}
     assert meta["axis_ranges"] == {"batch": [1, 64], "seq": [1, 256]}
-    assert set(meta["files"]) == {"model.onnx", "model.onnx.data", "engine.json", "reference.pt"}
+    assert set(meta["files"]) == {"model.onnx", "model.onnx.data", "reference.pt"}  # one manifest, no other metadata file
     assert meta["requires"]["onnxruntime"] and meta["device"]["type"] == "cpu"
     assert meta["verdict"]["verdict"] == "pass" and meta["benchmark"]["2x24"]["speedup"] > 0
     assert meta["build_options"] == {"fuse": True, "graph_optimization": "all"}
@@ -105,7 +106,7 @@ def test_an_interrupted_build_leaves_nothing_a_load_accepts(built: Path, cache_d
     def killed(*a: Any, **k: Any) -> None:
         raise KeyboardInterrupt("build killed after the engine files were written")
 
-    monkeypatch.setattr(artifacts, "_swap_in", killed)
+    monkeypatch.setattr(store, "install", killed)
     with pytest.raises(KeyboardInterrupt):
         build("tiny-bert", "onnxruntime", root=root, cache_dir=cache_dir, options={"onnxruntime": {"fuse": False}}, **ROOT_ARGS)
     assert (built / "onnxruntime-fp32" / MANIFEST).read_text() == before  # the old engine is whole
@@ -141,6 +142,6 @@ def test_triton_repository(built: Path, tmp_path: Path) -> None:
 def test_triton_config_for_a_tensorrt_plan_uses_the_profiles_batch() -> None:
     meta = {"backend": "tensorrt", "inputs": {"input_ids": {"dtype": "int64", "dims": ["batch", "seq"]}},
             "outputs": {"logits": {"dtype": "float16", "dims": ["batch", "seq", 1000]}}, "axis_ranges": {"batch": [1, 64]},
-            "describe": {"profile": {"input_ids": [[1, 16], [8, 128], [8, 128]]}}}
+            "engine": {"profile": {"input_ids": [[1, 16], [8, 128], [8, 128]]}}}
     cfg = config_pbtxt("gpt", meta)
     assert 'platform: "tensorrt_plan"' in cfg and "max_batch_size: 8" in cfg and "TYPE_FP16" in cfg and "dims: [ -1, 1000 ]" in cfg

@@ -8,7 +8,8 @@ from typing import Any
 import pytest
 import torch
 
-from pipeline.bench import MemoryWatch, Timing, benchmark, environment, speedup, time_call
+from pipeline.bench import MemoryWatch, Timing, benchmark, speedup, time_call
+from pipeline.env import environment
 
 
 def test_timing_statistics_on_known_samples() -> None:

@@ -70,10 +70,10 @@ class _Raising(Backend):
     name = "raises-for-test"
     precisions = (Precision.FP32,)
 
-    def _compile(self, captured: Any, precision: Precision, device: str, options: Any, shapes: Any) -> CompiledModel:
+    def _compile(self, captured: Any, spec: Any, shapes: Any) -> CompiledModel:
         raise RuntimeError("kernel generation exploded\nsecond line")
 
-    def _load(self, directory: Any, meta: Any, device: str) -> CompiledModel:
+    def _load(self, directory: Any, spec: Any, manifest: Any) -> CompiledModel:
         raise NotImplementedError
 
 
@@ -86,10 +86,9 @@ class _NaNModel(EagerModel):
 class _NaNBackend(EagerBackend):
     name = "nan-for-test"
 
-    def _compile(self, captured: Any, precision: Precision, device: str, options: Any, shapes: Any) -> CompiledModel:
-        m = super()._compile(captured, precision, device, options, shapes)
-        return _NaNModel(m.module, m.program, backend=self.name, precision=precision, device=device,  # type: ignore[attr-defined]
-                         input_names=m.input_names, output_names=m.output_names, options=options)
+    def _compile(self, captured: Any, spec: Any, shapes: Any) -> CompiledModel:
+        m = super()._compile(captured, spec, shapes)
+        return _NaNModel(spec, m.module, m.program)  # type: ignore[attr-defined]
 
 
 @pytest.fixture
@@ -116,7 +115,7 @@ def test_failing_backends_become_rows_and_the_report_is_still_written(broken_bac
 
 
 def test_options_reach_the_backend(tmp_path: Path, cache_dir: Path) -> None:
-    from pipeline.runner import run
+    from pipeline import run
 
     report = run("tiny-bert", backends="onnxruntime", shapes="1x8", device="cpu", rounds=2, warmup=1, cache_dir=cache_dir,
                  options={"onnxruntime": {"fuse": False}})
@@ -127,6 +126,7 @@ def test_options_reach_the_backend(tmp_path: Path, cache_dir: Path) -> None:
 
 
 def test_report_round_trips_and_writes_atomically(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from pipeline import fsutil
     from pipeline import report as rep
 
     r = Report(model={"name": "m"}, environment={}, config={}, results=[rep.Result("eager", "fp32", "1x8", "ok", verdict="pass")])
@@ -137,7 +137,7 @@ def test_report_round_trips_and_writes_atomically(tmp_path: Path, monkeypatch: p
     def boom(*a: Any) -> None:
         raise OSError("disk full")
 
-    monkeypatch.setattr(rep.os, "replace", boom)
+    monkeypatch.setattr(fsutil.os, "replace", boom)
     r.results[0].status = "failed"
     with pytest.raises(OSError):
         r.save(tmp_path)

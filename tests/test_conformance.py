@@ -1,10 +1,13 @@
 """Every registered backend through the same contract on a tiny BERT: compile, run, compare, describe,
-save, reload. A backend that cannot run here is a skip that names its reason."""
+save, reload. A backend that cannot run here is a skip that names its reason. "Every registered"
+includes a backend from outside the package, registered through the `kiln.backends` entry-point
+group (tests/plugin_backend.py, declared by conftest.py)."""
 
 from __future__ import annotations
 
+import json
+from importlib.metadata import entry_points
 from pathlib import Path
-import copy
 from typing import Any
 
 import pytest
@@ -12,10 +15,10 @@ import torch
 
 import backends as registry
 from backends.base import CompiledModel
-from pipeline.compare import Comparator
 from pipeline.errors import ArtifactError, InputError
 from pipeline.inputs import Shape, make_inputs
 from pipeline.precision import Precision
+from pipeline.references import References
 
 SHAPES = (Shape(1, 16), Shape(3, 24))
 # The contract, not the tuning: TVM's MetaSchedule takes minutes even on a tiny BERT and is
@@ -38,19 +41,13 @@ def _engine(name: str, precision: Precision, captured: Any) -> CompiledModel:
     return _engines[(name, precision)]
 
 
+_refs: dict[Precision, References] = {}
+
+
 def _verdict(model: CompiledModel, captured: Any, precision: Precision) -> Any:
-    bundle = captured.bundle
-    shadow = copy.deepcopy(bundle.module).double()
-    at_prec = copy.deepcopy(bundle.module).to(precision.dtype)
-    comp = Comparator(precision, bundle.task)
-    for s in SHAPES:
-        for i, kind in enumerate(("text", "random", "padded")):
-            x = make_inputs(bundle, s, kind, seed=i)
-            with torch.no_grad():
-                ref, sh, ep = bundle.module(**x), shadow(**x), at_prec(**x)
-            names = bundle.output_names
-            comp.add(model(x), dict(zip(names, ref)), dict(zip(names, sh)), dict(zip(names, ep)), x["attention_mask"])
-    return comp.result()
+    if precision not in _refs:  # the same references the runner computes: text, random and padded batches
+        _refs[precision] = References.compute(captured.bundle, SHAPES, [precision])
+    return _refs[precision].judge(model, SHAPES, precision)
 
 
 BACKENDS = registry.names()  # every registered backend; one that cannot run here skips, naming why
@@ -105,5 +102,25 @@ def test_load_refuses_a_foreign_engine(tiny_captured: Any, tmp_path: Path) -> No
     _engine("eager", Precision.FP32, tiny_captured).save(tmp_path / "e")
     with pytest.raises(ArtifactError, match="is a 'eager' engine, not 'onnxruntime'"):
         registry.get("onnxruntime").load(tmp_path / "e")
-    with pytest.raises(ArtifactError, match="no readable engine.json"):
+    with pytest.raises(ArtifactError, match="no manifest.json"):
         registry.get("eager").load(tmp_path / "nothing")
+
+
+def test_an_engine_saved_by_an_older_kiln_is_refused_clearly(tiny_captured: Any, tmp_path: Path) -> None:
+    _engine("eager", Precision.FP32, tiny_captured).save(tmp_path / "e")
+    meta = json.loads((tmp_path / "e" / "manifest.json").read_text())
+    (tmp_path / "e" / "manifest.json").write_text(json.dumps({**meta, "schema_version": 1}))
+    with pytest.raises(ArtifactError, match=r"built by an older Kiln \(schema 1\), rebuild it"):
+        registry.get("eager").load(tmp_path / "e")
+    old = tmp_path / "old"  # schema 1's --save-engines: engine.json beside the files, no manifest
+    old.mkdir()
+    (old / "engine.json").write_text(json.dumps({"backend": "eager", "precision": "fp32"}))
+    with pytest.raises(ArtifactError, match=r"built by an older Kiln \(schema 1"):
+        registry.get("eager").load(old)
+
+
+def test_a_backend_from_an_entry_point_is_registered_and_conformant() -> None:
+    declared = {ep.name: ep.value for ep in entry_points(group="kiln.backends")}
+    assert declared.get("exported-program") == "plugin_backend:ExportedProgramBackend"
+    assert "exported-program" in BACKENDS  # so every test above ran it
+    assert type(registry.get("exported-program")).__module__ == "plugin_backend"

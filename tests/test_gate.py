@@ -9,13 +9,14 @@ import pytest
 
 from pipeline.cli import main
 from pipeline.gate import baseline_from, check
+from pipeline.bench import Speedup
 from pipeline.report import Report, Result
 
 
 def _report(speedup: float, ci: float = 0.03, status: str = "ok") -> Report:
     def row(backend: str, s: float, st: str = "ok") -> Result:
         return Result(backend, "fp32", "1x128", st, verdict="pass" if st == "ok" else "fail",
-                      speedup={"value": s, "ci_low": s * (1 - ci), "ci_high": s * (1 + ci)})
+                      speedup=Speedup(s, s * (1 - ci), s * (1 + ci)))
     return Report(model={"name": "tiny-bert", "graph_hash": "abc"}, environment={"cpu": "x"}, config={},
                   results=[row("eager", 1.0), row("onnxruntime", speedup, status)])
 

@@ -36,10 +36,10 @@ class _Broken(Backend):
     def _check(self, device: str) -> Availability:
         raise ImportError("libfoo.so: cannot open shared object file")
 
-    def _compile(self, captured: Any, precision: Precision, device: str, options: Any, shapes: Any) -> Any:
+    def _compile(self, captured: Any, spec: Any, shapes: Any) -> Any:
         raise AssertionError("never reached")
 
-    def _load(self, directory: Any, meta: Any, device: str) -> Any:
+    def _load(self, directory: Any, spec: Any, manifest: Any) -> Any:
         raise AssertionError("never reached")
 
 

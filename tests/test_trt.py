@@ -13,21 +13,10 @@ import pytest
 import torch
 
 import backends as registry
-from backends.torch_trt import TorchTrtOptions
-from backends.trt import (
-    PROFILE_FILE,
-    TrtOptions,
-    build_engine,
-    check_shapes,
-    engine_manifest,
-    input_profile,
-    parser_errors,
-    precision_flags,
-    profile_shapes,
-    read_manifest,
-    torch_dtype,
-    trt_availability,
-)
+from backends.tensorrt.builder import TrtOptions, build_engine, parser_errors, precision_flags
+from backends.tensorrt.engine import check_engine_facts, engine_facts, library_check, torch_dtype
+from backends.tensorrt.profile import check_shapes, input_profile, profile_shapes
+from backends.tensorrt.torch_trt import TorchTrtOptions
 from pipeline.errors import ArtifactError, BackendError, InputError, ShapeError
 from pipeline.inputs import Shape
 from pipeline.models import ModelBundle
@@ -50,7 +39,7 @@ def test_type_stubs_alone_do_not_count_as_tensorrt(tmp_path: Path, monkeypatch: 
     (tmp_path / "fake_trt_stub").mkdir()
     (tmp_path / "fake_trt_stub" / "__init__.pyi").write_text("")
     monkeypatch.syspath_prepend(str(tmp_path))
-    a = trt_availability("cuda", "fake_trt_stub")
+    a = library_check("fake_trt_stub")
     assert not a and "type stubs only, not the library" in a.reason
 
 
@@ -108,21 +97,17 @@ def test_options_are_validated() -> None:
     assert o.strongly_typed and o.workspace_mb == 1024 and "workspace_mb" in o.build_options()
 
 
-def test_manifest_round_trip_and_refusals(tmp_path: Path) -> None:
+def test_engine_facts_round_trip_and_refusals() -> None:
     prof = {"input_ids": ((1, 16), (8, 128), (8, 128))}
     gpu = {"name": "NVIDIA H100", "capability": "sm_90"}
-    (tmp_path / PROFILE_FILE).write_text(json.dumps(engine_manifest(prof, Precision.FP16, TrtOptions(), "10.13.0", gpu)))
-    assert read_manifest(tmp_path, "10.13.0", gpu) == prof
+    facts = json.loads(json.dumps(engine_facts(prof, "10.13.0", gpu)))  # as the manifest's engine section keeps them
+    assert check_engine_facts(facts, "10.13.0", gpu) == prof
     with pytest.raises(ArtifactError, match="built with TensorRT 10.13.0, this is TensorRT 10.14.1"):
-        read_manifest(tmp_path, "10.14.1", gpu)
+        check_engine_facts(facts, "10.14.1", gpu)
     with pytest.raises(ArtifactError, match="built for sm_90, this GPU is sm_80"):
-        read_manifest(tmp_path, "10.13.0", {"capability": "sm_80"})
-    (tmp_path / PROFILE_FILE).write_text('{"format": "something-else"}')
-    with pytest.raises(ArtifactError, match="not a Kiln TensorRT engine manifest"):
-        read_manifest(tmp_path, "10.13.0", gpu)
-    (tmp_path / PROFILE_FILE).write_text("{trunc")
-    with pytest.raises(ArtifactError, match="no readable"):
-        read_manifest(tmp_path, "10.13.0", gpu)
+        check_engine_facts(facts, "10.13.0", {"capability": "sm_80"})
+    with pytest.raises(ArtifactError, match="no TensorRT profile"):
+        check_engine_facts({"tensorrt": "10.13.0", "gpu": gpu}, "10.13.0", gpu)
 
 
 def test_dtype_mapping() -> None:
@@ -259,7 +244,7 @@ def test_parse_and_build_failures_are_clear(tmp_path: Path, monkeypatch: pytest.
 
 
 def test_a_run_reports_tensorrt_as_unavailable(tmp_path: Path, cache_dir: Path) -> None:
-    from pipeline.runner import run
+    from pipeline import run
 
     r = run("tiny-bert", backends="tensorrt,torch-tensorrt", shapes="1x8", device="cpu", rounds=2, warmup=1,
             cache_dir=cache_dir, out=tmp_path)

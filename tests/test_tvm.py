@@ -15,28 +15,18 @@ import torch
 
 import backends as registry
 from pipeline.capture import capture
-from pipeline.compare import Comparator
 from pipeline.errors import ShapeError
 from pipeline.inputs import Shape, make_inputs
 from pipeline.models import ModelBundle
 from pipeline.precision import Precision
+from pipeline.references import References
 
 tvm = pytest.importorskip("tvm", reason="apache-tvm is not installed (pip install -e '.[tvm]')")
 pytestmark = pytest.mark.tvm
 
 
 def _check(model: Any, bundle: ModelBundle, shapes: list[Shape], precision: Precision = Precision.FP32) -> Any:
-    import copy
-
-    shadow, at_p = copy.deepcopy(bundle.module).double(), copy.deepcopy(bundle.module).to(precision.dtype)
-    comp = Comparator(precision, bundle.task)
-    for s in shapes:
-        for i, kind in enumerate(("text", "padded")):
-            x = make_inputs(bundle, s, kind, seed=i)
-            with torch.no_grad():
-                outs = [dict(zip(bundle.output_names, m(**x))) for m in (bundle.module, shadow, at_p)]
-            comp.add(model(x), *outs, x.get("attention_mask"))
-    return comp.result()
+    return References.compute(bundle, shapes, [precision]).judge(model, shapes, precision)
 
 
 @pytest.fixture(scope="module")
@@ -124,7 +114,7 @@ def test_tuning_database_is_reused_on_the_second_build(tmp_path: Path) -> None:
     import numpy as np
 
     second.save(tmp_path / "engine")
-    assert json.loads((tmp_path / "engine" / "engine.json").read_text())["threads"] == torch.get_num_threads()
+    assert json.loads((tmp_path / "engine" / "manifest.json").read_text())["engine"]["threads"] == torch.get_num_threads()
     with torch.no_grad():
         np.savez(tmp_path / "io.npz", x=x["x"].numpy(), expected=bundle.module(**x)[0].numpy())
     code = (
@@ -140,7 +130,7 @@ def test_tuning_database_is_reused_on_the_second_build(tmp_path: Path) -> None:
 
 
 def test_cuda_library_builds_on_the_cpu_machine(tiny_captured: Any, tmp_path: Path) -> None:
-    from backends.tvm_relax import cuda_library
+    from backends.tvm.lower import cuda_library
 
     lib, n_kernels = cuda_library(tiny_captured, "sm_90")
     assert n_kernels > 0
@@ -153,7 +143,7 @@ def test_cuda_library_builds_on_the_cpu_machine(tiny_captured: Any, tmp_path: Pa
 def test_the_budget_check_waits_until_every_kernel_has_a_schedule() -> None:
     import time
 
-    from backends.tvm_relax import BudgetSpent, _budget_callback, check_budget
+    from backends.tvm.tune import BudgetSpent, _budget_callback, check_budget
 
     check_budget(time.monotonic() + 3600, 0, 5, 5)  # within budget: tuning goes on
     check_budget(time.monotonic() - 1, 3, 4, 5)  # past it, but one task was never measured
@@ -184,7 +174,7 @@ def test_a_spent_budget_stops_real_tuning_after_one_round(tmp_path: Path) -> Non
 
 
 def test_an_untuned_build_says_so_in_the_report(tmp_path: Path, cache_dir: Path) -> None:
-    from pipeline.runner import run
+    from pipeline import run
 
     report = run("tiny-bert", backends="tvm", shapes="2x8", device="cpu", rounds=2, warmup=1, cache_dir=cache_dir,
                  options={"tvm": {"trials_per_task": 0}}, out=tmp_path)

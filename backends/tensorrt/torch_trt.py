@@ -16,8 +16,9 @@ from pipeline.capture import Captured
 from pipeline.inputs import Shape
 from pipeline.precision import Precision
 
-from .base import Availability, Backend, CompiledModel, Tensors
-from .trt import Profile, ProfileOptions, check_shapes, input_profile, profile_shapes, trt_availability
+from ..base import Availability, Backend, CompiledModel, EngineSpec, Tensors
+from .engine import library_check
+from .profile import Profile, ProfileOptions, check_shapes, input_profile, profile_from_json, profile_shapes, profile_to_json
 
 PROGRAM = "program.ep"
 
@@ -37,8 +38,8 @@ def trt_inputs(profile: Profile, dtypes: dict[str, torch.dtype]) -> dict[str, An
 class TorchTrtModel(CompiledModel):
     options: TorchTrtOptions
 
-    def __init__(self, module: Any, profile: Profile, **kw: Any) -> None:
-        super().__init__(**kw)
+    def __init__(self, spec: EngineSpec, module: Any, profile: Profile) -> None:
+        super().__init__(spec)
         self.module, self.profile = module, profile
 
     def run(self, inputs: Tensors) -> Tensors:
@@ -53,10 +54,10 @@ class TorchTrtModel(CompiledModel):
         example = {n: torch.ones(mn, dtype=torch.int64, device=self.device) for n, (mn, _, _) in self.profile.items()}
         path = directory / PROGRAM
         torch_tensorrt.save(self.module, str(path), output_format="exported_program", arg_inputs=(), kwarg_inputs=example)
-        import json
+        return [path]
 
-        (directory / "profile.json").write_text(json.dumps({k: [list(d) for d in v] for k, v in self.profile.items()}))
-        return [path, directory / "profile.json"]
+    def _extra_meta(self) -> dict[str, Any]:
+        return {"profile": profile_to_json(self.profile)}
 
     def describe(self) -> dict[str, Any]:
         info = super().describe()
@@ -70,36 +71,32 @@ class TorchTensorRTBackend(Backend):
     name = "torch-tensorrt"
     precisions = (Precision.FP32, Precision.FP16, Precision.BF16)
     devices = ("cuda",)
+    runs_on = "TensorRT runs on CUDA devices"
     options_type = TorchTrtOptions
+    requires = {"torch": "exact", "torch-tensorrt": "exact"}  # the program embeds engines of that build
 
-    def availability(self, device: str = "cuda") -> Availability:
-        return trt_availability(device, "torch_tensorrt")
+    def _check(self, device: str) -> Availability:
+        return library_check("torch_tensorrt")
 
-    def _compile(self, captured: Captured, precision: Precision, device: str, options: Any, shapes: list[Shape]) -> CompiledModel:
+    def _compile(self, captured: Captured, spec: EngineSpec, shapes: list[Shape]) -> CompiledModel:
         import torch_tensorrt
         from torch.export.passes import move_to_device_pass
 
+        options: TorchTrtOptions = spec.options  # type: ignore[assignment]
         bundle = captured.bundle
         profile = input_profile(bundle, profile_shapes(bundle, shapes, options))
-        program = move_to_device_pass(captured.program_at(precision), device)
+        program = move_to_device_pass(captured.program_at(spec.precision), spec.device)
         kwargs: dict[str, Any] = {"min_block_size": options.min_block_size, "use_explicit_typing": True}
         if options.optimization_level is not None:
             kwargs["optimization_level"] = options.optimization_level
         if options.workspace_mb:
             kwargs["workspace_size"] = options.workspace_mb << 20
         module = torch_tensorrt.dynamo.compile(program, arg_inputs=(), kwarg_inputs=trt_inputs(profile, {n: s.dtype for n, s in bundle.inputs.items()}),
-                                               device=torch.device(device), **kwargs)
-        return TorchTrtModel(module, profile, backend=self.name, precision=precision, device=device,
-                             input_names=bundle.input_names, output_names=bundle.output_names, options=options)
+                                               device=torch.device(spec.device), **kwargs)
+        return TorchTrtModel(spec, module, profile)
 
-    def _load(self, directory: Path, meta: dict[str, Any], device: str) -> CompiledModel:
-        import json
-
+    def _load(self, directory: Path, spec: EngineSpec, manifest: dict[str, Any]) -> CompiledModel:
         import torch_tensorrt
 
         module = torch_tensorrt.load(str(directory / PROGRAM)).module()
-        raw = json.loads((directory / "profile.json").read_text())
-        profile: Profile = {k: (tuple(v[0]), tuple(v[1]), tuple(v[2])) for k, v in raw.items()}
-        return TorchTrtModel(module, profile, backend=self.name, precision=Precision(meta["precision"]), device=device,
-                             input_names=tuple(meta["inputs"]), output_names=tuple(meta["outputs"]),
-                             options=TorchTrtOptions.from_mapping(meta.get("options", {})))
+        return TorchTrtModel(spec, module, profile_from_json(manifest["engine"]["profile"]))

@@ -1,0 +1,100 @@
+"""From the captured program to a lowered Relax module: the target, the import, the pass list."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from pipeline.capture import Captured
+from pipeline.errors import BackendError
+from pipeline.inputs import Shape
+from pipeline.precision import Precision
+
+from .engine import cpu_threads
+
+
+def target_for(device: str, arch: str | None = None) -> Any:
+    import tvm
+
+    if device.startswith("cuda"):
+        if arch is None:
+            props = torch.cuda.get_device_properties(device)
+            arch = f"sm_{props.major}{props.minor}"
+        return tvm.target.Target({"kind": "cuda", "arch": arch})  # Target("cuda") alone means sm_50
+    # "llvm -mcpu=native" is refused and a bare "llvm" builds generic x86: name the host CPU.
+    return tvm.target.Target({"kind": "llvm", "mcpu": tvm.target.codegen.llvm_get_system_cpu(), "num-cores": cpu_threads()})
+
+
+def _gelu_legalize(bb: Any, call: Any) -> Any:
+    """GELU as 0.5*x*(1+fast_erf(x/sqrt2)): TVM's own legalization calls the scalar erff per element,
+    which does not vectorize; plain topi.erf fails LLVM codegen ("unknown intrinsic tirx.erf")."""
+    from tvm import tirx as tir
+    from tvm import topi
+
+    def f(x: Any) -> Any:
+        c = lambda v: tir.const(v, x.dtype)  # noqa: E731
+        return topi.multiply(topi.multiply(x, c(0.5)), topi.add(c(1.0), topi.fast_erf(topi.multiply(x, c(0.7071067811865476)))))
+
+    return bb.call_te(f, call.args[0], primfunc_name_hint="gelu")
+
+
+def import_program(captured: Captured) -> Any:
+    """The captured program as a Relax IRModule; unsupported ops are named in the error."""
+    from tvm.relax.frontend.torch import from_exported_program
+
+    try:
+        return from_exported_program(captured.program, unwrap_unit_return_tuple=True)
+    except Exception as e:
+        raise BackendError(f"TVM could not import the program: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
+
+
+def lower(mod: Any, target: Any, precision: Precision, fast_math: bool, prepack: bool = False) -> Any:
+    """Legalize, fold, fuse: the Relax pipeline up to where schedules apply. With prepack, weights
+    (relax constants here) are marked layout-free so MetaSchedule may choose a packed layout for them."""
+    import tvm
+    from tvm import relax
+
+    passes = [relax.transform.DecomposeOpsForInference(), relax.transform.CanonicalizeBindings()]
+    if precision == Precision.FP16:
+        passes.append(relax.transform.ToMixedPrecision(out_dtype="float32"))
+    if fast_math:  # exp (softmax) and tanh to their vectorizable approximations; GELU's erf is done below
+        passes.append(relax.transform.FastMathTransform())
+    passes += [relax.transform.LegalizeOps(customize_legalize_map={"relax.nn.gelu": _gelu_legalize} if fast_math else None),
+               relax.transform.AnnotateTIROpPattern(), relax.transform.FoldConstant(), relax.transform.FuseOps(),
+               relax.transform.FuseTIR()]
+    if prepack:
+        passes.append(relax.transform.AttachAttrLayoutFreeBuffers())
+    with target:
+        return tvm.transform.Sequential(passes)(mod)
+
+
+def kernels(mod: Any) -> int:
+    import tvm
+
+    return sum(1 for _, f in mod.functions.items() if isinstance(f, tvm.tirx.PrimFunc))
+
+
+def bind_shape(mod: Any, shape: Shape, dims: dict[str, tuple[Any, ...]]) -> Any:
+    """Fix the dynamic batch and seq of the imported `main` to one shape (MetaSchedule tunes static shapes)."""
+    from tvm import relax
+    from tvm import tirx as tir
+
+    params = mod["main"].params
+    names = [p.name for p in params]
+    binding: dict[Any, int] = {}
+    for name, axes in dims.items():
+        for dim, axis in zip(params[names.index(name)].ty.shape, axes):
+            if isinstance(dim, tir.Var) and axis in ("batch", "seq"):
+                binding[dim] = getattr(shape, axis)
+    return relax.transform.BindSymbolicVars(binding, "main")(mod)
+
+
+def cuda_library(captured: Captured, arch: str, precision: Precision = Precision.FP32) -> tuple[Any, int]:
+    """A CUDA build with dlight's default schedules, made without a GPU: the library carries CUDA
+    source that the TVM runtime compiles when it loads (NVRTC or nvcc where it runs)."""
+    import tvm
+
+    target = target_for("cuda", arch)
+    mod = lower(import_program(captured), target, precision, fast_math=False)
+    return tvm.compile(mod, target=target), kernels(mod)

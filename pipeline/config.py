@@ -1,0 +1,73 @@
+"""A run's configuration: user input in, a frozen RunConfig out; every name checked before any work starts."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from .inputs import Shape, parse_shapes
+from .precision import Precision, Tolerance, parse_precisions
+
+if TYPE_CHECKING:
+    from backends.base import BackendOptions
+
+REFERENCE = ("eager", Precision.FP32)  # every speedup is measured against it, in the same run
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything a run needs. `backends` are the ones asked for; `engines` adds the reference."""
+
+    backends: tuple[str, ...]
+    precisions: tuple[Precision, ...]
+    shapes: tuple[Shape, ...]
+    device: str
+    options: Mapping[str, BackendOptions] = field(default_factory=dict)
+    warmup: int = 5
+    rounds: int = 20
+    tolerances: Tolerance | Mapping[str, Tolerance] | None = None
+    save_engines: Path | None = None
+
+    @property
+    def engines(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys([REFERENCE[0], *self.backends]))
+
+    def precisions_of(self, backend: str) -> list[Precision]:
+        """The reference backend always runs fp32 too."""
+        if backend == REFERENCE[0] and REFERENCE[1] not in self.precisions:
+            return [REFERENCE[1], *self.precisions]
+        return list(self.precisions)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"backends": list(self.engines), "precisions": [p.value for p in self.precisions], "shapes": [str(s) for s in self.shapes],
+                "device": self.device, "warmup": self.warmup, "rounds": self.rounds,
+                "options": {k: v.to_dict() for k, v in self.options.items()}}
+
+
+def make_config(backends: Sequence[str] | str | None = None, precisions: Sequence[str | Precision] | str = ("fp32",),
+                shapes: Sequence[str | Shape] | str = ("1x128", "8x128"), device: str | None = None,
+                options: Mapping[str, Mapping[str, Any]] | None = None, **kw: Any) -> RunConfig:
+    """Turns user input into a RunConfig; unknown names raise an InputError listing the valid ones.
+    No backends named means every registered one: those that cannot run here become rows that say why."""
+    import backends as registry
+
+    names = backends.split(",") if isinstance(backends, str) else list(backends or [])
+    names = [n.strip() for n in names if n.strip()] or registry.names()
+    for n in names:
+        registry.get(n)
+    precs = parse_precisions(precisions) if isinstance(precisions, str) else [Precision.parse(p) for p in precisions]
+    shps = parse_shapes(shapes) if isinstance(shapes, str) else [s if isinstance(s, Shape) else Shape.parse(s) for s in shapes]
+    options = dict(options or {})
+    for n in options:
+        registry.get(n)
+    asked = tuple(dict.fromkeys(names))
+    opts = {n: registry.get(n).options(options.get(n)) for n in dict.fromkeys([REFERENCE[0], *asked])}
+    return RunConfig(asked, tuple(precs or [Precision.FP32]), tuple(shps), device or default_device(), opts, **kw)

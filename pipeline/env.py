@@ -1,0 +1,61 @@
+"""The environment a run or an engine belongs to: machine, device, threads, library versions."""
+
+from __future__ import annotations
+
+import os
+import platform
+from importlib import metadata
+from typing import Any
+
+import torch
+
+# Kiln's own libraries; every report adds the libraries each registered backend requires.
+CORE = ("torch", "transformers", "onnx", "onnxscript", "numpy")
+
+
+def version(dist: str) -> str | None:
+    """The installed version of a distribution, or of its `-gpu` build (which installs the same
+    module under another distribution name), or None."""
+    for name in (dist, f"{dist}-gpu"):
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return None
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), platform.processor())
+    except OSError:
+        return platform.processor()
+
+
+def libraries() -> list[str]:
+    """Kiln's libraries and those of every registered backend, in that order."""
+    import backends as registry
+
+    return list(dict.fromkeys([*CORE, *(d for n in registry.names() for d in registry.get(n).requires)]))
+
+
+def environment(device: str = "cpu") -> dict[str, Any]:
+    env: dict[str, Any] = {
+        "python": platform.python_version(), "platform": platform.platform(), "cpu": cpu_name(), "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(), "device": device, "versions": {d: version(d) for d in libraries()},
+    }
+    if device.startswith("cuda") and torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(device)
+        env.update(gpu=props.name, capability=f"sm_{props.major}{props.minor}", cuda=torch.version.cuda,
+                   gpu_memory_gb=round(props.total_memory / 2**30, 1))
+    return env
+
+
+def device_info(device: str) -> dict[str, Any]:
+    """What an engine is tied to: the device type, and the GPU's architecture or the CPU's model."""
+    kind = device.split(":")[0]
+    if kind == "cuda" and torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(device)
+        return {"type": kind, "arch": f"sm_{props.major}{props.minor}", "name": props.name}
+    cpu = cpu_name()
+    return {"type": kind, "arch": cpu, "name": cpu}

@@ -1,0 +1,86 @@
+"""What every engine is judged against, computed once per run: the seeded input batches, eager fp32
+(the reference), eager fp64 (the shadow truth), eager at each lower precision (what that precision
+itself costs), and the named axes of each output."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .compare import Comparator, Comparison
+from .errors import NumericsError
+from .inputs import Inputs, Shape, make_inputs
+from .models import ModelBundle
+from .precision import Precision, Tolerance
+
+KINDS = ("text", "random", "padded")  # real sentences, uniform ids, padding-heavy masks
+Tensors = dict[str, torch.Tensor]
+
+
+def _eager(module: torch.nn.Module, names: Sequence[str], inputs: Inputs) -> Tensors:
+    with torch.no_grad():
+        return dict(zip(names, module(**inputs)))
+
+
+@dataclass
+class References:
+    bundle: ModelBundle
+    batches: dict[Shape, list[Inputs]]
+    outputs: dict[str, dict[Shape, list[Tensors]]]  # "fp32", "fp64" and each lower precision's value
+
+    @classmethod
+    def compute(cls, bundle: ModelBundle, shapes: Sequence[Shape], precisions: Sequence[Precision] = (),
+                say: Callable[[str], None] | None = None) -> References:
+        lower = [p for p in dict.fromkeys(precisions) if p != Precision.FP32]
+        if say:
+            say("reference outputs: eager fp32, fp64 shadow" + "".join(f", eager {p}" for p in lower))
+        batches = {s: [make_inputs(bundle, s, kind, seed=i) for i, kind in enumerate(KINDS)] for s in shapes}
+        mods: dict[str, torch.nn.Module] = {"fp32": bundle.module, "fp64": copy.deepcopy(bundle.module).double()}
+        mods.update({p.value: copy.deepcopy(bundle.module).to(p.dtype) for p in lower})
+        outputs: dict[str, dict[Shape, list[Tensors]]] = {}
+        for key, mod in mods.items():
+            outputs[key] = {s: [_eager(mod, bundle.output_names, b) for b in bs] for s, bs in batches.items()}
+            if key in ("fp32", "fp64"):
+                for s, outs in outputs[key].items():
+                    if not all(torch.isfinite(t).all() for o in outs for t in o.values()):
+                        raise NumericsError(f"eager {key} itself gives NaN or Inf on {bundle.name} at {s}: the model or inputs are broken")
+        return cls(bundle, batches, outputs)
+
+    @property
+    def shapes(self) -> list[Shape]:
+        return list(self.batches)
+
+    def judge(self, model: Any, shapes: Sequence[Shape], precision: Precision,
+              tolerances: Tolerance | Mapping[str, Tolerance] | None = None) -> Comparison:
+        """One verdict for `model` (anything called with named tensors) over every batch at `shapes`."""
+        comp = Comparator(precision, self.bundle.task, tolerances)
+        at_precision = self.outputs[precision.value]
+        for s in shapes:
+            for i, batch in enumerate(self.batches[s]):
+                device = getattr(model, "device", "cpu")
+                out = model({k: v.to(device) for k, v in batch.items()})
+                comp.add(out, self.outputs["fp32"][s][i], self.outputs["fp64"][s][i], at_precision[s][i],
+                         batch.get("attention_mask"))
+        return comp.result()
+
+    def saved(self, shape: Shape, kinds: Sequence[str] = ("text", "padded")) -> tuple[list[Inputs], list[Tensors]]:
+        """The inputs and eager fp32 outputs an artifact carries for `kiln verify`."""
+        idx = [KINDS.index(k) for k in kinds]
+        return [self.batches[shape][i] for i in idx], [self.outputs["fp32"][shape][i] for i in idx]
+
+
+def output_axes(bundle: ModelBundle) -> dict[str, list[int | str]]:
+    """Each output's dims, with batch and seq named: eager at two small shapes tells which dims follow which axis."""
+    a, b = Shape(2, 3), Shape(3, 5)
+    oa, ob = (_eager(bundle.module, bundle.output_names, make_inputs(bundle, s, "random")) for s in (a, b))
+    out: dict[str, list[int | str]] = {}
+    for name in bundle.output_names:
+        dims: list[int | str] = []
+        for da, db in zip(oa[name].shape, ob[name].shape):
+            dims.append("batch" if (da, db) == (a.batch, b.batch) else "seq" if (da, db) == (a.seq, b.seq) else int(da))
+        out[name] = dims
+    return out

@@ -1,0 +1,166 @@
+"""The one on-disk format of an engine: a directory of the backend's files and one `manifest.json`.
+
+A backend's `save` writes its files and the manifest's engine part: which backend, precision and
+device, the library versions it requires, what its loader needs, and the sha256 of every file.
+`kiln build` adds what it measured (`reference.pt`, the verdict, tolerances and speed, the model's
+inputs and outputs) with `seal`, which hashes the files again. A directory is staged under a
+hidden name and installed whole, so an interrupted build leaves nothing that a load accepts.
+Loading checks the manifest, every hash and the library versions before a backend opens
+anything (a .so or .pt2 runs code when loaded).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from .compare import Comparator, Comparison
+from .env import device_info
+from .errors import ArtifactError
+from .fsutil import atomic_write, sha256
+from .precision import Precision, Tolerance
+
+if TYPE_CHECKING:
+    from backends.base import CompiledModel
+
+MANIFEST, REFERENCE, KIND, SCHEMA = "manifest.json", "reference.pt", "kiln-engine", 2
+_OLD_META = "engine.json"  # schema 1 kept a second metadata file beside the manifest
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def _hashes(directory: Path) -> dict[str, str]:
+    return {p.name: sha256(p) for p in sorted(directory.iterdir()) if p.is_file() and p.name != MANIFEST}
+
+
+def write_engine_manifest(directory: Path, backend: str, precision: Precision, device: str, requires: dict[str, str],
+                          engine: dict[str, Any]) -> Path:
+    """The manifest a backend's save writes: enough to load the engine, and the hash of every file."""
+    meta = {"kind": KIND, "schema_version": SCHEMA, "created": _now(), "backend": backend, "precision": precision.value,
+            "device": device_info(device), "requires": requires, "engine": engine, "files": _hashes(directory)}
+    return atomic_write(directory / MANIFEST, json.dumps(meta, indent=2, default=str))
+
+
+def seal(directory: Path, sections: dict[str, Any]) -> Path:
+    """Adds what a build measured to an engine's manifest and hashes its files again (reference.pt included)."""
+    meta = read_manifest(directory)
+    meta.update(sections, files=_hashes(directory))
+    return atomic_write(directory / MANIFEST, json.dumps(meta, indent=2, default=str))
+
+
+def read_manifest(directory: str | Path) -> dict[str, Any]:
+    directory = Path(directory)
+    path = directory / MANIFEST
+    try:
+        meta = json.loads(path.read_text())
+    except FileNotFoundError:
+        if (directory / _OLD_META).is_file():
+            raise ArtifactError(f"{directory} was built by an older Kiln (schema 1: {_OLD_META}, no {MANIFEST}), rebuild it") from None
+        raise ArtifactError(f"{directory} is not a Kiln engine: no {MANIFEST}") from None
+    except (OSError, ValueError) as e:
+        raise ArtifactError(f"{path} is unreadable or corrupted: {e}") from e
+    if not isinstance(meta, dict) or meta.get("kind") != KIND:
+        raise ArtifactError(f"{path} is not a Kiln engine manifest (kind {meta.get('kind') if isinstance(meta, dict) else None!r})")
+    schema = meta.get("schema_version")
+    if isinstance(schema, int) and schema < SCHEMA:
+        raise ArtifactError(f"{directory} was built by an older Kiln (schema {schema}), rebuild it")
+    if schema != SCHEMA:
+        raise ArtifactError(f"{path} has schema_version {schema!r}; this Kiln reads {SCHEMA}: upgrade Kiln or rebuild it")
+    return meta
+
+
+def check_files(directory: Path, meta: dict[str, Any]) -> None:
+    """Every file the manifest lists exists inside the directory with its recorded sha256."""
+    files = meta.get("files") or {}
+    if not files:
+        raise ArtifactError(f"{directory}: the manifest lists no files")
+    for name, digest in files.items():
+        if Path(name).is_absolute() or ".." in Path(name).parts:
+            raise ArtifactError(f"{directory}: the manifest names a file outside the engine: {name}")
+        p = directory / name
+        if not p.is_file():
+            raise ArtifactError(f"{directory}: {name} is missing")
+        if sha256(p) != digest:
+            raise ArtifactError(f"{directory}: {name} does not match its sha256 in the manifest (tampered or truncated)")
+
+
+def check_requires(directory: Path, meta: dict[str, Any], have: dict[str, str]) -> None:
+    """The libraries the engine was built with are the ones here, at the granularity its backend pins."""
+    want = meta.get("requires", {})
+    wrong = {k: (v, have.get(k)) for k, v in want.items() if have.get(k) != v}
+    if wrong:
+        raise ArtifactError(f"{directory}: built with " + ", ".join(f"{k} {v}" for k, (v, _) in wrong.items()) +
+                            "; this machine has " + ", ".join(f"{k} {h}" for k, (_, h) in wrong.items()) + ": rebuild it")
+
+
+def check_artifact(directory: str | Path) -> dict[str, Any]:
+    """The manifest, once every listed file matches its hash and the libraries match."""
+    import backends as registry
+
+    directory = Path(directory)
+    meta = read_manifest(directory)
+    check_files(directory, meta)
+    check_requires(directory, meta, registry.get(meta["backend"]).pinned())
+    return meta
+
+
+def load(directory: str | Path, device: str | None = None) -> CompiledModel:
+    """An engine from its directory, checked first; needs none of the model's code."""
+    import backends as registry
+
+    return registry.get(read_manifest(directory)["backend"]).load(directory, device)
+
+
+def is_current(directory: Path, cache_key: str) -> bool:
+    """A whole, verified engine built from the same inputs (same cache key): safe to reuse."""
+    try:
+        return check_artifact(directory).get("cache_key") == cache_key
+    except ArtifactError:
+        return False
+
+
+def install(src: Path, target: Path) -> None:
+    """Rename a complete engine directory into place; an older one is moved aside first, then removed."""
+    old = None
+    if target.exists():
+        old = target.with_name(f".old-{target.name}-{os.getpid()}")
+        os.replace(target, old)
+    os.replace(src, target)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def write_reference(directory: Path, inputs: list[dict[str, torch.Tensor]], outputs: list[dict[str, torch.Tensor]]) -> Path:
+    path = directory / REFERENCE
+    torch.save({"inputs": inputs, "outputs": outputs}, path)
+    return path
+
+
+def read_reference(directory: str | Path) -> dict[str, Any]:
+    directory = Path(directory)
+    data = torch.load(directory / REFERENCE, weights_only=True)  # tensors only; hashed before this
+    if not isinstance(data, dict) or "inputs" not in data or "outputs" not in data:
+        raise ArtifactError(f"{directory / REFERENCE} is not a Kiln reference file")
+    return data
+
+
+def verify(directory: str | Path, device: str | None = None) -> Comparison:
+    """Reload the engine and compare it again with the eager outputs stored at build, under the tolerances applied then."""
+    directory = Path(directory)
+    model = load(directory, device)
+    meta = read_manifest(directory)
+    ref = read_reference(directory)
+    tol = {o: Tolerance.from_dict(t) for o, t in meta["verdict"]["tolerances"].items()}
+    comp = Comparator(Precision(meta["precision"]), meta["model"]["task"], tol)
+    for x, y in zip(ref["inputs"], ref["outputs"]):
+        out = model({k: v.to(model.device) for k, v in x.items()})
+        comp.add(out, y, y, None, x.get("attention_mask"))
+    return comp.result()
