@@ -127,8 +127,12 @@ def cmd_check(args: argparse.Namespace) -> int:
     if args.update_baseline:
         print(f"wrote baseline {update_baseline(report, args.baseline)}")
         return 0
-    checks = check(load_baseline(args.baseline), report, args.floor)
-    text = summary(checks, args.floor)
+    baseline, speed = load_baseline(args.baseline, report)
+    checks = check(baseline, report, args.floor, speed=speed, allow_different_model=args.allow_different_model)
+    note = "" if speed else (f"Speed is not gated: {args.baseline} has no baseline for this host kind "
+                             f"({report.environment.get('host')}); accuracy is gated against {baseline.get('host')}'s. "
+                             f"Add one with --update-baseline on this host kind.")
+    text = summary(checks, args.floor, note)
     print(text)
     if args.summary:
         with open(args.summary, "a") as f:
@@ -202,7 +206,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     ck = sub.add_parser("check", help="CI gate: compare a report with a baseline (exit 0 pass, 1 regression, 2 bad input)")
     ck.add_argument("report")
-    ck.add_argument("--baseline", required=True)
+    ck.add_argument("--baseline", required=True, help="a baseline file, or a directory of <host>.json baselines")
+    ck.add_argument("--allow-different-model", action="store_true",
+                    help="compare even if model, graph, device kind or precisions differ from the baseline's")
     ck.add_argument("--update-baseline", action="store_true", help="write the report as the new baseline instead")
     ck.add_argument("--floor", type=float, default=0.10, help="smallest allowed speedup drop, as a fraction (default 0.10)")
     ck.add_argument("--summary", help="also append the Markdown summary to this file (e.g. $GITHUB_STEP_SUMMARY)")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import platform
+import re
 from importlib import metadata
 from typing import Any
 
@@ -39,9 +40,28 @@ def libraries() -> list[str]:
     return list(dict.fromkeys([*CORE, *(d for n in registry.names() for d in registry.get(n).requires)]))
 
 
+def cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return set(next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), []))
+    except OSError:
+        return set()
+
+
+def host_id() -> str:
+    """The kind of CPU host, for choosing a baseline: its model name and the widest vector
+    instructions it has. Speed ratios between backends differ between such hosts (one engine may
+    use AMX or AVX-512 where another does not), so each kind keeps its own baseline."""
+    flags = cpu_flags()
+    isa = next((name for name, flag in (("amx", "amx_tile"), ("avx512", "avx512f"), ("avx2", "avx2")) if flag in flags), "generic")
+    slug = re.sub(r"[^a-z0-9]+", "-", re.sub(r"\((r|tm)\)", "", cpu_name().lower())).strip("-")
+    return f"{slug}-{isa}"
+
+
 def environment(device: str = "cpu") -> dict[str, Any]:
     env: dict[str, Any] = {
-        "python": platform.python_version(), "platform": platform.platform(), "cpu": cpu_name(), "cpu_count": os.cpu_count(),
+        "python": platform.python_version(), "platform": platform.platform(), "cpu": cpu_name(), "host": host_id(),
+        "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(), "device": device, "versions": {d: version(d) for d in libraries()},
     }
     if device.startswith("cuda") and torch.cuda.is_available():

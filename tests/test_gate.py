@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.cli import main
+from pipeline.errors import InputError
 from pipeline.gate import baseline_from, check
 from pipeline.bench import Speedup
 from pipeline.report import Report, Result
@@ -62,3 +63,86 @@ def test_cli_exit_codes_and_update(tmp_path: Path, capsys: pytest.CaptureFixture
     assert "**regression**" in capsys.readouterr().out
     assert main(["check", str(tmp_path / "missing.json"), "--baseline", str(base)]) == 2
     assert main(["check", str(good), "--baseline", str(good)]) == 2  # a report is not a baseline
+
+
+def _with(r: Report, **model: str) -> Report:
+    r.model.update(model)
+    return r
+
+
+def test_the_interval_widens_the_allowed_drop_by_a_capped_amount() -> None:
+    very_noisy = baseline_from(_report(2.0, ci=0.5))
+    (ort,) = [c for c in check(very_noisy, _report(1.3, ci=0.5)) if c.key.startswith("onnxruntime")]
+    assert ort.failed and "allowed -30%" in ort.speed  # floor 10% + the 20% cap, not the 100% the noise asks
+
+
+def test_error_growing_past_its_tolerance_is_an_accuracy_regression() -> None:
+    from pipeline.compare import Comparison, OutputMetrics
+
+    def with_error(err: float) -> Report:
+        r = _report(2.0)
+        r.results[1].max_abs = err
+        r.results[1].comparison = Comparison(True, "", [OutputMetrics("y", max_abs=err, atol=1e-4)], 3)
+        return r
+
+    base = baseline_from(with_error(2e-5))
+    assert not any(c.failed for c in check(base, with_error(8e-5)))  # grew, but within its tolerance
+    (ort,) = [c for c in check(base, with_error(3e-4)) if c.key.startswith("onnxruntime")]
+    assert ort.failed and "grew past 1.0e-04" in ort.accuracy
+
+
+@pytest.mark.parametrize("bad", ["nan", "-1", "5", "0"])
+def test_floors_outside_zero_one_are_input_errors(bad: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "r.json").write_text(_report(2.0).to_json())
+    (tmp_path / "b.json").write_text(json.dumps(BASE))
+    assert main(["check", str(tmp_path / "r.json"), "--baseline", str(tmp_path / "b.json"), "--floor", bad]) == 2
+    assert "between 0 and 1" in capsys.readouterr().err
+
+
+def test_another_models_report_and_nan_speedups_are_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "b.json").write_text(json.dumps(BASE))
+    (tmp_path / "other.json").write_text(_with(_report(2.0), name="minilm-l6", graph_hash="fff").to_json())
+    argv = ["check", str(tmp_path / "other.json"), "--baseline", str(tmp_path / "b.json")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "model 'tiny-bert' vs 'minilm-l6'" in err and "graph_hash 'abc' vs 'fff'" in err and "Traceback" not in err
+    assert main([*argv, "--allow-different-model"]) == 0
+    nan = _report(float("nan"))
+    (tmp_path / "nan.json").write_text(nan.to_json())
+    assert main(["check", str(tmp_path / "nan.json"), "--baseline", str(tmp_path / "b.json")]) == 2
+    assert "non-finite speedup" in capsys.readouterr().err
+    with pytest.raises(InputError, match="not a number"):
+        baseline_from(nan)
+
+
+@pytest.mark.parametrize("text", ['[1, 2]', '{"kind": "kiln-baseline", "schema_version": 2, "entries": {"a|b|c": 1}}',
+                                  '{"kind": "kiln-baseline", "schema_version": 2, "entries": {"x": {"status": "ok"}}}',
+                                  '{"kind": "kiln-baseline", "schema_version": 1, "entries": {}}', "{trunc"])
+def test_malformed_baselines_are_input_errors(text: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "r.json").write_text(_report(2.0).to_json())
+    (tmp_path / "b.json").write_text(text)
+    assert main(["check", str(tmp_path / "r.json"), "--baseline", str(tmp_path / "b.json")]) == 2
+    assert "Traceback" not in capsys.readouterr().err
+
+
+def test_a_directory_holds_one_baseline_per_host_kind(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    here = _report(2.0)
+    here.environment["host"] = "zen5-avx512"
+    (tmp_path / "r.json").write_text(here.to_json())
+    base_dir = tmp_path / "baselines"
+    base_dir.mkdir()
+    assert main(["check", str(tmp_path / "r.json"), "--baseline", str(base_dir), "--update-baseline"]) == 0
+    assert (base_dir / "zen5-avx512.json").is_file()
+    slow = _report(1.0)
+    slow.environment["host"] = "zen5-avx512"
+    (tmp_path / "slow.json").write_text(slow.to_json())
+    assert main(["check", str(tmp_path / "slow.json"), "--baseline", str(base_dir)]) == 1  # its own host kind: gated
+    slow.environment["host"] = "zen3-avx2"
+    (tmp_path / "slow.json").write_text(slow.to_json())
+    capsys.readouterr()
+    assert main(["check", str(tmp_path / "slow.json"), "--baseline", str(base_dir)]) == 0  # another kind: accuracy only
+    assert "Speed is not gated" in capsys.readouterr().out
+    broken = _report(2.0, status="failed")
+    broken.environment["host"] = "zen3-avx2"
+    (tmp_path / "broken.json").write_text(broken.to_json())
+    assert main(["check", str(tmp_path / "broken.json"), "--baseline", str(base_dir)]) == 1  # accuracy still gated
