@@ -32,7 +32,9 @@ class OutputMetrics:
     atol: float = 0.0               # effective atol applied
     rtol: float = 0.0
     min_cosine: float = 0.0
-    nonfinite: int = 0
+    nonfinite: int = 0              # NaN or Inf in the engine's output
+    nonfinite_reference: int = 0    # ... in eager fp32 or the fp64 shadow
+    nonfinite_eager: int = 0        # ... in eager at the engine's precision (an fp16 overflow)
     elements: int = 0
     violations: int = 0
     agreement: float | None = None  # top-1 (logits) or nearest-neighbour ranking (embeddings)
@@ -135,10 +137,15 @@ class Comparator:
                 raise ValueError(f"output {name!r}: shape {tuple(c.shape)} differs from eager's {tuple(r.shape)}")
             tol = self.tolerance(name)
             m.dtype = str(candidate[name].dtype).removeprefix("torch.")
-            finite = torch.isfinite(c)
-            m.nonfinite += int((~finite).sum())
+            # Every metric is taken over the elements finite in all four tensors; the others are
+            # counted and fail the verdict, so no NaN can hide in a max and no Inf can widen atol.
+            fc, fr, fe = torch.isfinite(c), torch.isfinite(r) & torch.isfinite(s), torch.isfinite(e)
+            m.nonfinite += int((~fc).sum())
+            m.nonfinite_reference += int((~fr).sum())
+            m.nonfinite_eager += int((~fe).sum())
             m.elements += c.numel()
-            c = torch.where(finite, c, torch.zeros_like(c))
+            ok = fc & fr & fe
+            c, r, s, e = (torch.where(ok, x, torch.zeros_like(x)) for x in (c, r, s, e))
             diff = (c - r).abs()
             m.max_abs = max(m.max_abs, float(diff.max()) if diff.numel() else 0.0)
             floor = 1e-6 * float(r.abs().max()) if r.numel() else 0.0
@@ -204,8 +211,11 @@ class Comparator:
 
 
 def _verdict(m: OutputMetrics) -> tuple[bool, str]:
-    if m.nonfinite:
-        return False, f"{m.nonfinite} of {m.elements} values are NaN or Inf"
+    bad = [f"{n} of {m.elements} values are NaN or Inf{where}" for n, where in
+           ((m.nonfinite, ""), (m.nonfinite_reference, " in eager fp32 or the fp64 shadow"),
+            (m.nonfinite_eager, " in eager at this precision (it overflows)")) if n]
+    if bad:
+        return False, "; ".join(bad)
     problems = []
     if m.violations:
         problems.append(f"{m.violations} of {m.elements} elements beyond atol {m.atol:.1e} + rtol {m.rtol:.0e}*|ref| "

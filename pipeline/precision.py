@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import enum
+import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 import torch
 
-from .errors import UnknownChoiceError
+from .errors import InputError, UnknownChoiceError
 
 
 class Precision(str, enum.Enum):
@@ -59,6 +60,16 @@ class Tolerance:
     min_cosine: float
     min_agreement: float
     shadow_factor: float = 4.0  # 0: already widened (a tolerance recorded at build), applied as it is
+
+    def __post_init__(self) -> None:
+        values = asdict(self)
+        if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in values.values()):
+            raise InputError(f"a tolerance must be finite: {values}")
+        if min(self.atol, self.rtol, self.shadow_factor, self.min_agreement) < 0 or not -1 <= self.min_cosine <= 1:
+            raise InputError(f"a tolerance needs atol, rtol, shadow_factor >= 0, min_cosine in [-1, 1], "
+                             f"min_agreement in [0, 1]: {values}")
+        if self.min_agreement > 1:
+            raise InputError(f"min_agreement is at most 1: {values}")
 
     def to_dict(self) -> dict[str, float]:
         return asdict(self)

@@ -67,6 +67,37 @@ def test_nan_and_inf_fail_loudly() -> None:
     assert "2 of 512 values are NaN or Inf" in c.reason
 
 
+def test_inf_in_eager_at_precision_fails_with_its_count_and_never_widens_atol() -> None:
+    r = _ref()
+    at_fp16 = r.clone()
+    at_fp16[1, 2, 3] = float("inf")  # eager fp16 overflowed
+    wrong = r + 0.5  # off by far more than fp16's tolerance
+    c = compare({"y": wrong}, {"y": r}, {"y": r}, precision=Precision.FP16, eager_at_precision={"y": at_fp16})
+    (o,) = c.outputs
+    assert not c.passed and math.isfinite(o.atol) and o.atol < 0.1
+    assert o.nonfinite_eager == 1 and "1 of 512 values are NaN or Inf in eager at this precision" in c.reason
+    assert o.violations > 0  # the elementwise check stayed on
+
+
+def test_nan_in_the_reference_fails_and_never_hides_in_a_max() -> None:
+    r = _ref()
+    nan_ref = r.clone()
+    nan_ref[0, 0, :3] = float("nan")
+    c = compare({"y": r + 1.0}, {"y": nan_ref}, {"y": r})
+    (o,) = c.outputs
+    assert not c.passed and "3 of 512 values are NaN or Inf in eager fp32 or the fp64 shadow" in c.reason
+    assert o.max_abs == pytest.approx(1.0)  # the finite elements' error, not 0 from max() dropping NaN
+    assert all(math.isfinite(v) for v in (o.max_abs, o.max_rel, o.needed_atol, o.atol, o.cosine))
+
+
+@pytest.mark.parametrize("bad", [dict(atol=math.inf), dict(atol=math.nan), dict(rtol=-1.0), dict(min_cosine=1.5)])
+def test_a_tolerance_is_finite_and_sane(bad: dict[str, float]) -> None:
+    from pipeline.errors import InputError
+
+    with pytest.raises(InputError, match="tolerance|at most 1"):
+        Tolerance(**{"atol": 1e-4, "rtol": 1e-4, "min_cosine": 0.99, "min_agreement": 0.9, **bad})
+
+
 def test_negated_output_has_cosine_minus_one() -> None:
     r = _ref()
     c = compare({"y": -r}, {"y": r}, {"y": r}, tolerances=Tolerance(atol=1e9, rtol=0, min_cosine=0.5, min_agreement=0))
