@@ -18,7 +18,8 @@ from pipeline import store
 from pipeline.capture import Captured
 from pipeline.env import version
 from pipeline.errors import ArtifactError, BackendError, InputError
-from pipeline.inputs import Shape
+from pipeline.inputs import Shape, check_inputs
+from pipeline.models import InputSpec
 from pipeline.precision import Precision
 
 Tensors = dict[str, torch.Tensor]
@@ -109,9 +110,14 @@ class EngineSpec:
     input_names: tuple[str, ...]
     output_names: tuple[str, ...]
     options: BackendOptions
+    # What the engine's door admits: each input's dtype, dims and value bound, and the axis ranges.
+    input_specs: Mapping[str, InputSpec] = dataclasses.field(default_factory=dict)
+    axis_ranges: Mapping[str, tuple[int, int]] = dataclasses.field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"inputs": list(self.input_names), "outputs": list(self.output_names), "options": self.options.to_dict()}
+        return {"inputs": list(self.input_names), "outputs": list(self.output_names), "options": self.options.to_dict(),
+                "input_specs": {n: s.to_dict() for n, s in self.input_specs.items()},
+                "axis_ranges": {k: list(v) for k, v in self.axis_ranges.items()}}
 
 
 @dataclass(frozen=True)
@@ -138,6 +144,7 @@ class CompiledModel(ABC):
         missing = [n for n in self.input_names if n not in inputs]
         if missing:
             raise InputError(f"{self.backend}: missing input(s) {', '.join(missing)}; expects {', '.join(self.input_names)}")
+        check_inputs(self.spec.input_specs, self.spec.axis_ranges, inputs, self.backend)
         return self.run({n: inputs[n] for n in self.input_names})
 
     @abstractmethod
@@ -234,7 +241,8 @@ class Backend(ABC):
 
     def spec(self, captured: Captured, precision: Precision, device: str, options: BackendOptions) -> EngineSpec:
         bundle = captured.bundle
-        return EngineSpec(self.name, precision, device, bundle.input_names, bundle.output_names, options)
+        return EngineSpec(self.name, precision, device, bundle.input_names, bundle.output_names, options,
+                          dict(bundle.inputs), dict(bundle.axis_ranges))
 
     @final
     def compile(self, captured: Captured, precision: Precision = Precision.FP32, device: str = "cpu",
@@ -272,7 +280,9 @@ class Backend(ABC):
             raise BackendError(f"{self.name} cannot load on {device}: {check.reason}")
         engine = meta["engine"]
         spec = EngineSpec(self.name, Precision(meta["precision"]), device, tuple(engine["inputs"]), tuple(engine["outputs"]),
-                          self.options_type.from_mapping(engine.get("options", {})))
+                          self.options_type.from_mapping(engine.get("options", {})),
+                          {n: InputSpec.from_dict(s) for n, s in engine.get("input_specs", {}).items()},
+                          {k: (int(v[0]), int(v[1])) for k, v in engine.get("axis_ranges", {}).items()})
         return self._load(directory, spec, meta)
 
     @abstractmethod

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib import resources
 
 import torch
 
-from .errors import ShapeError
-from .models import ModelBundle
+from .errors import InputError, ShapeError
+from .models import InputSpec, ModelBundle
 
 Inputs = dict[str, torch.Tensor]
 BATCH_KINDS = ("text", "random", "padded")
@@ -41,6 +42,39 @@ def check_shape(bundle: ModelBundle, shape: Shape) -> None:
         lo, hi = bundle.axis_ranges.get(axis, (size, size))
         if axis in bundle.axis_ranges and not lo <= size <= hi:
             raise ShapeError(f"shape {shape}: {axis} {size} is outside {bundle.name}'s range [{lo}, {hi}]")
+
+
+def check_inputs(specs: Mapping[str, InputSpec], ranges: Mapping[str, tuple[int, int]], inputs: Mapping[str, torch.Tensor],
+                 who: str) -> None:
+    """Refuses, before any engine's native code sees them, inputs of the wrong dtype or rank, a
+    dynamic axis outside its range or sized differently between inputs, a static dim that
+    differs, and integer ids outside a bounded range (an out-of-vocabulary id would make an
+    embedding gather read outside its table, which some compilers do not bounds-check)."""
+    sizes: dict[str, tuple[str, int]] = {}
+    for name, spec in specs.items():
+        t = inputs[name]
+        if t.dtype != spec.dtype:
+            raise InputError(f"{who}: input {name!r} is {str(t.dtype).removeprefix('torch.')}, "
+                             f"expected {str(spec.dtype).removeprefix('torch.')}")
+        if t.dim() != len(spec.dims):
+            raise InputError(f"{who}: input {name!r} has {t.dim()} dims {tuple(t.shape)}, expected {len(spec.dims)} ({', '.join(map(str, spec.dims))})")
+        for size, axis in zip(t.shape, spec.dims):
+            if isinstance(axis, int):
+                if size != axis:
+                    raise ShapeError(f"{who}: input {name!r} has shape {tuple(t.shape)}; its dims are ({', '.join(map(str, spec.dims))})")
+                continue
+            lo, hi = ranges.get(axis, (1, 2**62))
+            if not lo <= size <= hi:
+                raise ShapeError(f"{who}: input {name!r}: {axis} {size} is outside the built range [{lo}, {hi}]")
+            first = sizes.setdefault(axis, (name, int(size)))
+            if first[1] != size:
+                raise ShapeError(f"{who}: {axis} is {first[1]} in {first[0]!r} but {size} in {name!r}")
+        if spec.bounded and t.numel() and not (spec.dtype.is_floating_point or spec.dtype == torch.bool):
+            lo_v, hi_v = int(t.min()), int(t.max())
+            if lo_v < 0 or hi_v >= spec.high:
+                what = "the vocabulary size" if name == "input_ids" else "its range"
+                raise InputError(f"{who}: input {name!r} holds values in [{lo_v}, {hi_v}]; valid values are 0 to "
+                                 f"{spec.high - 1} ({what} is {spec.high})")
 
 
 def sentences() -> list[str]:

@@ -26,6 +26,17 @@ class InputSpec:
     dtype: torch.dtype
     dims: tuple[Axis, ...]
     high: int = 2  # exclusive upper bound of generated integer values (vocab size for ids)
+    bounded: bool = False  # whether `high` bounds every valid value (a vocabulary), or only the generated ones
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"dtype": str(self.dtype).removeprefix("torch."), "dims": list(self.dims), "high": self.high, "bounded": self.bounded}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> InputSpec:
+        dtype = getattr(torch, str(d["dtype"]), None)
+        if not isinstance(dtype, torch.dtype):
+            raise InputError(f"unknown input dtype {d['dtype']!r}")
+        return cls(dtype, tuple(d["dims"]), int(d.get("high", 2)), bool(d.get("bounded", False)))
 
 
 @dataclass
@@ -176,7 +187,8 @@ def _hf_bundle(name: str, model: nn.Module, source: str, tokenizer: Any) -> Mode
     output = "logits" if causal else "last_hidden_state"
     vocab = int(config.vocab_size)
     max_pos = int(getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None) or 512)
-    specs = {n: InputSpec(torch.int64, ("batch", "seq"), vocab if n == "input_ids" else 2) for n in ("input_ids", "attention_mask")}
+    specs = {n: InputSpec(torch.int64, ("batch", "seq"), vocab if n == "input_ids" else 2, bounded=True)
+             for n in ("input_ids", "attention_mask")}
     pad = getattr(config, "pad_token_id", None)
     return ModelBundle(
         name=name, module=_HFWrapper(model, output).eval(), inputs=specs, output_names=(output,),

@@ -15,7 +15,7 @@ import torch
 
 import backends as registry
 from backends.base import CompiledModel
-from pipeline.errors import ArtifactError, InputError
+from pipeline.errors import ArtifactError, InputError, ShapeError
 from pipeline.inputs import Shape, make_inputs
 from pipeline.precision import Precision
 from pipeline.references import References
@@ -124,3 +124,24 @@ def test_a_backend_from_an_entry_point_is_registered_and_conformant() -> None:
     assert declared.get("exported-program") == "plugin_backend:ExportedProgramBackend"
     assert "exported-program" in BACKENDS  # so every test above ran it
     assert type(registry.get("exported-program")).__module__ == "plugin_backend"
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+def test_inputs_are_checked_at_the_engines_door(name: str, tiny_captured: Any, tmp_path: Path) -> None:
+    model = _engine(name, Precision.FP32, tiny_captured)
+    model.save(tmp_path / "e")
+    loaded = registry.get(name).load(tmp_path / "e")  # the door is kept in the manifest, not only in memory
+    x = make_inputs(tiny_captured.bundle, Shape(2, 16), "padded")
+    vocab = tiny_captured.bundle.inputs["input_ids"].high
+    for engine in (model, loaded):
+        oov = {**x, "input_ids": x["input_ids"].clone().fill_(vocab)}
+        with pytest.raises(InputError, match=f"valid values are 0 to {vocab - 1}"):
+            engine(oov)
+        with pytest.raises(InputError, match="is int32, expected int64"):
+            engine({**x, "input_ids": x["input_ids"].int()})
+        with pytest.raises(InputError, match="has 1 dims"):
+            engine({**x, "input_ids": x["input_ids"][0]})
+        with pytest.raises(ShapeError, match="seq 300 is outside the built range"):
+            engine({k: torch.ones(1, 300, dtype=torch.int64) for k in x})
+        with pytest.raises(ShapeError, match="batch is 2 in 'input_ids' but 1 in 'attention_mask'"):
+            engine({**x, "attention_mask": x["attention_mask"][:1]})
