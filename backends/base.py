@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 import types
 import typing
@@ -94,9 +95,12 @@ def _coerce(name: str, value: Any, hint: Any) -> Any:
     for t in (int, float):
         if t in allowed:
             try:
-                return t(value)
+                number = t(value)
             except ValueError:
-                pass
+                continue
+            if not math.isfinite(number):
+                raise InputError(f"option {name}={value!r}: must be a finite number")
+            return number
     raise InputError(f"option {name}={value!r} is not a valid {hint}")
 
 

@@ -16,7 +16,8 @@ from . import store
 from .capture import Captured, capture
 from .config import RunConfig, make_config
 from .env import device_info, environment
-from .fsutil import digest
+from .errors import InputError
+from .fsutil import digest, safe_name
 from .models import DEFAULT_MODEL, ModelBundle, load_model
 from .precision import Precision
 from .references import output_axes
@@ -72,12 +73,16 @@ def build(model: str | Path | ModelBundle, backends: Sequence[str] | str, precis
           options: Mapping[str, Mapping[str, Any]] | None = None, progress: Progress | None = None,
           cache_dir: str | Path | None = None, warmup: int = 3, rounds: int = 10) -> list[BuildOutcome]:
     say = progress or (lambda _m: None)
+    if not [b for b in (backends.split(",") if isinstance(backends, str) else backends) if b.strip()]:
+        import backends as registry
+
+        raise InputError(f"name the engines to build: --backends with one or more of {', '.join(registry.names())}")
     cfg = make_config(backends=backends, precisions=precisions, shapes=shapes, device=device, options=options,
                       warmup=warmup, rounds=rounds)
     bundle = model if isinstance(model, ModelBundle) else load_model(model)
     say(f"capturing {bundle.name}")
     captured = capture(bundle, cache_dir)
-    home = Path(root) / bundle.name
+    home = Path(root) / safe_name(bundle.name)
     outcomes, todo = [], []
     for b in cfg.backends:
         for p in cfg.precisions:

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from .errors import InputError
 from .inputs import Shape, parse_shapes
 from .precision import Precision, Tolerance, parse_precisions
 
@@ -66,8 +67,13 @@ def make_config(backends: Sequence[str] | str | None = None, precisions: Sequenc
     precs = parse_precisions(precisions) if isinstance(precisions, str) else [Precision.parse(p) for p in precisions]
     shps = parse_shapes(shapes) if isinstance(shapes, str) else [s if isinstance(s, Shape) else Shape.parse(s) for s in shapes]
     options = dict(options or {})
-    for n in options:
-        registry.get(n)
+    for n, values in options.items():  # every option given is checked, also for a backend not in this run
+        registry.get(n).options(values)
+    if not shps:
+        raise InputError(f"no shapes given ({shapes!r}): name at least one as BATCHxSEQ, e.g. 1x128,8x128")
+    for key, least in (("warmup", 0), ("rounds", 1)):
+        if key in kw and (not isinstance(kw[key], int) or kw[key] < least):
+            raise InputError(f"--{key} {kw[key]!r}: must be an integer >= {least}")
     asked = tuple(dict.fromkeys(names))
     opts = {n: registry.get(n).options(options.get(n)) for n in dict.fromkeys([REFERENCE[0], *asked])}
     return RunConfig(asked, tuple(precs or [Precision.FP32]), tuple(shps), device or default_device(), opts, **kw)

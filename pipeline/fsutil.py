@@ -49,6 +49,16 @@ def staged_dir(final: Path) -> Iterator[Path]:
         os.replace(tmp, final)
 
 
+def safe_name(name: str) -> str:
+    """A name used as one directory under a root: never a path that leaves it."""
+    if not name or name in (".", "..") or "/" in name or "\\" in name or "\0" in name:
+        from .errors import InputError
+
+        raise InputError(f"{name!r} cannot name a directory under the artifacts root (it would leave it); "
+                         f"give the model directory by its own name, e.g. a/b/model rather than a/b/model/..")
+    return name
+
+
 def sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

@@ -251,19 +251,28 @@ def load_hf_dir(path: str | Path, *, name: str | None = None, source: str | None
     path = Path(path)
     if not (path / "config.json").is_file():
         raise InputError(f"{path} is not a Hugging Face model directory (no config.json)")
-    config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
+    try:
+        config = transformers.AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+    except (OSError, ValueError, KeyError) as e:
+        if "trust_remote_code" in str(e) or "custom code" in str(e):
+            raise InputError(f"{path} asks to run its own Python code (trust_remote_code); Kiln runs no code from a "
+                             f"model directory: use an architecture transformers ships, or pass the module with "
+                             f"ModelBundle.from_module") from e
+        raise InputError(f"cannot read the config in {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
     archs = config.architectures or []
     causal = any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs) or getattr(config, "is_decoder", False)
     auto = transformers.AutoModelForCausalLM if causal else transformers.AutoModel
     try:
-        model = auto.from_pretrained(path, local_files_only=True, attn_implementation="eager" if causal else "sdpa")
+        model = auto.from_pretrained(path, local_files_only=True, trust_remote_code=False,
+                                     attn_implementation="eager" if causal else "sdpa")
     except (OSError, ValueError) as e:
         raise InputError(f"cannot load the model in {path}: {e}") from e
     try:
-        tok = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
+        tok = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
     except (OSError, ValueError, TypeError):
         tok = None
-    return _hf_bundle(name or path.name, model.eval(), source or f"dir:{path.resolve()}", tok)
+    # the resolved name: "a/b/model/.." names "b", never ".."
+    return _hf_bundle(name or path.resolve().name, model.eval(), source or f"dir:{path.resolve()}", tok)
 
 
 def load_model(spec: str | Path) -> ModelBundle:

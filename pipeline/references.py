@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from .compare import Comparator, Comparison
-from .errors import NumericsError
+from .errors import InputError, NumericsError
 from .inputs import Inputs, Shape, make_inputs
 from .models import ModelBundle
 from .precision import Precision, Tolerance
@@ -71,6 +71,43 @@ class References:
         """The inputs and eager fp32 outputs an artifact carries for `kiln verify`."""
         idx = [KINDS.index(k) for k in kinds]
         return [self.batches[shape][i] for i in idx], [self.outputs["fp32"][shape][i] for i in idx]
+
+
+def memory_needed(bundle: ModelBundle, shapes: Sequence[Shape], precisions: Sequence[Precision]) -> int:
+    """Bytes the references of a run hold, plus the comparator's float64 working copies at the
+    largest shape: every batch's outputs in fp32, fp64 and each lower precision."""
+    axes = output_axes(bundle)
+
+    def elements(s: Shape) -> int:
+        n = 0
+        for dims in axes.values():
+            count = 1
+            for d in dims:
+                count *= getattr(s, d) if isinstance(d, str) else d
+            n += count
+        return n
+
+    per_element = 4 + 8 + sum(torch.finfo(p.dtype).bits // 8 for p in set(precisions) if p != Precision.FP32)
+    held = sum(len(KINDS) * elements(s) * per_element for s in shapes)
+    return held + 6 * 8 * max((elements(s) for s in shapes), default=0)
+
+
+def available_memory() -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return None
+
+
+def check_memory(bundle: ModelBundle, shapes: Sequence[Shape], precisions: Sequence[Precision]) -> None:
+    """Refuses, before anything is computed, shapes whose reference outputs cannot fit in memory."""
+    need, have = memory_needed(bundle, shapes, precisions), available_memory()
+    if have is not None and need > 0.8 * have:
+        big = max(shapes, key=lambda s: s.batch * s.seq)
+        raise InputError(f"the references of {bundle.name} at {', '.join(map(str, shapes))} need about {need / 2**30:.1f} GiB "
+                         f"({len(KINDS)} batches of every output in fp32, fp64 and each lower precision) and this machine "
+                         f"has {have / 2**30:.1f} GiB available: use smaller shapes than {big}")
 
 
 def output_axes(bundle: ModelBundle) -> dict[str, list[int | str]]:

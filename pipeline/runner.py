@@ -22,7 +22,7 @@ from .errors import KilnError
 from .inputs import Shape, check_shape
 from .models import ModelBundle
 from .precision import Precision
-from .references import References
+from .references import References, check_memory
 from .report import Report, Result
 
 if TYPE_CHECKING:
@@ -48,6 +48,7 @@ class Runner:
         self.references: References | None = None
         for s in config.shapes:
             check_shape(bundle, s)
+        check_memory(bundle, config.shapes, config.precisions)
 
     def run(self, captured: Captured | None = None) -> Report:
         """The whole job; `captured` skips the capture when the caller already has it."""

@@ -33,6 +33,11 @@ def test_backends_lists_availability(capsys: pytest.CaptureFixture[str]) -> None
     (["run", "--model", "tiny-bert", "--shapes", "1x4096"], "seq 4096 is outside tiny-bert's range"),
     (["run", "--option", "inductor.mdoe=x"], "unknown option(s) mdoe"),
     (["run", "--option", "nonsense"], "malformed --option"),
+    (["run", "--rounds", "0"], "--rounds 0: must be an integer >= 1"),
+    (["run", "--shapes", ","], "no shapes given"),
+    (["run", "--option", "tvm.budget_s=nan"], "budget_s='nan': must be a finite number"),
+    (["run", "--option", "tvm.trials_per_task=-1"], "trials_per_task=-1: must be 0 (no tuning) or more"),
+    (["run", "--model", "gpt2", "--shapes", "64x1024", "--backends", "eager"], "use smaller shapes than 64x1024"),
 ])
 def test_bad_input_is_one_line_without_traceback(argv: list[str], message: str, capsys: pytest.CaptureFixture[str],
                                                  tmp_path: Path) -> None:
@@ -143,3 +148,25 @@ def test_report_round_trips_and_writes_atomically(tmp_path: Path, monkeypatch: p
         r.save(tmp_path)
     assert (tmp_path / "report.json").read_text() == before  # the old report is whole
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary left behind
+
+
+def test_bad_model_directories_and_build_input(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    remote = tmp_path / "remote"
+    remote.mkdir()
+    (remote / "config.json").write_text(json.dumps({"model_type": "mine", "architectures": ["Mine"],
+                                                    "auto_map": {"AutoConfig": "conf.MineConfig", "AutoModel": "model.Mine"}}))
+    assert main(["run", "--model", str(remote), "--out", str(tmp_path / "o"), "--quiet"]) == 2
+    assert "trust_remote_code" in capsys.readouterr().err
+    assert main(["build", "--backends", "", "--model", "tiny-bert", "--root", str(tmp_path / "root"), "--quiet"]) == 2
+    assert "name the engines to build" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists() and not (tmp_path / "root").exists()
+
+
+def test_engine_directories_never_leave_the_root() -> None:
+    from pipeline.errors import InputError
+    from pipeline.fsutil import safe_name
+
+    for bad in ("..", ".", "a/b", ""):
+        with pytest.raises(InputError, match="would leave it"):
+            safe_name(bad)
+    assert safe_name("tiny-bert") == "tiny-bert"

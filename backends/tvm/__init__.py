@@ -11,6 +11,7 @@ the result.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +19,7 @@ from typing import Any
 
 from pipeline.capture import Captured
 from pipeline.env import version
-from pipeline.errors import BackendError
+from pipeline.errors import BackendError, InputError
 from pipeline.fsutil import cache_entry
 from pipeline.inputs import Shape
 from pipeline.precision import Precision
@@ -37,6 +38,12 @@ class TvmOptions(BackendOptions):
     budget_s: float = 600.0      # wall-clock cap on tuning each static shape
     fast_math: bool = True       # GELU as 0.5x(1+fast_erf(x/sqrt2)) and FastMathTransform: vectorized erf/exp/tanh
     arch: str | None = None      # CUDA arch (sm_90); default: the device's
+
+    def __post_init__(self) -> None:
+        if self.trials_per_task < 0:
+            raise InputError(f"tvm.trials_per_task={self.trials_per_task}: must be 0 (no tuning) or more")
+        if not (math.isfinite(self.budget_s) and self.budget_s >= 0):
+            raise InputError(f"tvm.budget_s={self.budget_s}: must be a finite number of seconds, 0 or more")
 
 
 class TvmBackend(Backend):
