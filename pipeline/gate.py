@@ -84,11 +84,11 @@ def _read(path: Path) -> dict[str, Any]:
     if data.get("schema_version") != BASELINE_SCHEMA:
         raise InputError(f"{path} has baseline schema {data.get('schema_version')!r}; this Kiln reads {BASELINE_SCHEMA}: "
                          f"write it again with --update-baseline")
-    for key, e in data["entries"].items():
-        ok = (isinstance(e, dict) and e.get("status") in _RANK and key.count("|") == 2
-              and (e.get("speedup") is None or (_finite(e["speedup"]) and e["speedup"] > 0)))
+    for key, entry in data["entries"].items():
+        ok = (isinstance(entry, dict) and entry.get("status") in _RANK and key.count("|") == 2
+              and (entry.get("speedup") is None or (_finite(entry["speedup"]) and entry["speedup"] > 0)))
         if not ok:
-            raise InputError(f"{path}: malformed baseline entry {key!r}: {e!r}")
+            raise InputError(f"{path}: malformed baseline entry {key!r}: {entry!r}")
     return data
 
 
@@ -131,8 +131,8 @@ def _check_row(key: str, base: dict[str, Any], now: Result | None, floor: float,
         return Check(key, "regression", "missing from the report", "–")
     acc_bad = _RANK.get(now.status, 0) < _RANK[base["status"]]
     accuracy = f"{base['status']} → {now.status}" + (" (worse)" if acc_bad else "")
-    limit = max(x for x in (base.get("atol"), base.get("max_abs"), 0.0) if _finite(x))
-    if base.get("atol") is not None and now.max_abs is not None and now.max_abs > limit:
+    limit = max(float(x) for x in (base.get("atol"), base.get("max_abs"), 0.0) if _finite(x))
+    if _finite(base.get("atol")) and now.max_abs is not None and now.max_abs > limit:
         acc_bad = True
         accuracy += f"; max abs {now.max_abs:.1e} grew past {limit:.1e} (tolerance, or the baseline's own error)"
     text, speed_bad = _speed(base, now, floor) if speed else ("not gated on this host kind", False)
