@@ -131,7 +131,8 @@ def _check_row(key: str, base: dict[str, Any], now: Result | None, floor: float,
         return Check(key, "regression", "missing from the report", "–")
     acc_bad = _RANK.get(now.status, 0) < _RANK[base["status"]]
     accuracy = f"{base['status']} → {now.status}" + (" (worse)" if acc_bad else "")
-    limit = max([float(x) for x in (base.get("atol"), base.get("max_abs")) if _finite(x)] + [0.0])
+    bounds: list[float] = [x for x in (base.get("atol"), base.get("max_abs")) if _finite(x)]
+    limit = max([*bounds, 0.0])
     if _finite(base.get("atol")) and now.max_abs is not None and now.max_abs > limit:
         acc_bad = True
         accuracy += f"; max abs {now.max_abs:.1e} grew past {limit:.1e} (tolerance, or the baseline's own error)"
