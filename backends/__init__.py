@@ -20,6 +20,7 @@ BUILTIN = {
 }
 
 _REGISTRY: dict[str, Backend] = {}
+_loaded = False  # the built-in and entry-point backends, loaded on first use (after any register() before it)
 
 
 def register(backend: Backend) -> Backend:
@@ -34,8 +35,10 @@ def unregister(name: str) -> None:
 
 
 def _load_all() -> None:
-    if _REGISTRY:
+    global _loaded
+    if _loaded:
         return
+    _loaded = True
     for name, target in BUILTIN.items():
         module, cls = target.split(":")
         register(getattr(importlib.import_module(module), cls)())

@@ -143,6 +143,7 @@ class CompiledModel(ABC):
         self.backend, self.precision, self.device = spec.backend, spec.precision, spec.device
         self.input_names, self.output_names, self.options = spec.input_names, spec.output_names, spec.options
         self.build_s = 0.0
+        self.loaded_from: Path | None = None  # the directory Backend.load read it from; None: as compiled
 
     def __call__(self, inputs: Mapping[str, torch.Tensor]) -> Tensors:
         missing = [n for n in self.input_names if n not in inputs]
@@ -180,8 +181,12 @@ class CompiledModel(ABC):
         return {}
 
     def describe(self) -> dict[str, Any]:
-        """What the compiler actually did: kernels, fused ops, fallbacks, build time."""
-        return {"build_s": round(self.build_s, 3)}
+        """What the compiler actually did: kernels, fused ops, fallbacks, build time; and which engine this is."""
+        return {"build_s": round(self.build_s, 3), "engine": self.engine_label()}
+
+    def engine_label(self) -> str:
+        """Which engine a row timed: the one compiled in memory, or saved files loaded back."""
+        return f"saved engine loaded from {self.loaded_from.name}/" if self.loaded_from else "as compiled, in memory"
 
     def notes(self) -> list[str]:
         """What every reader of a report row should see about this engine (an untuned build, fixed shapes)."""
@@ -287,7 +292,9 @@ class Backend(ABC):
                           self.options_type.from_mapping(engine.get("options", {})),
                           {n: InputSpec.from_dict(s) for n, s in engine.get("input_specs", {}).items()},
                           {k: (int(v[0]), int(v[1])) for k, v in engine.get("axis_ranges", {}).items()})
-        return self._load(directory, spec, meta)
+        model = self._load(directory, spec, meta)
+        model.loaded_from = directory
+        return model
 
     @abstractmethod
     def _load(self, directory: Path, spec: EngineSpec, manifest: dict[str, Any]) -> CompiledModel:

@@ -40,6 +40,9 @@ class EagerModel(CompiledModel):
         torch.export.save(self.program, str(path))
         return [path]
 
+    def engine_label(self) -> str:
+        return "program.pt2 (torch.export archive)" if self.loaded_from else "the nn.Module"
+
     def describe(self) -> dict[str, Any]:
         info = super().describe()
         if self.program is not None:

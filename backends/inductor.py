@@ -64,6 +64,9 @@ class InductorModel(CompiledModel):
         self.aoti_build_s = time.perf_counter() - t0
         return [path]
 
+    def engine_label(self) -> str:
+        return "model.pt2 (AOTInductor package)" if self.package is not None else "torch.compile (in memory)"
+
     def describe(self) -> dict[str, Any]:
         info = super().describe()
         info["mode"] = self.options.mode if self.package is None else "aotinductor"

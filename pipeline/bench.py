@@ -98,26 +98,46 @@ def time_call(model: Timeable, inputs: Mapping[str, torch.Tensor]) -> float:
 K = TypeVar("K", bound=Hashable)
 
 
+def _timed(model: Timeable, inputs: Mapping[str, torch.Tensor]) -> float:
+    """One timed call: by the engine itself where it times its own calls (an engine in a worker
+    process), else here."""
+    own = getattr(model, "timed", None)
+    return float(own(inputs)) if own is not None else time_call(model, inputs)
+
+
 def benchmark(entries: Mapping[K, tuple[Timeable, Mapping[str, torch.Tensor]]], *, warmup: int = 5, rounds: int = 20,
-              iters: int = 1, seed: int = 0, progress: Callable[[str], None] | None = None) -> dict[K, Timing]:
+              iters: int = 1, seed: int = 0, progress: Callable[[str], None] | None = None,
+              failures: dict[K, BaseException] | None = None) -> dict[K, Timing]:
     """Times every entry. Each round runs every entry `iters` times, in a fresh random order,
-    so that drift (thermal, other load) hits all entries alike."""
+    so that drift (thermal, other load) hits all entries alike. With `failures`, an entry that
+    raises is recorded there and left out of the later rounds; the others go on."""
     rng = random.Random(seed)
     keys = list(entries)
-    for k in keys:
-        model, inputs = entries[k]
-        for _ in range(warmup):
-            model(inputs)
-        model.synchronize()
     samples: dict[K, list[float]] = {k: [] for k in keys}
+
+    def attempt(k: K, calls: int, keep: bool) -> None:
+        model, inputs = entries[k]
+        try:
+            times = [_timed(model, inputs) for _ in range(calls)]
+            model.synchronize()
+        except Exception as e:
+            if failures is None:
+                raise
+            failures[k] = e
+            keys.remove(k)
+            return
+        if keep:
+            samples[k].extend(times)
+
+    for k in list(keys):
+        attempt(k, warmup, keep=False)
     for r in range(rounds):
         rng.shuffle(keys)
-        for k in keys:
-            model, inputs = entries[k]
-            samples[k].extend(time_call(model, inputs) for _ in range(iters))
+        for k in list(keys):
+            attempt(k, iters, keep=True)
         if progress and (r + 1) % max(1, rounds // 4) == 0:
             progress(f"round {r + 1}/{rounds}")
-    return {k: Timing(v) for k, v in samples.items()}
+    return {k: Timing(v) for k, v in samples.items() if k in keys}
 
 
 def _rss_bytes() -> int:

@@ -40,11 +40,17 @@ def run(model: str | Path | ModelBundle = DEFAULT_MODEL, *, out: str | Path | No
         cache_dir: str | Path | None = None, **config: Any) -> Report:
     """The main job as one call. Returns the Report; writes report.json/.md/.csv under `out` when given."""
     cfg = make_config(**config)
+    if progress:
+        progress(f"loading model {model if not isinstance(model, ModelBundle) else model.name}")
     bundle = model if isinstance(model, ModelBundle) else load_model(model)
-    runner = Runner(bundle, cfg, progress, Path(cache_dir) if cache_dir else None)
-    report = runner.run()
-    if cfg.save_engines:
-        save_engines(runner, report, cfg.save_engines)
+    checkpoint = (lambda partial: partial.save(out)) if out is not None else None  # a killed run keeps its rows
+    runner = Runner(bundle, cfg, progress, Path(cache_dir) if cache_dir else None, checkpoint)
+    try:
+        report = runner.run()
+        if cfg.save_engines:
+            save_engines(runner, report, cfg.save_engines)
+    finally:
+        runner.close()
     if out is not None:
         report.save(out)
     return report

@@ -52,27 +52,19 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from .build import save_engines
-    from .config import make_config
-    from .models import load_model
-    from .runner import Runner
+    from .build import run
 
     out = Path(args.out) if args.out else Path("artifacts/runs") / dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    cfg = make_config(backends=args.backends, precisions=args.precisions, shapes=args.shapes, device=args.device,
-                      options=_parse_options(args.option), warmup=args.warmup, rounds=args.rounds,
-                      save_engines=out / "engines" if args.save_engines else None)
-    progress = None if args.quiet else _progress()
-    if progress:
-        progress(f"loading model {args.model}")
-    bundle = load_model(args.model)
-    runner = Runner(bundle, cfg, progress, Path(args.cache_dir) if args.cache_dir else None)
-    report = runner.run()
-    if cfg.save_engines:
-        save_engines(runner, report, cfg.save_engines)
-    files = report.save(out)
+    report = run(args.model, out=out, progress=None if args.quiet else _progress(), cache_dir=args.cache_dir,
+                 backends=args.backends, precisions=args.precisions, shapes=args.shapes, device=args.device,
+                 options=_parse_options(args.option), warmup=args.warmup, rounds=args.rounds, isolation=args.isolation,
+                 timeout_s=args.timeout, save_engines=out / "engines" if args.save_engines else None)
     print(report.to_markdown())
-    print(f"wrote {', '.join(str(f) for f in files)}", file=sys.stderr)
-    return 0
+    print(f"wrote {out / 'report.json'} (and .md, .csv)", file=sys.stderr)
+    crashed = sorted({f"{r.backend} {r.precision}" for r in report.results if r.crashed})
+    if crashed:
+        print(f"kiln: the worker of {', '.join(crashed)} crashed; every other row is in the report", file=sys.stderr)
+    return 1 if crashed else 0
 
 
 def cmd_build(args: argparse.Namespace) -> int:
@@ -169,6 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--warmup", type=int, default=5, help="untimed calls per engine and shape (default 5)")
     r.add_argument("--rounds", type=int, default=20, help="interleaved timed rounds (default 20)")
     r.add_argument("--save-engines", action="store_true", help="also save every engine under OUT/engines/")
+    r.add_argument("--isolation", default="process", choices=("process", "none"),
+                   help="process (default): each backend in a worker process, so a crash costs one row; none: one process")
+    r.add_argument("--timeout", type=float, default=3600.0, help="seconds one worker request may take (default 3600)")
     r.add_argument("--cache-dir", help="capture and build cache (default artifacts/cache or $KILN_CACHE)")
     r.add_argument("--quiet", action="store_true", help="no progress lines")
     r.set_defaults(func=cmd_run)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
@@ -36,6 +36,10 @@ class RunConfig:
     rounds: int = 20
     tolerances: Tolerance | Mapping[str, Tolerance] | None = None
     save_engines: Path | None = None
+    # "process": every backend but the reference compiles, checks and runs in a worker process of
+    # its own, so a native crash costs one row; "none": all in this process (for debugging).
+    isolation: Literal["process", "none"] = "process"
+    timeout_s: float = 3600.0  # the longest one worker request may take (a compile with tuning included)
 
     @property
     def engines(self) -> tuple[str, ...]:
@@ -74,6 +78,10 @@ def make_config(backends: Sequence[str] | str | None = None, precisions: Sequenc
     for key, least in (("warmup", 0), ("rounds", 1)):
         if key in kw and (not isinstance(kw[key], int) or kw[key] < least):
             raise InputError(f"--{key} {kw[key]!r}: must be an integer >= {least}")
+    if kw.get("isolation", "process") not in ("process", "none"):
+        raise InputError(f"--isolation {kw['isolation']!r}; valid: process, none")
+    if "timeout_s" in kw and not (isinstance(kw["timeout_s"], (int, float)) and 0 < kw["timeout_s"] < float("inf")):
+        raise InputError(f"--timeout {kw['timeout_s']!r}: must be a positive number of seconds")
     asked = tuple(dict.fromkeys(names))
     opts = {n: registry.get(n).options(options.get(n)) for n in dict.fromkeys([REFERENCE[0], *asked])}
     return RunConfig(asked, tuple(precs or [Precision.FP32]), tuple(shps), device or default_device(), opts, **kw)

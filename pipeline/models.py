@@ -52,6 +52,7 @@ class ModelBundle:
     pad_token_id: int = 0
     example: dict[str, torch.Tensor] | None = None  # given by the caller for generic modules
     summary: dict[str, Any] = field(default_factory=dict)
+    spec: str | None = None  # what load_model was given, so another process can load the same model; None: in memory
 
     @property
     def input_names(self) -> tuple[str, ...]:
@@ -279,10 +280,14 @@ def load_model(spec: str | Path) -> ModelBundle:
     """A zoo name or a local directory; anything else is an error naming the choices."""
     text = str(spec)
     if text in ZOO:
-        return ZOO[text](text)
-    if Path(text).is_dir():
-        return load_hf_dir(text)
-    raise UnknownChoiceError("model", text, [*ZOO, "<a local Hugging Face directory>"])
+        bundle = ZOO[text](text)
+    elif Path(text).is_dir():
+        bundle = load_hf_dir(text)
+        text = str(Path(text).resolve())
+    else:
+        raise UnknownChoiceError("model", text, [*ZOO, "<a local Hugging Face directory>"])
+    bundle.spec = text
+    return bundle
 
 
 def model_names() -> Sequence[str]:

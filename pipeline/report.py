@@ -40,6 +40,8 @@ class Result:
     peak_device_mb: float | None = None
     comparison: Comparison | None = None
     describe: dict[str, Any] = field(default_factory=dict)
+    engine: str = ""                    # which engine was checked and timed: as compiled, or its saved files
+    crashed: bool = False               # its worker process died (a signal, OOM, a timeout)
 
     def __post_init__(self) -> None:
         if self.status not in STATUSES:
@@ -145,7 +147,7 @@ def _fmt(x: float | None, spec: str) -> str:
 
 def _table(results: list[Result]) -> str:
     head = ["backend", "precision", "shape", "status", "max abs err", "cosine", "agreement", "verdict",
-            "median ms", "p90 ms", "speedup (95% CI)", "compile s", "peak MB"]
+            "median ms", "p90 ms", "speedup (95% CI)", "compile s", "peak MB", "engine"]
     rows = []
     for r in results:
         lat, sp = r.latency_ms, r.speedup
@@ -153,7 +155,8 @@ def _table(results: list[Result]) -> str:
         agree = f"{r.agreement:.0%} {r.agreement_kind}" if r.agreement is not None else "–"
         rows.append([r.backend, r.precision.value, str(r.shape), r.status, _fmt(r.max_abs, ".1e"), _fmt(r.cosine, ".6f"), agree,
                      r.verdict or "–", _fmt(lat.median if lat else None, ".2f"), _fmt(lat.p90 if lat else None, ".2f"), speed,
-                     _fmt(r.compile_s, ".1f"), _fmt(r.peak_host_mb if r.peak_device_mb is None else r.peak_device_mb, ".0f")])
+                     _fmt(r.compile_s, ".1f"), _fmt(r.peak_host_mb if r.peak_device_mb is None else r.peak_device_mb, ".0f"),
+                     r.engine or "–"])
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     out += ["| " + " | ".join(row) + " |" for row in rows]
     return "\n".join(out)

@@ -1,16 +1,21 @@
 """The main job: capture once, compile per backend and precision, compare, benchmark; typed rows out.
 
 The runner prints nothing and saves nothing: progress goes to the callback its caller supplies,
-and the engines it built stay on `Runner.engines` for a caller that saves them.
+`checkpoint` receives the report so far after each backend (the CLI writes it, so a killed run
+loses at most the row in flight), and the engines it built stay on `Runner.engines` for a caller
+that saves them until `close()`. Every backend but the reference runs in a worker process of its
+own (`isolation="process"`), so a native crash, abort, OOM or hang costs that backend's row.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
+
+import torch
 
 import backends as registry
 
@@ -24,26 +29,40 @@ from .models import ModelBundle
 from .precision import Precision
 from .references import References, check_memory
 from .report import Report, Result
-
-if TYPE_CHECKING:
-    from backends.base import CompiledModel
+from .worker import RemoteEngine, WorkerCrashed
 
 Progress = Callable[[str], None]
-Engines = dict[tuple[str, Precision], "CompiledModel"]
 log = logging.getLogger("kiln")
+
+
+class Engine(Protocol):
+    """What the runner needs of an engine, in this process (CompiledModel) or in a worker (RemoteEngine)."""
+
+    backend: str
+    device: str
+    build_s: float
+
+    def __call__(self, inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]: ...
+    def synchronize(self) -> None: ...
+    def describe(self) -> dict[str, Any]: ...
+    def notes(self) -> list[str]: ...
+    def save(self, directory: str | Path) -> list[Path]: ...
+
+
+Engines = dict[tuple[str, Precision], Engine]
 
 
 def _short(e: BaseException) -> str:
     text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0] if text else ''}"[:400]
+    return f"{type(e).__name__}: {text[0] if text else ''}"[:400] if not isinstance(e, KilnError) else str(e)[:800]
 
 
 class Runner:
     def __init__(self, bundle: ModelBundle, config: RunConfig, progress: Progress | None = None,
-                 cache_dir: Path | None = None) -> None:
+                 cache_dir: Path | None = None, checkpoint: Callable[[Report], None] | None = None) -> None:
         self.bundle, self.cfg = bundle, config
         self.say = progress or (lambda _msg: None)
-        self.cache_dir = cache_dir
+        self.cache_dir, self.checkpoint = cache_dir, checkpoint
         self.engines: Engines = {}
         self.references: References | None = None
         for s in config.shapes:
@@ -62,14 +81,49 @@ class Runner:
         for name in cfg.engines:
             for p in cfg.precisions_of(name):
                 rows[(name, p)] = self._build(captured, name, p, refs)
+                if self.checkpoint:
+                    self.checkpoint(self._report(captured, rows))
         self._benchmark(rows, refs)
+        return self._report(captured, rows)
+
+    def _report(self, captured: Captured, rows: dict[tuple[str, Precision], dict[Shape, Result]]) -> Report:
         return Report(model={**self.bundle.describe(), "graph_hash": captured.graph_hash, "capture_s": captured.capture_s},
-                      environment=environment(cfg.device), config=cfg.to_dict(),
+                      environment=environment(self.cfg.device), config=self.cfg.to_dict(),
                       results=[r for by_shape in rows.values() for r in by_shape.values()],
                       created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
 
-    def _rows(self, name: str, precision: Precision, status: str, reason: str) -> dict[Shape, Result]:
-        return {s: Result(name, precision, s, status, reason) for s in self.cfg.shapes}
+    def close(self) -> None:
+        """Ends the worker processes that hold engines."""
+        for engine in self.engines.values():
+            if isinstance(engine, RemoteEngine):
+                engine.close()
+
+    def _rows(self, name: str, precision: Precision, status: str, reason: str, crashed: bool = False) -> dict[Shape, Result]:
+        return {s: Result(name, precision, s, status, reason, crashed=crashed) for s in self.cfg.shapes}
+
+    def _isolated(self, name: str) -> tuple[str, str] | None:
+        """The backend's class as an import path when it runs in a worker; None when it runs here."""
+        cls = type(registry.get(name))
+        if self.cfg.isolation == "none" or name == REFERENCE[0] or self.bundle.spec is None or cls.__module__ == "__main__":
+            return None
+        return (cls.__module__, cls.__qualname__)
+
+    def _compile(self, captured: Captured, name: str, precision: Precision) -> tuple[Engine, dict[str, Any]]:
+        """The engine, in a worker or here, and what is known of its memory."""
+        cfg, cls_path = self.cfg, self._isolated(name)
+        if cls_path is None:
+            watch = MemoryWatch(cfg.device).__enter__()
+            try:
+                model = registry.get(name).compile(captured, precision, cfg.device, cfg.options[name], cfg.shapes)
+            except BaseException:
+                watch.__exit__(None, None, None)
+                raise
+            return model, {"watch": watch}
+        remote = RemoteEngine.compile(f"{name} {precision}", cfg.timeout_s, model_spec=self.bundle.spec,
+                                      cache_dir=str(captured.cache_dir), graph_hash=captured.graph_hash, name=name,
+                                      cls_path=cls_path, precision=precision.value, device=cfg.device,
+                                      options=cfg.options[name].to_dict(), shapes=[str(s) for s in cfg.shapes])
+        return remote, {}
 
     def _build(self, captured: Captured, name: str, precision: Precision, refs: References) -> dict[Shape, Result]:
         cfg, backend = self.cfg, registry.get(name)
@@ -80,30 +134,39 @@ class Runner:
         sup = backend.supports(precision, cfg.device)
         if not sup:
             return self._rows(name, precision, "unsupported", sup.reason)
-        self.say(f"{name} {precision}: compiling")
+        self.say(f"{name} {precision}: compiling" + (" in a worker process" if self._isolated(name) else ""))
         results: dict[Shape, Result] = {}
+        model: Engine | None = None
+        memory: dict[str, Any] = {}
         try:
-            with MemoryWatch(cfg.device) as mem:
-                model = backend.compile(captured, precision, cfg.device, cfg.options[name], cfg.shapes)
-                for s in cfg.shapes:
-                    results[s] = self._check(model, s, refs, precision)
-        except KilnError as e:
-            self.say(f"{name} {precision}: failed: {e}")
-            return self._rows(name, precision, "failed", str(e))
+            model, memory = self._compile(captured, name, precision)
+            for s in cfg.shapes:
+                results[s] = self._check(model, s, refs, precision)
+            info: dict[str, Any] = model.info() if isinstance(model, RemoteEngine) else {"describe": model.describe(),
+                                                                                         "notes": model.notes()}
         except Exception as e:  # a compiler may raise anything; it becomes a row, the run goes on
             self.say(f"{name} {precision}: failed: {_short(e)}")
             log.debug("%s %s failed", name, precision, exc_info=True)
-            return self._rows(name, precision, "failed", _short(e))
+            if isinstance(model, RemoteEngine):
+                model.close()
+            if "watch" in memory:
+                memory["watch"].__exit__(None, None, None)
+            return self._rows(name, precision, "failed", _short(e), crashed=isinstance(e, WorkerCrashed))
+        if "watch" in memory:
+            memory["watch"].__exit__(None, None, None)
+            peak_host, peak_device = memory["watch"].peak_host_mb, memory["watch"].peak_device_mb
+        else:
+            peak_host, peak_device = info.get("peak_host_mb"), None
         self.engines[(name, precision)] = model
-        info, notes = model.describe(), model.notes()
         for r in results.values():
-            r.peak_host_mb, r.peak_device_mb = mem.peak_host_mb, mem.peak_device_mb
-            r.describe = {**r.describe, **info}
-            if notes:
-                r.reason = "; ".join([r.reason, *notes] if r.reason else notes)
+            r.peak_host_mb, r.peak_device_mb = peak_host, peak_device
+            r.describe = {**r.describe, **info["describe"]}
+            r.engine = str(info["describe"].get("engine", ""))
+            if info["notes"]:
+                r.reason = "; ".join([r.reason, *info["notes"]] if r.reason else info["notes"])
         return results
 
-    def _check(self, model: CompiledModel, shape: Shape, refs: References, precision: Precision) -> Result:
+    def _check(self, model: Engine, shape: Shape, refs: References, precision: Precision) -> Result:
         first = {k: v.to(self.cfg.device) for k, v in refs.batches[shape][0].items()}
         cold = time_call(model, first)  # first call at this shape: lazy compilers compile here
         c = refs.judge(model, [shape], precision, self.cfg.tolerances)
@@ -123,14 +186,21 @@ class Runner:
                 continue
             self.say(f"benchmark {s}: {len(live)} engines, {cfg.warmup} warm-up + {cfg.rounds} interleaved rounds")
             inputs = {k: v.to(cfg.device) for k, v in refs.batches[s][0].items()}
-            try:
-                timings = benchmark({k: (self.engines[k], inputs) for k in live}, warmup=cfg.warmup, rounds=cfg.rounds)
-            except Exception as e:
-                for k in live:
-                    rows[k][s].status, rows[k][s].reason = "failed", f"benchmark: {_short(e)}"
-                continue
+            failures: dict[tuple[str, Precision], BaseException] = {}
+            timings = benchmark({k: (self.engines[k], inputs) for k in live}, warmup=cfg.warmup, rounds=cfg.rounds,
+                                failures=failures)
+            for k, e in failures.items():  # that engine's row only; the others keep their timings
+                row = rows[k][s]
+                row.status, row.reason, row.crashed = "failed", f"benchmark: {_short(e)}", isinstance(e, WorkerCrashed)
             ref: Timing | None = timings.get(REFERENCE)
-            for k in live:
-                rows[k][s].latency_ms = timings[k]
+            for k, t in timings.items():
+                rows[k][s].latency_ms = t
                 if ref is not None:
-                    rows[k][s].speedup = speedup(ref, timings[k])
+                    rows[k][s].speedup = speedup(ref, t)
+
+
+def time_against_reference(reference: Engine, engine: Engine, inputs: dict[str, torch.Tensor], warmup: int,
+                           rounds: int) -> tuple[Timing, Timing]:
+    """The reference and one engine timed in interleaved rounds (for a build's loaded engine)."""
+    timings = benchmark({"reference": (reference, inputs), "engine": (engine, inputs)}, warmup=warmup, rounds=rounds)
+    return timings["reference"], timings["engine"]

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -170,3 +173,61 @@ def test_engine_directories_never_leave_the_root() -> None:
         with pytest.raises(InputError, match="would leave it"):
             safe_name(bad)
     assert safe_name("tiny-bert") == "tiny-bert"
+
+
+class _Aborting(Backend):
+    name = "aborts-for-test"
+    precisions = (Precision.FP32,)
+
+    def _compile(self, captured: Any, spec: Any, shapes: Any) -> CompiledModel:
+        print("about to abort in native code", file=sys.stderr, flush=True)
+        os.abort()
+
+    def _load(self, directory: Any, spec: Any, manifest: Any) -> CompiledModel:
+        raise NotImplementedError
+
+
+class _Segfaulting(_Aborting):
+    name = "segfaults-for-test"
+
+    def _compile(self, captured: Any, spec: Any, shapes: Any) -> CompiledModel:
+        os.kill(os.getpid(), signal.SIGSEGV)
+        raise AssertionError("not reached")
+
+
+@pytest.fixture
+def crashing_backends() -> Any:
+    for b in (_Aborting(), _Segfaulting()):
+        registry.register(b)
+    yield
+    for n in ("aborts-for-test", "segfaults-for-test"):
+        registry.unregister(n)
+
+
+def test_a_crash_costs_one_row(crashing_backends: Any, tmp_path: Path, cache_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    rc = main(["run", "--model", "tiny-bert", "--backends", "eager,aborts-for-test,onnxruntime,segfaults-for-test",
+               "--shapes", "1x8", "--rounds", "2", "--warmup", "1", "--out", str(tmp_path), "--cache-dir", str(cache_dir),
+               "--quiet", "--device", "cpu"])
+    assert rc == 1 and "crashed" in capsys.readouterr().err
+    r = Report.load(tmp_path / "report.json")
+    aborted, segv = r.find("aborts-for-test", "fp32", "1x8"), r.find("segfaults-for-test", "fp32", "1x8")
+    assert aborted is not None and aborted.status == "failed" and aborted.crashed and "SIGABRT" in aborted.reason
+    assert "about to abort in native code" in aborted.reason  # the last lines of the worker's stderr
+    assert segv is not None and segv.crashed and "SIGSEGV" in segv.reason
+    for ok in ("eager", "onnxruntime"):
+        row = r.find(ok, "fp32", "1x8")
+        assert row is not None and row.status == "ok" and row.speedup is not None
+
+
+def test_the_report_is_written_after_every_backend(tmp_path: Path, cache_dir: Path) -> None:
+    from pipeline.config import make_config
+    from pipeline.models import load_model
+    from pipeline.runner import Runner
+
+    seen: list[list[str]] = []
+    cfg = make_config(backends="eager,onnxruntime", shapes="1x8", device="cpu", rounds=1, warmup=0, isolation="none")
+    runner = Runner(load_model("tiny-bert"), cfg, cache_dir=cache_dir,
+                    checkpoint=lambda rep: seen.append(sorted({x.backend for x in rep.results})))
+    runner.run()
+    runner.close()
+    assert seen == [["eager"], ["eager", "onnxruntime"]]
