@@ -117,6 +117,7 @@ class EngineSpec:
     # What the engine's door admits: each input's dtype, dims and value bound, and the axis ranges.
     input_specs: Mapping[str, InputSpec] = dataclasses.field(default_factory=dict)
     axis_ranges: Mapping[str, tuple[int, int]] = dataclasses.field(default_factory=dict)
+    requires: Mapping[str, str] = dataclasses.field(default_factory=dict)  # Backend.pinned() where it was built
 
     def to_dict(self) -> dict[str, Any]:
         return {"inputs": list(self.input_names), "outputs": list(self.output_names), "options": self.options.to_dict(),
@@ -165,12 +166,10 @@ class CompiledModel(ABC):
         """Write the deployable engine into `directory` (created) with its manifest; returns the files written."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        from . import get
-
         files = self._save_files(directory)
         engine = {**self.spec.to_dict(), **self._extra_meta()}
         return [*files, store.write_engine_manifest(directory, self.spec.backend, self.precision, self.device,
-                                                    get(self.backend).pinned(), engine)]
+                                                    dict(self.spec.requires), engine)]
 
     @abstractmethod
     def _save_files(self, directory: Path) -> list[Path]:
@@ -251,7 +250,7 @@ class Backend(ABC):
     def spec(self, captured: Captured, precision: Precision, device: str, options: BackendOptions) -> EngineSpec:
         bundle = captured.bundle
         return EngineSpec(self.name, precision, device, bundle.input_names, bundle.output_names, options,
-                          dict(bundle.inputs), dict(bundle.axis_ranges))
+                          dict(bundle.inputs), dict(bundle.axis_ranges), self.pinned())
 
     @final
     def compile(self, captured: Captured, precision: Precision = Precision.FP32, device: str = "cpu",
@@ -291,7 +290,7 @@ class Backend(ABC):
         spec = EngineSpec(self.name, Precision(meta["precision"]), device, tuple(engine["inputs"]), tuple(engine["outputs"]),
                           self.options_type.from_mapping(engine.get("options", {})),
                           {n: InputSpec.from_dict(s) for n, s in engine.get("input_specs", {}).items()},
-                          {k: (int(v[0]), int(v[1])) for k, v in engine.get("axis_ranges", {}).items()})
+                          {k: (int(v[0]), int(v[1])) for k, v in engine.get("axis_ranges", {}).items()}, self.pinned())
         model = self._load(directory, spec, meta)
         model.loaded_from = directory
         return model

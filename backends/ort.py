@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -16,7 +17,7 @@ from pipeline.errors import BackendError
 from pipeline.inputs import Shape
 from pipeline.precision import Precision
 from pipeline.env import version
-from pipeline.fsutil import cache_entry, staged_dir
+from pipeline.fsutil import cache_entry, cached_dir
 
 from .base import Availability, Backend, BackendOptions, CompiledModel, EngineSpec, Tensors, runtime_option
 
@@ -90,8 +91,11 @@ class OrtModel(CompiledModel):
         so.intra_op_num_threads = self.options.intra_op_threads or torch.get_num_threads()
         so.add_session_config_entry("session.intra_op.allow_spinning", "1" if self.options.spin else "0")
         so.log_severity_level = 3
-        self.optimized = path.with_name("optimized.onnx")
-        if record_optimized:  # a build directory: keep ORT's optimized graph for describe(); never in a loaded artifact
+        # ORT's optimized graph, for describe(): in a directory of this engine's own, never beside
+        # a cache entry or an artifact that other processes read
+        self._scratch = tempfile.TemporaryDirectory(prefix="kiln-ort-")
+        self.optimized = Path(self._scratch.name) / "optimized.onnx"
+        if record_optimized:
             so.optimized_model_filepath = str(self.optimized)
             so.add_session_config_entry("session.optimized_model_external_initializers_file_name", "optimized.onnx.data")
         try:
@@ -166,10 +170,12 @@ class OrtBackend(Backend):
         libs = {d: version(d) for d in ("torch", "onnx", "onnxscript", "onnx-ir", "onnxconverter-common")}
         final = cache_entry(captured.cache_dir, "onnxruntime", f"{captured.graph_hash}-{spec.precision.value}",
                             {"options": options.build_options(), **libs})
-        if not (final / "model.onnx").is_file():
-            with staged_dir(final) as tmp:
-                fusions = _build_onnx(captured, spec.precision, options, tmp)
-                (tmp / "fusions.txt").write_text("".join(f"{k} {v}\n" for k, v in fusions.items()))
+
+        def make(tmp: Path) -> None:
+            fusions = _build_onnx(captured, spec.precision, options, tmp)
+            (tmp / "fusions.txt").write_text("".join(f"{k} {v}\n" for k, v in fusions.items()))
+
+        cached_dir(final, make)
         fusions = {k: int(v) for k, v in (line.split() for line in (final / "fusions.txt").read_text().splitlines())}
         return OrtModel(spec, final / "model.onnx", fusions)
 

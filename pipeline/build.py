@@ -5,6 +5,7 @@ runner, store)."""
 from __future__ import annotations
 
 import dataclasses
+import os
 import shutil
 import tempfile
 from collections.abc import Mapping, Sequence
@@ -17,12 +18,14 @@ from .capture import Captured, capture
 from .config import RunConfig, make_config
 from .env import device_info, environment
 from .errors import InputError
-from .fsutil import digest, safe_name
+from .fsutil import clean_stale, digest, safe_name
 from .models import DEFAULT_MODEL, ModelBundle, load_model
 from .precision import Precision
-from .references import output_axes
+from .references import KINDS, output_axes
 from .report import Report, Result
 from .runner import Progress, Runner
+from .acceptance import accept
+from .config import REFERENCE
 
 
 def save_engines(runner: Runner, report: Report, root: Path) -> None:
@@ -77,14 +80,17 @@ def cache_key(captured: Captured, cfg: RunConfig, backend: str, precision: Preci
 def build(model: str | Path | ModelBundle, backends: Sequence[str] | str, precisions: Sequence[str] | str = ("fp32",),
           shapes: Sequence[str] | str = ("1x128", "8x128"), root: str | Path = "artifacts", device: str | None = None,
           options: Mapping[str, Mapping[str, Any]] | None = None, progress: Progress | None = None,
-          cache_dir: str | Path | None = None, warmup: int = 3, rounds: int = 10) -> list[BuildOutcome]:
+          cache_dir: str | Path | None = None, warmup: int = 3, rounds: int = 10,
+          isolation: str = "process") -> list[BuildOutcome]:
+    """Engines under root/<model>/<backend>-<precision>/, each installed only once its saved files,
+    loaded back, passed at every shape; an engine that fails anywhere leaves the previous one as it was."""
     say = progress or (lambda _m: None)
     if not [b for b in (backends.split(",") if isinstance(backends, str) else backends) if b.strip()]:
         import backends as registry
 
         raise InputError(f"name the engines to build: --backends with one or more of {', '.join(registry.names())}")
     cfg = make_config(backends=backends, precisions=precisions, shapes=shapes, device=device, options=options,
-                      warmup=warmup, rounds=rounds)
+                      warmup=warmup, rounds=rounds, isolation=isolation)
     bundle = model if isinstance(model, ModelBundle) else load_model(model)
     say(f"capturing {bundle.name}")
     captured = capture(bundle, cache_dir)
@@ -94,49 +100,69 @@ def build(model: str | Path | ModelBundle, backends: Sequence[str] | str, precis
         for p in cfg.precisions:
             key, target = cache_key(captured, cfg, b, p), home / f"{b}-{p.value}"
             if store.is_current(target, key):
-                say(f"{b} {p}: reusing {target} (same graph, options, device and libraries)")
+                say(f"{b} {p}: reusing {target} (same graph, options, device and libraries; passed at every shape)")
                 outcomes.append(BuildOutcome(b, p.value, target, "reused", f"cache key {key}"))
             else:
                 todo.append((b, p, key))
     if not todo:
         return outcomes
     home.mkdir(parents=True, exist_ok=True)
-    for stale in home.glob(".staging-*"):  # an earlier build that was interrupted
-        shutil.rmtree(stale, ignore_errors=True)
-    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=home))
+    clean_stale(home, ".staging-")  # left by builds that were killed; a build still running keeps its own
+    staging = Path(tempfile.mkdtemp(prefix=f".staging-{os.getpid()}-", dir=home))
+    runner = Runner(bundle, dataclasses.replace(cfg, backends=tuple(dict.fromkeys(b for b, _, _ in todo))), say,
+                    Path(cache_dir) if cache_dir else None)
     try:
-        runner = Runner(bundle, dataclasses.replace(cfg, backends=tuple(dict.fromkeys(b for b, _, _ in todo))), say,
-                        Path(cache_dir) if cache_dir else None)
-        report = runner.run(captured)
-        assert runner.references is not None
-        shared = _model_sections(bundle, captured, cfg)
-        axes, saved = output_axes(bundle), runner.references.saved(min(cfg.shapes, key=lambda s: s.batch * s.seq))
-        for b, p, key in todo:
-            rows = report.rows(b, p)
-            sections = {**shared, **_measured(rows, cfg, b, key, axes)}
-            outcomes.append(_stage_and_install(runner, rows, sections, saved, b, p, staging, home, say))
+        report = runner.run(captured, timed=False)
+        job = _Job(runner, cfg, _model_sections(bundle, captured, cfg), output_axes(bundle), staging, home, say)
+        outcomes += [job.ship(b, p, key, report.rows(b, p)) for b, p, key in todo]
     finally:
+        runner.close()
         shutil.rmtree(staging, ignore_errors=True)
     return outcomes
 
 
-def _stage_and_install(runner: Runner, rows: list[Result], sections: dict[str, Any], saved: tuple[list[Any], list[Any]],
-                       backend: str, precision: Precision, staging: Path, home: Path, say: Progress) -> BuildOutcome:
-    """Save the engine into staging with its reference batches and measurements, then install it whole."""
-    src, target = staging / f"{backend}-{precision.value}", home / f"{backend}-{precision.value}"
-    first, engine = rows[0], runner.engines.get((backend, precision))
-    if engine is None or first.status not in ("ok", "mismatch"):
-        return BuildOutcome(backend, precision.value, target, first.status, first.reason or "the engine was not built")
-    try:
-        engine.save(src)
-    except Exception as e:
-        return BuildOutcome(backend, precision.value, target, "failed", f"save failed: {type(e).__name__}: {e}")
-    store.write_reference(src, *saved)
-    store.seal(src, sections)
-    store.install(src, target)
-    status = "built" if first.status == "ok" else "mismatch"
-    say(f"{backend} {precision}: {status} {target}")
-    return BuildOutcome(backend, precision.value, target, status, first.reason)
+@dataclass
+class _Job:
+    runner: Runner
+    cfg: RunConfig
+    shared: dict[str, Any]
+    axes: dict[str, list[int | str]]
+    staging: Path
+    home: Path
+    say: Progress
+
+    def ship(self, backend: str, precision: Precision, key: str, rows: list[Result]) -> BuildOutcome:
+        """Save the engine, load it back and check and time it at every shape; install it only if all passed."""
+        target = self.home / f"{backend}-{precision.value}"
+        bad = [r for r in rows if r.status != "ok"]
+        engine = self.runner.engines.get((backend, precision))
+        if bad or engine is None:
+            worst = bad[0] if bad else rows[0]
+            reason = "; ".join(f"at {r.shape}: {r.reason}" for r in bad) or "the engine was not built"
+            self.say(f"{backend} {precision}: {worst.status}, not installed ({reason})")
+            return BuildOutcome(backend, precision.value, target, worst.status, reason)
+        src = self.staging / f"{backend}-{precision.value}"
+        refs = self.runner.references
+        reference = self.runner.engines.get(REFERENCE)
+        assert refs is not None and reference is not None
+        try:
+            engine.save(src)
+            self.say(f"{backend} {precision}: checking the saved engine, loaded back from its files")
+            verdict = accept(src, refs, precision, self.cfg.device, reference, cls_path=self.runner.isolated(backend),
+                             isolated=self.cfg.isolation == "process", warmup=self.cfg.warmup, rounds=self.cfg.rounds,
+                             tolerances=self.cfg.tolerances, timeout_s=self.cfg.timeout_s, say=self.say)
+        except Exception as e:
+            self.say(f"{backend} {precision}: failed: {type(e).__name__}: {e}")
+            return BuildOutcome(backend, precision.value, target, "failed", f"{type(e).__name__}: {e}")
+        if not verdict.passed:
+            self.say(f"{backend} {precision}: mismatch, not installed ({verdict.reason})")
+            return BuildOutcome(backend, precision.value, target, "mismatch", f"the saved engine, loaded back: {verdict.reason}")
+        store.write_reference(src, {str(s): refs.saved(s, KINDS) for s in refs.shapes})
+        store.seal(src, {**self.shared, **verdict.manifest(self.axes), "build_options": self.cfg.options[backend].build_options(),
+                         "cache_key": key, "describe": rows[0].describe})
+        store.install(src, target)
+        self.say(f"{backend} {precision}: built {target}")
+        return BuildOutcome(backend, precision.value, target, "built", verdict.reason)
 
 
 def _model_sections(bundle: ModelBundle, captured: Captured, cfg: RunConfig) -> dict[str, Any]:
@@ -147,19 +173,4 @@ def _model_sections(bundle: ModelBundle, captured: Captured, cfg: RunConfig) -> 
                    for n, s in bundle.inputs.items()},
         "axis_ranges": {k: list(v) for k, v in bundle.axis_ranges.items()},
         "versions": environment(cfg.device)["versions"],
-    }
-
-
-def _measured(rows: list[Result], cfg: RunConfig, backend: str, key: str, axes: dict[str, list[int | str]]) -> dict[str, Any]:
-    """This engine's outputs as it returns them, its build options, and what its build measured."""
-    first = rows[0]
-    outputs = first.comparison.outputs if first.comparison else []
-    return {
-        "outputs": {o.name: {"dims": axes[o.name], "dtype": o.dtype} for o in outputs},
-        "build_options": cfg.options[backend].build_options(), "cache_key": key,
-        "verdict": {"status": first.status, "verdict": first.verdict, "reason": first.reason,
-                    "max_abs": max((r.max_abs or 0.0) for r in rows), "tolerances": {o.name: o.applied.to_dict() for o in outputs}},
-        "benchmark": {str(r.shape): {"median_ms": r.latency_ms.median if r.latency_ms else None,
-                                     "speedup": r.speedup.value if r.speedup else None} for r in rows},
-        "describe": first.describe,
     }

@@ -18,7 +18,7 @@ from .inputs import Shape, make_inputs
 from .models import ModelBundle
 from .precision import Precision
 from .env import version
-from .fsutil import cache_entry, staged_dir
+from .fsutil import cache_entry, cached_dir
 
 DEFAULT_CACHE = Path(os.environ.get("KILN_CACHE", "artifacts/cache"))
 
@@ -86,17 +86,16 @@ class Captured:
         """ONNX exported by the dynamo exporter from program_at(precision); cached under cache_dir by graph hash."""
         final = cache_entry(self.cache_dir, "onnx", f"{self.graph_hash}-{precision.value}",
                             {"exporter": "dynamo", **{d: version(d) for d in ("torch", "onnx", "onnxscript")}})
-        path = final / "model.onnx"
-        if path.is_file():
-            return path
+
+        def export_onnx(tmp: Path) -> None:
+            torch.onnx.export(self.program_at(precision), (), kwargs=_example(self.bundle), f=str(tmp / "model.onnx"),
+                              dynamo=True, input_names=list(self.bundle.input_names),
+                              output_names=list(self.bundle.output_names), verbose=False)
+
         try:
-            with staged_dir(final) as tmp:
-                torch.onnx.export(self.program_at(precision), (), kwargs=_example(self.bundle), f=str(tmp / "model.onnx"),
-                                  dynamo=True, input_names=list(self.bundle.input_names),
-                                  output_names=list(self.bundle.output_names), verbose=False)
+            return cached_dir(final, export_onnx) / "model.onnx"
         except Exception as e:
             raise BackendError(f"ONNX export failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
-        return path
 
 
 def capture(bundle: ModelBundle, cache_dir: Path | str | None = None) -> Captured:

@@ -72,7 +72,7 @@ def cmd_build(args: argparse.Namespace) -> int:
 
     outcomes = build(args.model, args.backends, args.precisions, args.shapes, root=args.root, device=args.device,
                      options=_parse_options(args.option), progress=None if args.quiet else _progress(),
-                     cache_dir=args.cache_dir, warmup=args.warmup, rounds=args.rounds)
+                     cache_dir=args.cache_dir, warmup=args.warmup, rounds=args.rounds, isolation=args.isolation)
     for o in outcomes:
         print(f"{o.backend:14s} {o.precision:5s} {o.status:11s} {o.path}" + (f"  ({o.reason})" if o.reason and o.status != "built" else ""))
     return 0 if all(o.status in ("built", "reused") for o in outcomes) else 1
@@ -81,11 +81,11 @@ def cmd_build(args: argparse.Namespace) -> int:
 def cmd_load(args: argparse.Namespace) -> int:
     from .store import load, read_manifest, read_reference
 
-    model = load(args.artifact, args.device)
+    model = load(args.artifact, args.device, allow_failed=args.allow_failed)
     meta = read_manifest(args.artifact)
     ref = read_reference(args.artifact)
     print(f"loaded {meta['backend']} {meta['precision']} engine of {meta['model']['name']} (graph {meta['model']['graph_hash']}) on {model.device}")
-    for x in ref["inputs"]:
+    for x in (x for batches in ref.values() for x in batches["inputs"]):
         t0 = time.perf_counter()
         out = model({k: v.to(model.device) for k, v in x.items()})
         model.synchronize()
@@ -179,12 +179,15 @@ def build_parser() -> argparse.ArgumentParser:
     bd.add_argument("--warmup", type=int, default=3)
     bd.add_argument("--rounds", type=int, default=10)
     bd.add_argument("--cache-dir")
+    bd.add_argument("--isolation", default="process", choices=("process", "none"),
+                    help="process (default): compile in a worker and check the saved engine in a fresh one; none: one process")
     bd.add_argument("--quiet", action="store_true")
     bd.set_defaults(func=cmd_build)
 
     ld = sub.add_parser("load", help="load an engine (hashes and versions checked first) and run its reference inputs")
     ld.add_argument("artifact")
     ld.add_argument("--device")
+    ld.add_argument("--allow-failed", action="store_true", help="load even if its build verdict was not a pass")
     ld.set_defaults(func=cmd_load)
 
     vf = sub.add_parser("verify", help="reload an engine and re-run the comparator against its stored reference outputs")

@@ -7,10 +7,12 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+from filelock import FileLock
 
 
 def atomic_write(path: Path, text: str | bytes) -> Path:
@@ -30,16 +32,40 @@ def atomic_write(path: Path, text: str | bytes) -> Path:
     return path
 
 
+ENTRY = ".kiln-entry.json"  # the sha256 of every file of a cache entry, written last
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def clean_stale(parent: Path, prefix: str) -> None:
+    """Removes `<prefix><pid>-*` directories left by processes that no longer run (a kill -9)."""
+    for d in parent.glob(f"{prefix}*"):
+        pid = d.name[len(prefix):].split("-", 1)[0]
+        if pid.isdigit() and not pid_alive(int(pid)):
+            shutil.rmtree(d, ignore_errors=True)
+
+
 @contextmanager
 def staged_dir(final: Path) -> Iterator[Path]:
-    """The directory twin of atomic_write: build into a hidden directory beside `final`, then
-    rename it into place whole. If another process got there first, theirs is kept; on an
-    error nothing is left behind."""
+    """The directory twin of atomic_write: build into a hidden directory beside `final` (named
+    with this process's id, so a stale one is known), record every file's sha256, then rename it
+    into place whole. If another process got there first, theirs is kept; on an error nothing is
+    left behind."""
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".staged-{os.getpid()}-{final.name}-", dir=final.parent))
     os.chmod(tmp, 0o755)
     try:
         yield tmp
+        files = {str(p.relative_to(tmp)): sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file() and not p.is_symlink()}
+        atomic_write(tmp / ENTRY, json.dumps({"files": files}, indent=1))
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -47,6 +73,34 @@ def staged_dir(final: Path) -> Iterator[Path]:
         shutil.rmtree(tmp)
     else:
         os.replace(tmp, final)
+
+
+def entry_valid(final: Path) -> bool:
+    """A cache entry that was completed (its file list written last) and whose files still hash to it."""
+    try:
+        files = json.loads((final / ENTRY).read_text())["files"]
+        return bool(files) and all(sha256(final / name) == digest for name, digest in files.items())
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+def lock(path: Path, timeout_s: float = 7200.0) -> FileLock:
+    """An inter-process lock beside `path`: two builds or tunings of one entry take turns."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return FileLock(str(path.parent / f".{path.name}.lock"), timeout=timeout_s)
+
+
+def cached_dir(final: Path, make: Callable[[Path], None]) -> Path:
+    """The cache entry `final`, made by `make(tmp)` unless a whole, hash-checked one exists.
+    Concurrent callers take turns; an entry left half-made or altered is made again."""
+    with lock(final):
+        clean_stale(final.parent, ".staged-")
+        if entry_valid(final):
+            return final
+        shutil.rmtree(final, ignore_errors=True)
+        with staged_dir(final) as tmp:
+            make(tmp)
+    return final
 
 
 def safe_name(name: str) -> str:

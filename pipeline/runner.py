@@ -69,8 +69,9 @@ class Runner:
             check_shape(bundle, s)
         check_memory(bundle, config.shapes, config.precisions)
 
-    def run(self, captured: Captured | None = None) -> Report:
-        """The whole job; `captured` skips the capture when the caller already has it."""
+    def run(self, captured: Captured | None = None, timed: bool = True) -> Report:
+        """The whole job; `captured` skips the capture when the caller already has it; `timed=False`
+        skips the benchmark (a build times the engines it loads back instead)."""
         cfg = self.cfg
         if captured is None:
             self.say(f"capturing {self.bundle.name} with torch.export (batch and seq dynamic)")
@@ -83,7 +84,8 @@ class Runner:
                 rows[(name, p)] = self._build(captured, name, p, refs)
                 if self.checkpoint:
                     self.checkpoint(self._report(captured, rows))
-        self._benchmark(rows, refs)
+        if timed:
+            self._benchmark(rows, refs)
         return self._report(captured, rows)
 
     def _report(self, captured: Captured, rows: dict[tuple[str, Precision], dict[Shape, Result]]) -> Report:
@@ -101,7 +103,7 @@ class Runner:
     def _rows(self, name: str, precision: Precision, status: str, reason: str, crashed: bool = False) -> dict[Shape, Result]:
         return {s: Result(name, precision, s, status, reason, crashed=crashed) for s in self.cfg.shapes}
 
-    def _isolated(self, name: str) -> tuple[str, str] | None:
+    def isolated(self, name: str) -> tuple[str, str] | None:
         """The backend's class as an import path when it runs in a worker; None when it runs here."""
         cls = type(registry.get(name))
         if self.cfg.isolation == "none" or name == REFERENCE[0] or self.bundle.spec is None or cls.__module__ == "__main__":
@@ -110,7 +112,7 @@ class Runner:
 
     def _compile(self, captured: Captured, name: str, precision: Precision) -> tuple[Engine, dict[str, Any]]:
         """The engine, in a worker or here, and what is known of its memory."""
-        cfg, cls_path = self.cfg, self._isolated(name)
+        cfg, cls_path = self.cfg, self.isolated(name)
         if cls_path is None:
             watch = MemoryWatch(cfg.device).__enter__()
             try:
@@ -134,7 +136,7 @@ class Runner:
         sup = backend.supports(precision, cfg.device)
         if not sup:
             return self._rows(name, precision, "unsupported", sup.reason)
-        self.say(f"{name} {precision}: compiling" + (" in a worker process" if self._isolated(name) else ""))
+        self.say(f"{name} {precision}: compiling" + (" in a worker process" if self.isolated(name) else ""))
         results: dict[Shape, Result] = {}
         model: Engine | None = None
         memory: dict[str, Any] = {}
@@ -197,10 +199,3 @@ class Runner:
                 rows[k][s].latency_ms = t
                 if ref is not None:
                     rows[k][s].speedup = speedup(ref, t)
-
-
-def time_against_reference(reference: Engine, engine: Engine, inputs: dict[str, torch.Tensor], warmup: int,
-                           rounds: int) -> tuple[Timing, Timing]:
-    """The reference and one engine timed in interleaved rounds (for a build's loaded engine)."""
-    timings = benchmark({"reference": (reference, inputs), "engine": (engine, inputs)}, warmup=warmup, rounds=rounds)
-    return timings["reference"], timings["engine"]

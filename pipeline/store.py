@@ -15,6 +15,7 @@ import datetime as dt
 import json
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -23,7 +24,7 @@ import torch
 from .compare import Comparator, Comparison
 from .env import device_info
 from .errors import ArtifactError
-from .fsutil import atomic_write, sha256
+from .fsutil import atomic_write, lock, pid_alive, sha256
 from .precision import Precision, Tolerance
 
 if TYPE_CHECKING:
@@ -53,7 +54,11 @@ def seal(directory: Path, sections: dict[str, Any]) -> Path:
     """Adds what a build measured to an engine's manifest and hashes its files again (reference.pt included)."""
     meta = read_manifest(directory)
     meta.update(sections, files=_hashes(directory))
-    return atomic_write(directory / MANIFEST, json.dumps(meta, indent=2, default=str))
+    try:  # a NaN or Inf never reaches a manifest: JSON has no such number, and a reader would trust it
+        text = json.dumps(meta, indent=2, default=str, allow_nan=False)
+    except ValueError as e:
+        raise ArtifactError(f"{directory}: a measurement is not a finite number, so nothing is written ({e})") from e
+    return atomic_write(directory / MANIFEST, text)
 
 
 def read_manifest(directory: str | Path) -> dict[str, Any]:
@@ -112,55 +117,114 @@ def check_artifact(directory: str | Path) -> dict[str, Any]:
     return meta
 
 
-def load(directory: str | Path, device: str | None = None) -> CompiledModel:
-    """An engine from its directory, checked first; needs none of the model's code."""
+def load(directory: str | Path, device: str | None = None, allow_failed: bool = False) -> CompiledModel:
+    """An engine from its directory, checked first; needs none of the model's code. An engine whose
+    recorded verdict is not a pass is refused unless `allow_failed`."""
     import backends as registry
 
-    return registry.get(read_manifest(directory)["backend"]).load(directory, device)
+    meta = read_manifest(directory)
+    verdict = (meta.get("verdict") or {}).get("status", "pass")
+    if verdict != "pass" and not allow_failed:
+        raise ArtifactError(f"{directory}: its build verdict is {verdict!r} ({(meta.get('verdict') or {}).get('reason', '')}); "
+                            f"load it anyway with allow_failed=True (kiln load --allow-failed)")
+    return registry.get(meta["backend"]).load(directory, device)
 
 
 def is_current(directory: Path, cache_key: str) -> bool:
-    """A whole, verified engine built from the same inputs (same cache key): safe to reuse."""
+    """A whole, verified engine that passed at every shape, built from the same inputs (same cache key): safe to reuse."""
+    with lock(directory):
+        recover(directory)
     try:
-        return check_artifact(directory).get("cache_key") == cache_key
+        meta = check_artifact(directory)
     except ArtifactError:
         return False
+    return meta.get("cache_key") == cache_key and (meta.get("verdict") or {}).get("status") == "pass"
+
+
+def recover(target: Path) -> None:
+    """A kill between install's two renames leaves the target missing and the previous engine moved
+    aside by a process that no longer runs: put it back (or drop it, if a newer one is in place)."""
+    for old in sorted(target.parent.glob(f".old-*-{target.name}")):
+        pid = old.name.removeprefix(".old-").split("-", 1)[0]
+        if not pid.isdigit() or pid_alive(int(pid)):
+            continue
+        if target.exists():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(old, target)
 
 
 def install(src: Path, target: Path) -> None:
-    """Rename a complete engine directory into place; an older one is moved aside first, then removed."""
-    old = None
-    if target.exists():
-        old = target.with_name(f".old-{target.name}-{os.getpid()}")
-        os.replace(target, old)
-    os.replace(src, target)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    """Rename a complete engine directory into place; an older one is moved aside first, then removed.
+    Installs into one target take turns; a kill between the renames is undone by `recover`."""
+    with lock(target):
+        recover(target)
+        old = None
+        if target.exists():
+            old = target.with_name(f".old-{os.getpid()}-{target.name}")
+            os.replace(target, old)
+        os.replace(src, target)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
 
 
-def write_reference(directory: Path, inputs: list[dict[str, torch.Tensor]], outputs: list[dict[str, torch.Tensor]]) -> Path:
+def write_reference(directory: Path, shapes: dict[str, tuple[list[dict[str, torch.Tensor]], list[dict[str, torch.Tensor]]]]) -> Path:
+    """Every built shape's input batches and eager fp32 outputs, for `kiln verify`."""
     path = directory / REFERENCE
-    torch.save({"inputs": inputs, "outputs": outputs}, path)
+    torch.save({"shapes": {s: {"inputs": i, "outputs": o} for s, (i, o) in shapes.items()}}, path)
     return path
 
 
-def read_reference(directory: str | Path) -> dict[str, Any]:
+def read_reference(directory: str | Path) -> dict[str, dict[str, list[dict[str, torch.Tensor]]]]:
+    """{shape: {"inputs": [...], "outputs": [...]}}."""
     directory = Path(directory)
     data = torch.load(directory / REFERENCE, weights_only=True)  # tensors only; hashed before this
-    if not isinstance(data, dict) or "inputs" not in data or "outputs" not in data:
+    if not isinstance(data, dict) or not isinstance(data.get("shapes"), dict):
         raise ArtifactError(f"{directory / REFERENCE} is not a Kiln reference file")
-    return data
+    return data["shapes"]
 
 
-def verify(directory: str | Path, device: str | None = None) -> Comparison:
-    """Reload the engine and compare it again with the eager outputs stored at build, under the tolerances applied then."""
+@dataclass
+class Verification:
+    """An engine checked again at every shape it was built for, each under the tolerances applied then."""
+
+    shapes: dict[str, Comparison]
+
+    @property
+    def passed(self) -> bool:
+        return bool(self.shapes) and all(c.passed for c in self.shapes.values())
+
+    def __bool__(self) -> bool:
+        return self.passed
+
+    @property
+    def batches(self) -> int:
+        return sum(c.batches for c in self.shapes.values())
+
+    @property
+    def reason(self) -> str:
+        shown = [(s, c) for s, c in self.shapes.items() if not c.passed] or list(self.shapes.items())
+        return "; ".join(f"at {s}: {c.reason}" for s, c in shown)
+
+
+def verify(directory: str | Path, device: str | None = None) -> Verification:
+    """Reload the engine and compare it again with the eager outputs stored at build, at every
+    recorded shape, under the tolerances applied at that shape."""
     directory = Path(directory)
-    model = load(directory, device)
+    model = load(directory, device, allow_failed=True)
     meta = read_manifest(directory)
+    recorded = (meta.get("verdict") or {}).get("shapes") or {}
+    if not recorded:
+        raise ArtifactError(f"{directory} records no verdict to verify against (saved by kiln run, not built by kiln build)")
     ref = read_reference(directory)
-    tol = {o: Tolerance.from_dict(t) for o, t in meta["verdict"]["tolerances"].items()}
-    comp = Comparator(Precision(meta["precision"]), meta["model"]["task"], tol)
-    for x, y in zip(ref["inputs"], ref["outputs"]):
-        out = model({k: v.to(model.device) for k, v in x.items()})
-        comp.add(out, y, y, None, x.get("attention_mask"))
-    return comp.result()
+    out: dict[str, Comparison] = {}
+    for shape, verdict in recorded.items():
+        if shape not in ref:
+            raise ArtifactError(f"{directory / REFERENCE} holds no batches for the recorded shape {shape}")
+        tol = {o: Tolerance.from_dict(t) for o, t in verdict["tolerances"].items()}
+        comp = Comparator(Precision(meta["precision"]), meta["model"]["task"], tol)
+        for x, y in zip(ref[shape]["inputs"], ref[shape]["outputs"]):
+            out_t = model({k: v.to(model.device) for k, v in x.items()})
+            comp.add(out_t, y, y, None, x.get("attention_mask"))
+        out[shape] = comp.result()
+    return Verification(out)

@@ -9,14 +9,19 @@ that dies is reported with its signal and the last lines of its stderr.
 
 from __future__ import annotations
 
-import multiprocessing as mp
 import os
+import pickle
 import resource
+import shutil
 import signal
+import subprocess
+import sys
 import tempfile
+import threading
 import time
 import traceback
 from collections.abc import Callable, Mapping
+from multiprocessing.connection import Client, Listener
 from pathlib import Path
 from typing import Any
 
@@ -27,36 +32,43 @@ from .errors import BackendError, KilnError
 from .precision import Precision
 
 Tensors = dict[str, torch.Tensor]
-_CTX = mp.get_context("spawn")  # a fresh interpreter: no inherited threads, CUDA context or locks
 
 
 class WorkerCrashed(BackendError):
     """The worker process died (a signal, an exit) or stopped answering."""
 
 
+def _send(conn: Any, obj: Any) -> None:
+    """Plain pickle, not multiprocessing's: torch registers reducers there that pass tensors as
+    shared file descriptors, which need a multiprocessing parent this worker does not have."""
+    conn.send_bytes(pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL))
+
+
+def _recv(conn: Any) -> Any:
+    return pickle.loads(conn.recv_bytes())
+
+
 def _rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def _serve(conn: Any, stderr_path: str, threads: int) -> None:
-    """The worker's loop. Its stderr goes to a file the parent reads when the worker dies."""
-    fd = os.open(stderr_path, os.O_WRONLY | os.O_APPEND)
-    os.dup2(fd, 2)
+def _serve(conn: Any, threads: int) -> None:
+    """The worker's loop: one request at a time, every error sent back as a message."""
     torch.set_num_threads(threads)
     state: dict[str, Any] = {"inputs": {}}
     while True:
         try:
-            op, args = conn.recv()
+            op, args = _recv(conn)
         except EOFError:
             return
         try:
             if op == "quit":
-                conn.send(("ok", None))
+                _send(conn, ("ok", None))
                 return
-            conn.send(("ok", _OPS[op](state, *args)))
+            _send(conn, ("ok", _OPS[op](state, *args)))
         except BaseException as e:  # every error goes back as a message; only a crash ends the worker
             kind = type(e).__name__
-            conn.send(("error", (kind, str(e), isinstance(e, KilnError), traceback.format_exc(limit=8))))
+            _send(conn, ("error", (kind, str(e), isinstance(e, KilnError), traceback.format_exc(limit=8))))
 
 
 def _backend(name: str, cls_path: tuple[str, str] | None) -> Any:
@@ -90,11 +102,12 @@ def _op_compile(state: dict[str, Any], model_spec: str, cache_dir: str | None, g
     return _facts(state)
 
 
-def _op_load(state: dict[str, Any], directory: str, device: str) -> dict[str, Any]:
-    from .store import load
+def _op_load(state: dict[str, Any], directory: str, device: str, cls_path: tuple[str, str] | None) -> dict[str, Any]:
+    """The saved engine, by its backend's own load (hashes and versions checked); no model code is loaded."""
+    from .store import read_manifest
 
     state["rss0"] = _rss()
-    state["engine"] = load(directory, device)
+    state["engine"] = _backend(read_manifest(directory)["backend"], cls_path).load(directory, device)
     return _facts(state)
 
 
@@ -132,36 +145,56 @@ _OPS: dict[str, Callable[..., Any]] = {"compile": _op_compile, "load": _op_load,
 
 
 def _raise(kind: str, message: str, kiln: bool, trace: str) -> None:
-    if kiln and isinstance(getattr(errors, kind, None), type) and issubclass(getattr(errors, kind), KilnError):
-        raise getattr(errors, kind)(message)
+    cls = getattr(errors, kind, None)
+    if kiln and isinstance(cls, type) and issubclass(cls, KilnError):
+        err = Exception.__new__(cls)  # the same class and message; its own __init__ may want other arguments
+        Exception.__init__(err, message)
+        raise err
     raise BackendError(f"{kind}: {message.strip().splitlines()[0] if message.strip() else ''}")
 
 
 class Worker:
-    """A spawned process serving one engine. Every request waits at most `timeout_s`."""
+    """A fresh interpreter (`python -m pipeline.worker`) serving one engine over a local socket; its
+    stderr goes to a file read back when it dies. A fresh interpreter rather than a fork: no
+    inherited threads, CUDA context or locks, and the caller's script is not imported again.
+    Every request waits at most `timeout_s`."""
 
     def __init__(self, label: str, timeout_s: float = 3600.0) -> None:
         self.label, self.timeout_s = label, timeout_s
-        fd, self.stderr_path = tempfile.mkstemp(prefix="kiln-worker-", suffix=".log")
-        os.close(fd)
-        self.conn, child = _CTX.Pipe()
-        self.process = _CTX.Process(target=_serve, args=(child, self.stderr_path, torch.get_num_threads()), daemon=True)
-        self.process.start()
-        child.close()
+        self.tmp = Path(tempfile.mkdtemp(prefix="kiln-worker-"))
+        self.stderr_path = self.tmp / "stderr.log"
+        # The socket lives in a directory only this user can enter (mkdtemp: 0700), so no one else connects.
+        listener = Listener(str(self.tmp / "socket"), family="AF_UNIX")
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}  # the caller's backends and plugins
+        with open(self.stderr_path, "wb") as err:
+            self.process = subprocess.Popen([sys.executable, "-m", "pipeline.worker", str(self.tmp / "socket"),
+                                             str(torch.get_num_threads())], stdin=subprocess.DEVNULL, stdout=err, stderr=err,
+                                            env=env)
+        accepted: list[Any] = []
+        waiter = threading.Thread(target=lambda: accepted.append(listener.accept()), daemon=True)
+        waiter.start()
+        deadline = time.monotonic() + 120
+        while waiter.is_alive() and self.process.poll() is None and time.monotonic() < deadline:
+            waiter.join(0.05)
+        listener.close()  # unblocks the waiter if the worker never connected
+        if not accepted:
+            self.process.kill()
+            raise WorkerCrashed(f"{label}: the worker process did not start{self._tail()}")
+        self.conn = accepted[0]
 
     def call(self, op: str, *args: Any, timeout_s: float | None = None) -> Any:
         deadline = time.monotonic() + (timeout_s or self.timeout_s)
         try:
-            self.conn.send((op, args))
+            _send(self.conn, (op, args))
             while not self.conn.poll(0.05):
-                if not self.process.is_alive():
+                if self.process.poll() is not None:
                     raise self._crashed()
                 if time.monotonic() > deadline:
                     self.process.kill()
-                    self.process.join(5)
+                    self.process.wait(5)
                     raise WorkerCrashed(f"{self.label}: no answer to {op!r} within {timeout_s or self.timeout_s:.0f}s; "
                                         f"the worker was killed{self._tail()}")
-            status, value = self.conn.recv()
+            status, value = _recv(self.conn)
         except (EOFError, BrokenPipeError, ConnectionResetError):
             raise self._crashed() from None
         if status == "error":
@@ -169,8 +202,10 @@ class Worker:
         return value
 
     def _crashed(self) -> WorkerCrashed:
-        self.process.join(5)
-        code = self.process.exitcode
+        try:
+            code: int | None = self.process.wait(5)
+        except subprocess.TimeoutExpired:
+            code = None
         if code is not None and code < 0:
             how = f"killed by {signal.Signals(-code).name}" + (" (out of memory?)" if -code == signal.SIGKILL else "")
         else:
@@ -185,16 +220,17 @@ class Worker:
         return (": " + " | ".join(text[-lines:]))[:800] if text else ""
 
     def close(self) -> None:
-        if self.process.is_alive():
+        if self.process.poll() is None:
             try:
-                self.conn.send(("quit", ()))
-                self.process.join(10)
-            except (BrokenPipeError, OSError):
+                _send(self.conn, ("quit", ()))
+                self.process.wait(10)
+            except (BrokenPipeError, OSError, subprocess.TimeoutExpired):
                 pass
-        if self.process.is_alive():
+        if self.process.poll() is None:
             self.process.kill()
-            self.process.join(5)
-        Path(self.stderr_path).unlink(missing_ok=True)
+            self.process.wait(5)
+        self.conn.close()
+        shutil.rmtree(self.tmp, ignore_errors=True)
 
 
 class RemoteEngine:
@@ -219,10 +255,11 @@ class RemoteEngine:
             raise
 
     @classmethod
-    def load(cls, label: str, directory: Path, device: str, timeout_s: float = 600.0) -> RemoteEngine:
+    def load(cls, label: str, directory: Path, device: str, cls_path: tuple[str, str] | None = None,
+             timeout_s: float = 600.0) -> RemoteEngine:
         worker = Worker(label, timeout_s)
         try:
-            return cls(worker, worker.call("load", str(directory), device))
+            return cls(worker, worker.call("load", str(directory), device, cls_path))
         except BaseException:
             worker.close()
             raise
@@ -255,3 +292,7 @@ class RemoteEngine:
 
     def close(self) -> None:
         self.worker.close()
+
+
+if __name__ == "__main__":  # python -m pipeline.worker SOCKET THREADS: started by Worker
+    _serve(Client(sys.argv[1], family="AF_UNIX"), int(sys.argv[2]))

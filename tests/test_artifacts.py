@@ -6,11 +6,16 @@ import json
 import shutil
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
+import backends as registry
+from backends.base import BackendOptions
+from backends.eager import EagerBackend, EagerModel
 from pipeline import store
 from pipeline.build import build
 from pipeline.store import MANIFEST, check_artifact, load, verify
@@ -43,7 +48,13 @@ def test_manifest_records_what_a_deployment_needs(built: Path) -> None:
     assert meta["axis_ranges"] == {"batch": [1, 64], "seq": [1, 256]}
     assert set(meta["files"]) == {"model.onnx", "model.onnx.data", "reference.pt"}  # one manifest, no other metadata file
     assert meta["requires"]["onnxruntime"] and meta["device"]["type"] == "cpu"
-    assert meta["verdict"]["verdict"] == "pass" and meta["benchmark"]["2x24"]["speedup"] > 0
+    assert meta["verdict"]["status"] == "pass" and meta["benchmark"]["2x24"]["speedup"] > 0
+    # the verdict and speed are those of the saved files, loaded back, at every shape and input kind
+    assert meta["verdict"]["engine"].startswith("saved engine loaded from")
+    assert {s: v["verdict"] for s, v in meta["verdict"]["shapes"].items()} == {"1x16": "pass", "2x24": "pass"}
+    assert all(v["batches"] == 3 for v in meta["verdict"]["shapes"].values())
+    assert set(meta["verdict"]["shapes"]["2x24"]["tolerances"]["last_hidden_state"]) >= {"atol", "rtol", "min_cosine"}
+    assert meta["benchmark"]["1x16"]["reference_median_ms"] > 0
     assert meta["build_options"] == {"fuse": True, "graph_optimization": "all"}
 
 
@@ -58,7 +69,7 @@ def test_second_build_reuses(built: Path, cache_dir: Path) -> None:
 
 def test_verify_passes_on_a_good_engine(built: Path) -> None:
     c = verify(built / "eager-fp32")
-    assert c.passed and c.batches == 2
+    assert c.passed and c.batches == 6 and set(c.shapes) == {"1x16", "2x24"}  # every shape, every input kind
     assert main(["verify", str(built / "onnxruntime-fp32")]) == 0
 
 
@@ -118,7 +129,7 @@ def test_load_in_a_fresh_process_without_the_models_code(built: Path) -> None:
     code = (
         "import sys, torch, pipeline\n"
         f"m = pipeline.load({str(built / 'onnxruntime-fp32')!r})\n"
-        f"ref = torch.load({str(built / 'onnxruntime-fp32' / 'reference.pt')!r}, weights_only=True)\n"
+        f"ref = torch.load({str(built / 'onnxruntime-fp32' / 'reference.pt')!r}, weights_only=True)['shapes']['1x16']\n"
         "out = m(ref['inputs'][0])['last_hidden_state']\n"
         "assert torch.allclose(out, ref['outputs'][0]['last_hidden_state'], atol=1e-4)\n"
         "assert 'transformers' not in sys.modules, 'loading needed the model code'\n"
@@ -145,3 +156,135 @@ def test_triton_config_for_a_tensorrt_plan_uses_the_profiles_batch() -> None:
             "engine": {"profile": {"input_ids": [[1, 16], [8, 128], [8, 128]]}}}
     cfg = config_pbtxt("gpt", meta)
     assert 'platform: "tensorrt_plan"' in cfg and "max_batch_size: 8" in cfg and "TYPE_FP16" in cfg and "dims: [ -1, 1000 ]" in cfg
+
+
+@dataclass(frozen=True)
+class DriftOptions(BackendOptions):
+    offset: float = 0.0  # added to every output at seq > 16: exact at the small shape, off at the large one
+    perturb_save: bool = False  # the saved files compute something else than the engine that ran
+
+
+class DriftModel(EagerModel):
+    def run(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        out = super().run(inputs)
+        extra = self.options.offset if inputs["input_ids"].shape[1] > 16 else 0.0
+        if self.loaded_from is not None and (self.loaded_from / "perturbed").is_file():
+            extra += 1e-2
+        return {k: v + extra for k, v in out.items()}
+
+    def _save_files(self, directory: Path) -> list[Path]:
+        files = super()._save_files(directory)
+        if self.options.perturb_save:
+            (directory / "perturbed").write_text("the saved engine is not the one that ran")
+            files.append(directory / "perturbed")
+        return files
+
+
+class DriftBackend(EagerBackend):
+    name = "drifts-for-test"
+    options_type = DriftOptions
+
+    def _compile(self, captured: Any, spec: Any, shapes: Any) -> Any:
+        m = super()._compile(captured, spec, shapes)
+        return DriftModel(spec, m.module, m.program)  # type: ignore[attr-defined]
+
+    def _load(self, directory: Path, spec: Any, manifest: Any) -> Any:
+        m = super()._load(directory, spec, manifest)
+        return DriftModel(spec, m.module, m.program)  # type: ignore[attr-defined]
+
+
+@pytest.fixture
+def drift() -> Any:
+    registry.register(DriftBackend())
+    yield
+    registry.unregister("drifts-for-test")
+
+
+def _files(d: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(d.iterdir())}
+
+
+def test_an_engine_off_at_one_shape_is_never_installed_nor_reused(drift: Any, tmp_path: Path, cache_dir: Path) -> None:
+    good = build("tiny-bert", "drifts-for-test", root=tmp_path, cache_dir=cache_dir, **ROOT_ARGS)
+    assert [o.status for o in good] == ["built"]
+    target = tmp_path / "tiny-bert" / "drifts-for-test-fp32"
+    before = _files(target)
+    for _ in range(2):  # the second time it is built again, never `reused`
+        out = build("tiny-bert", "drifts-for-test", root=tmp_path, cache_dir=cache_dir,
+                    options={"drifts-for-test": {"offset": 1e-2}}, **ROOT_ARGS)
+        assert [o.status for o in out] == ["mismatch"] and "at 2x24" in out[0].reason and "at 1x16" not in out[0].reason
+        assert _files(target) == before  # the previous engine, byte for byte
+    argv = ["build", "--model", "tiny-bert", "--backends", "drifts-for-test", "--option", "drifts-for-test.offset=0.01",
+            "--shapes", "1x16,2x24", "--root", str(tmp_path), "--cache-dir", str(cache_dir), "--rounds", "2", "--warmup", "1",
+            "--device", "cpu", "--quiet"]
+    assert main(argv) == 1
+
+
+def test_saved_files_that_differ_from_what_ran_are_a_mismatch(drift: Any, tmp_path: Path, cache_dir: Path) -> None:
+    out = build("tiny-bert", "drifts-for-test", root=tmp_path, cache_dir=cache_dir,
+                options={"drifts-for-test": {"perturb_save": True}}, **ROOT_ARGS)
+    assert [o.status for o in out] == ["mismatch"] and "the saved engine, loaded back" in out[0].reason
+    assert not (tmp_path / "tiny-bert" / "drifts-for-test-fp32").exists()
+
+
+def test_load_refuses_an_engine_whose_verdict_is_not_a_pass(built: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    eng = _copy(built / "onnxruntime-fp32", tmp_path)
+    meta = json.loads((eng / MANIFEST).read_text())
+    meta["verdict"]["status"] = "mismatch"
+    (eng / MANIFEST).write_text(json.dumps(meta))
+    with pytest.raises(ArtifactError, match="build verdict is 'mismatch'.*allow_failed=True"):
+        load(eng)
+    assert load(eng, allow_failed=True).backend == "onnxruntime"
+    assert main(["load", str(eng)]) == 2 and main(["load", str(eng), "--allow-failed"]) == 0
+
+
+def _kiln(*args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen([sys.executable, "-m", "pipeline", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def test_two_concurrent_builds_on_one_root_and_cache_both_succeed(tmp_path: Path) -> None:
+    args = ["build", "--model", "tiny-bert", "--backends", "onnxruntime", "--shapes", "1x16,2x24", "--root", str(tmp_path / "root"),
+            "--cache-dir", str(tmp_path / "cache"), "--rounds", "2", "--warmup", "1", "--device", "cpu", "--quiet"]
+    procs = [_kiln(*args), _kiln(*args)]
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    assert all(" built " in o or " reused " in o for o in outs), outs
+    assert verify(tmp_path / "root" / "tiny-bert" / "onnxruntime-fp32").passed
+    assert not list((tmp_path / "root" / "tiny-bert").glob(".staging-*"))
+
+
+def test_a_build_killed_at_any_moment_leaves_nothing_that_stops_the_next(tmp_path: Path) -> None:
+    import signal
+    import time
+
+    root, cache = tmp_path / "root", tmp_path / "cache"
+    args = ["build", "--model", "tiny-bert", "--backends", "onnxruntime", "--shapes", "1x16", "--root", str(root),
+            "--cache-dir", str(cache), "--rounds", "2", "--warmup", "1", "--device", "cpu", "--quiet"]
+    victim = _kiln(*args)
+    deadline = time.monotonic() + 120
+    while not list((root / "tiny-bert").glob(".staging-*")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    assert list((root / "tiny-bert").glob(".staging-*"))  # killed mid-build: its staging is left behind ...
+    again = _kiln(*args)
+    out = again.communicate(timeout=600)[0]
+    assert again.returncode == 0, out
+    assert not list((root / "tiny-bert").glob(".staging-*"))  # ... and cleaned by the next build
+    assert verify(root / "tiny-bert" / "onnxruntime-fp32").passed
+
+
+def test_a_kill_between_the_two_renames_of_an_install_is_undone(built: Path, cache_dir: Path) -> None:
+    target = built / "eager-fp32"
+    before = _files(target)
+    target.rename(built / ".old-999999999-eager-fp32")  # moved aside by a process that died before renaming the new one in
+    out = build("tiny-bert", "eager", root=built.parent, cache_dir=cache_dir, **ROOT_ARGS)
+    assert [o.status for o in out] == ["reused"] and _files(target) == before
+
+
+def test_a_cache_entry_that_was_altered_is_made_again(tiny_captured: Any) -> None:
+    onnx = tiny_captured.onnx_path()
+    first = onnx.read_bytes()
+    onnx.write_bytes(first[: len(first) // 2])  # truncated after it was made
+    again = tiny_captured.onnx_path()
+    assert again == onnx and again.read_bytes() == first

@@ -11,7 +11,7 @@ import torch
 
 from pipeline.capture import Captured
 from pipeline.errors import ArtifactError, BackendError, ShapeError
-from pipeline.fsutil import cache_entry, staged_dir
+from pipeline.fsutil import cache_entry, cached_dir, lock
 from pipeline.inputs import Shape
 from pipeline.precision import Precision
 
@@ -146,11 +146,14 @@ class TensorRTBackend(Backend):
         tied = {"tensorrt": trt.__version__, "gpu": gpu["capability"]}
         final = cache_entry(captured.cache_dir, "tensorrt", f"{captured.graph_hash}-{spec.precision.value}",
                             {**tied, "options": options.build_options(), "profile": profile, "onnx": onnx.parent.name})
-        if not (final / ENGINE_FILE).is_file():
-            timing = cache_entry(captured.cache_dir, "tensorrt", "timing", tied) / "timing.cache"
-            with staged_dir(final) as tmp:
+        timing = cache_entry(captured.cache_dir, "tensorrt", "timing", tied) / "timing.cache"
+
+        def make(tmp: Path) -> None:
+            with lock(timing):  # one timing cache per TensorRT and GPU, read and rewritten by each build
                 (tmp / ENGINE_FILE).write_bytes(build_engine(onnx, profile, spec.precision, options,
                                                              timing if options.timing_cache else None))
+
+        cached_dir(final, make)
         return TrtModel(spec, (final / ENGINE_FILE).read_bytes(), profile)
 
     def _load(self, directory: Path, spec: EngineSpec, manifest: dict[str, Any]) -> CompiledModel:

@@ -20,7 +20,7 @@ from typing import Any
 from pipeline.capture import Captured
 from pipeline.env import version
 from pipeline.errors import BackendError, InputError
-from pipeline.fsutil import cache_entry
+from pipeline.fsutil import cache_entry, lock
 from pipeline.inputs import Shape
 from pipeline.precision import Precision
 
@@ -109,8 +109,10 @@ class TvmBackend(Backend):
                                {"module": tvm_ffi.structural_hash(static, skip_tensor_content=True) & (2**64 - 1),
                                 "cpu": target.attrs["mcpu"], "threads": int(target.attrs["num-cores"]),
                                 "apache-tvm": version("apache-tvm"), "apache-tvm-ffi": version("apache-tvm-ffi")})
-            info["tuning"][str(s)] = tune(static, target, work, options.trials_per_task, options.budget_s)
-            tuned_mod, unscheduled[str(s)] = apply_database(static, target, work)
+            with lock(work):  # two tunings of one database take turns; the second then reuses the first's
+                info["tuning"][str(s)] = {k: v for k, v in tune(static, target, work, options.trials_per_task,
+                                                                options.budget_s).items() if k != "files"}
+                tuned_mod, unscheduled[str(s)] = apply_database(static, target, work)
             libs[s] = tvm.compile(tuned_mod, target=target)
         info.update(shapes=[str(s) for s in shapes], kernels_unscheduled=unscheduled,
                     schedules=f"MetaSchedule, at most {options.trials_per_task} trials/kernel, budget {options.budget_s:.0f}s per shape")

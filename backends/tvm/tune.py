@@ -13,6 +13,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from pipeline.fsutil import atomic_write, sha256
+
 
 class BudgetSpent(Exception):
     """Raised from inside MetaSchedule to stop tuning at the deadline."""
@@ -99,9 +101,31 @@ def _import_tensor_intrin() -> None:
         inspect.stack = stack
 
 
+def _database_files(work_dir: Path) -> dict[str, str]:
+    return {p.name: sha256(p) for p in sorted(work_dir.glob("database_*.json"))}
+
+
+def repair_jsonl(path: Path) -> int:
+    """Drops the lines a killed tuning left half-written (MetaSchedule's JSON database holds one
+    record per line, appended as measured); returns how many were dropped."""
+    if not path.is_file():
+        return 0
+    good, dropped = [], 0
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            json.loads(line)
+            good.append(line)
+        except ValueError:
+            dropped += 1
+    if dropped:
+        atomic_write(path, "".join(f"{line}\n" for line in good))
+    return dropped
+
+
 def tune(mod: Any, target: Any, work_dir: Path, trials_per_task: int, budget_s: float) -> dict[str, Any]:
-    """MetaSchedule into work_dir's JSON database. A database that already got these trials, or was
-    cut short by at least this budget, is reused as is; otherwise tuning resumes from its records."""
+    """MetaSchedule into work_dir's JSON database; the caller holds work_dir's lock. A database that
+    got these trials, or was cut short by at least this budget, and whose files still hash as they
+    did when it was done, is reused as is; otherwise tuning resumes from its whole records."""
     from tvm.s_tir import meta_schedule as ms
 
     marker = work_dir / "kiln-tuned.json"
@@ -109,9 +133,12 @@ def tune(mod: Any, target: Any, work_dir: Path, trials_per_task: int, budget_s: 
     if marker.is_file():
         done = json.loads(marker.read_text())
         enough = (done.get("budget_s", 0) >= budget_s) if done.get("hit_budget") else (done.get("trials_per_task", 0) >= trials_per_task)
-        if enough:
+        if enough and done.get("files") == _database_files(work_dir):
             return {**done, "reused": True}
+    marker.unlink(missing_ok=True)  # from here until it is written again, this database is not done
     work_dir.mkdir(parents=True, exist_ok=True)
+    for part in work_dir.glob("database_*.json"):
+        repair_jsonl(part)
     t0 = time.monotonic()
     _import_tensor_intrin()
     n_tasks = len(ms.relax_integration.extract_tasks(mod, target))
@@ -131,7 +158,7 @@ def tune(mod: Any, target: Any, work_dir: Path, trials_per_task: int, budget_s: 
     measured = len(records.read_text().splitlines()) if records.is_file() else 0
     info = {"trials_per_task": trials_per_task, "budget_s": budget_s, "tasks": n_tasks, "trials_measured": measured,
             "seconds": round(time.monotonic() - t0, 1), "hit_budget": cut}
-    marker.write_text(json.dumps(info))
+    atomic_write(marker, json.dumps({**info, "files": _database_files(work_dir)}))
     return {**info, "reused": False}
 
 
