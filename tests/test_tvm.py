@@ -181,3 +181,42 @@ def test_an_untuned_build_says_so_in_the_report(tmp_path: Path, cache_dir: Path)
     row = report.find("tvm", "fp32", "2x8")
     assert row is not None and row.status == "ok" and "untuned TVM build" in row.reason
     assert "untuned TVM build" in (tmp_path / "report.md").read_text()
+
+
+def test_a_tuning_killed_mid_way_leaves_a_database_the_next_build_can_use(tmp_path: Path) -> None:
+    import signal
+    import time
+
+    code = (
+        "import sys, torch\n"
+        f"sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
+        "from test_tvm import _Mlp\n"
+        "import backends as registry\n"
+        "from pipeline.capture import capture\n"
+        "from pipeline.inputs import Shape\n"
+        "from pipeline.models import ModelBundle\n"
+        "from pipeline.precision import Precision\n"
+        "b = ModelBundle.from_module(_Mlp(), {'x': torch.randn(2, 16)}, name='mlp', dynamic_axes={'x': {0: 'batch'}})\n"
+        f"c = capture(b, {str(tmp_path)!r})\n"
+        "registry.get('tvm').compile(c, Precision.FP32, 'cpu', {'trials_per_task': 64, 'budget_s': 600}, [Shape(4, 1)])\n"
+    )
+    victim = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    records: list[Path] = []
+    while time.monotonic() < deadline and victim.poll() is None:
+        records = [p for p in (tmp_path / "tvm").glob("*/database_tuning_record.json") if p.read_text().count("\n") >= 2]
+        if records:
+            break
+        time.sleep(0.2)
+    assert records, "the tuning never wrote a record"
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    with records[0].open("a") as f:
+        f.write('[0, [["half a rec')  # as if killed in the middle of a write
+    bundle = ModelBundle.from_module(_Mlp(), {"x": torch.randn(2, 16)}, name="mlp", dynamic_axes={"x": {0: "batch"}})
+    captured = capture(bundle, tmp_path)
+    model = registry.get("tvm").compile(captured, Precision.FP32, "cpu", {"trials_per_task": 2, "budget_s": 400}, [Shape(4, 1)])
+    assert model.describe()["tuning"]["4x1"]["reused"] is False  # the killed tuning was never marked done
+    x = make_inputs(bundle, Shape(4, 1))
+    with torch.no_grad():
+        assert torch.allclose(model(x)["output"], bundle.module(**x)[0], atol=1e-4)
