@@ -81,7 +81,7 @@ def cmd_build(args: argparse.Namespace) -> int:
 def cmd_load(args: argparse.Namespace) -> int:
     from .store import load, read_manifest, read_reference
 
-    model = load(args.artifact, args.device, allow_failed=args.allow_failed)
+    model = load(args.artifact, args.device, allow_failed=args.allow_failed, public_key=_public_key(args))
     meta = read_manifest(args.artifact)
     ref = read_reference(args.artifact)
     print(f"loaded {meta['backend']} {meta['precision']} engine of {meta['model']['name']} (graph {meta['model']['graph_hash']}) on {model.device}")
@@ -98,9 +98,22 @@ def cmd_load(args: argparse.Namespace) -> int:
 def cmd_verify(args: argparse.Namespace) -> int:
     from .store import verify
 
-    c = verify(args.artifact, args.device)
+    c = verify(args.artifact, args.device, public_key=_public_key(args))
     print(f"{'PASS' if c.passed else 'FAIL'}: {c.reason}")
     return 0 if c.passed else 1
+
+
+def _public_key(args: argparse.Namespace) -> str | None:
+    if args.require_signature and not args.key:
+        raise InputError("--require-signature needs --key PUBLIC.pem, the key the artifact was signed for")
+    return args.key if args.require_signature else None
+
+
+def cmd_sign(args: argparse.Namespace) -> int:
+    from .signing import sign
+
+    print(f"signed {args.artifact}: {sign(args.artifact, args.key, args.password)}")
+    return 0
 
 
 def cmd_triton(args: argparse.Namespace) -> int:
@@ -184,16 +197,22 @@ def build_parser() -> argparse.ArgumentParser:
     bd.add_argument("--quiet", action="store_true")
     bd.set_defaults(func=cmd_build)
 
-    ld = sub.add_parser("load", help="load an engine (hashes and versions checked first) and run its reference inputs")
-    ld.add_argument("artifact")
-    ld.add_argument("--device")
+    ld = sub.add_parser("load", help="load an engine (signature, hashes and versions checked first) and run its reference inputs")
     ld.add_argument("--allow-failed", action="store_true", help="load even if its build verdict was not a pass")
     ld.set_defaults(func=cmd_load)
-
-    vf = sub.add_parser("verify", help="reload an engine and re-run the comparator against its stored reference outputs")
-    vf.add_argument("artifact")
-    vf.add_argument("--device")
+    vf = sub.add_parser("verify", help="reload an engine and re-run the comparator at every shape it was built for")
     vf.set_defaults(func=cmd_verify)
+    for sp in (ld, vf):
+        sp.add_argument("artifact")
+        sp.add_argument("--device")
+        sp.add_argument("--require-signature", action="store_true", help="refuse it unless its signature verifies with --key")
+        sp.add_argument("--key", help="the public key (PEM) the artifact was signed for")
+
+    sg = sub.add_parser("sign", help="sign an engine directory (OpenSSF model-signing, a private EC key, offline)")
+    sg.add_argument("artifact")
+    sg.add_argument("--key", required=True, help="the private key (PEM)")
+    sg.add_argument("--password", help="the private key's password, if it has one")
+    sg.set_defaults(func=cmd_sign)
 
     tr = sub.add_parser("triton", help="export an engine to a Triton model repository (engines whose backend Triton serves)")
     tr.add_argument("artifact")

@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from backends.base import CompiledModel
 
 MANIFEST, REFERENCE, KIND, SCHEMA = "manifest.json", "reference.pt", "kiln-engine", 2
+SIGNATURE = "model.sig"  # pipeline.signing's; never a file of the engine itself
 _OLD_META = "engine.json"  # schema 1 kept a second metadata file beside the manifest
 
 
@@ -39,7 +40,10 @@ def _now() -> str:
 
 
 def _hashes(directory: Path) -> dict[str, str]:
-    return {p.name: sha256(p) for p in sorted(directory.iterdir()) if p.is_file() and p.name != MANIFEST}
+    links = [p.name for p in directory.iterdir() if p.is_symlink()]
+    if links:
+        raise ArtifactError(f"{directory}: {', '.join(links)} are symbolic links; an engine holds its own files")
+    return {p.name: sha256(p) for p in sorted(directory.iterdir()) if p.is_file() and p.name not in (MANIFEST, SIGNATURE)}
 
 
 def write_engine_manifest(directory: Path, backend: str, precision: Precision, device: str, requires: dict[str, str],
@@ -83,14 +87,19 @@ def read_manifest(directory: str | Path) -> dict[str, Any]:
 
 
 def check_files(directory: Path, meta: dict[str, Any]) -> None:
-    """Every file the manifest lists exists inside the directory with its recorded sha256."""
+    """Every file the manifest lists (every file a loader opens) is a regular file inside the
+    directory, not a link, with its recorded sha256."""
     files = meta.get("files") or {}
     if not files:
         raise ArtifactError(f"{directory}: the manifest lists no files")
+    if directory.is_symlink():
+        raise ArtifactError(f"{directory} is a symbolic link; an engine directory must be the directory itself")
     for name, digest in files.items():
         if Path(name).is_absolute() or ".." in Path(name).parts:
             raise ArtifactError(f"{directory}: the manifest names a file outside the engine: {name}")
         p = directory / name
+        if p.is_symlink():
+            raise ArtifactError(f"{directory}: {name} is a symbolic link; engine files must be in the directory itself")
         if not p.is_file():
             raise ArtifactError(f"{directory}: {name} is missing")
         if sha256(p) != digest:
@@ -117,11 +126,17 @@ def check_artifact(directory: str | Path) -> dict[str, Any]:
     return meta
 
 
-def load(directory: str | Path, device: str | None = None, allow_failed: bool = False) -> CompiledModel:
-    """An engine from its directory, checked first; needs none of the model's code. An engine whose
-    recorded verdict is not a pass is refused unless `allow_failed`."""
+def load(directory: str | Path, device: str | None = None, allow_failed: bool = False,
+         public_key: str | Path | None = None) -> CompiledModel:
+    """An engine from its directory, checked first; needs none of the model's code. With
+    `public_key`, its signature is checked before anything else. An engine whose recorded verdict
+    is not a pass is refused unless `allow_failed`."""
     import backends as registry
 
+    if public_key is not None:
+        from .signing import check_signature
+
+        check_signature(directory, public_key)
     meta = read_manifest(directory)
     verdict = (meta.get("verdict") or {}).get("status", "pass")
     if verdict != "pass" and not allow_failed:
@@ -207,11 +222,11 @@ class Verification:
         return "; ".join(f"at {s}: {c.reason}" for s, c in shown)
 
 
-def verify(directory: str | Path, device: str | None = None) -> Verification:
+def verify(directory: str | Path, device: str | None = None, public_key: str | Path | None = None) -> Verification:
     """Reload the engine and compare it again with the eager outputs stored at build, at every
     recorded shape, under the tolerances applied at that shape."""
     directory = Path(directory)
-    model = load(directory, device, allow_failed=True)
+    model = load(directory, device, allow_failed=True, public_key=public_key)
     meta = read_manifest(directory)
     recorded = (meta.get("verdict") or {}).get("shapes") or {}
     if not recorded:

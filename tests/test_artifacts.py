@@ -288,3 +288,52 @@ def test_a_cache_entry_that_was_altered_is_made_again(tiny_captured: Any) -> Non
     onnx.write_bytes(first[: len(first) // 2])  # truncated after it was made
     again = tiny_captured.onnx_path()
     assert again == onnx and again.read_bytes() == first
+
+
+def _keys(tmp_path: Path, name: str) -> tuple[Path, Path]:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    private, public = tmp_path / f"{name}.pem", tmp_path / f"{name}.pub"
+    private.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                          serialization.NoEncryption()))
+    public.write_bytes(key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+    return private, public
+
+
+def test_a_signed_engine_rewritten_with_its_manifest_is_refused(built: Path, tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    private, public = _keys(tmp_path, "ours")
+    eng = _copy(built / "eager-fp32", tmp_path / "signed")
+    assert main(["sign", str(eng), "--key", str(private)]) == 0 and (eng / "model.sig").is_file()
+    assert load(eng, public_key=public).backend == "eager" and verify(eng, public_key=public).passed
+    # an attacker swaps the engine and rewrites the manifest's hash to match: the hashes alone accept it ...
+    other = _copy(built / "onnxruntime-fp32", tmp_path / "other")
+    (eng / "program.pt2").write_bytes((other / "model.onnx").read_bytes())
+    meta = json.loads((eng / MANIFEST).read_text())
+    meta["files"]["program.pt2"] = store.sha256(eng / "program.pt2")
+    (eng / MANIFEST).write_text(json.dumps(meta))
+    check_artifact(eng)
+    # ... the signature does not, before any of the engine's code is opened
+    with pytest.raises(ArtifactError, match="signature does not verify"):
+        load(eng, public_key=public)
+    assert main(["load", str(eng), "--require-signature", "--key", str(public)]) == 2
+    assert "signature does not verify" in capsys.readouterr().err
+    _, theirs = _keys(tmp_path, "theirs")
+    good = _copy(built / "eager-fp32", tmp_path / "good")
+    main(["sign", str(good), "--key", str(private)])
+    with pytest.raises(ArtifactError, match="signature does not verify"):
+        load(good, public_key=theirs)  # signed, but not by the key we trust
+    with pytest.raises(ArtifactError, match="is not signed"):
+        load(built / "onnxruntime-fp32", public_key=public)
+    assert load(built / "onnxruntime-fp32").backend == "onnxruntime"  # unsigned engines load without the requirement
+
+
+def test_links_in_an_engine_are_refused(built: Path, tmp_path: Path) -> None:
+    eng = _copy(built / "eager-fp32", tmp_path / "linked")
+    outside = tmp_path / "outside.pt2"
+    (eng / "program.pt2").rename(outside)
+    (eng / "program.pt2").symlink_to(outside)  # same bytes, same hash, but not in the engine
+    with pytest.raises(ArtifactError, match="program.pt2 is a symbolic link"):
+        load(eng)
