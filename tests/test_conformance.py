@@ -6,6 +6,7 @@ group (tests/plugin_backend.py, declared by conftest.py)."""
 from __future__ import annotations
 
 import json
+import os
 from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,8 @@ from pipeline.precision import Precision
 from pipeline.references import References
 
 SHAPES = (Shape(1, 16), Shape(3, 24))
+# scripts/gpu_check.sh runs this suite on cuda; by default it runs on the CPU
+DEVICE = os.environ.get("KILN_TEST_DEVICE", "cpu")
 # The contract, not the tuning: TVM's MetaSchedule takes minutes even on a tiny BERT and is
 # tested on its own in test_tvm.py.
 FAST = {"tvm": {"trials_per_task": 0}}
@@ -29,7 +32,7 @@ _engines: dict[tuple[str, Precision], CompiledModel] = {}
 
 def _available(name: str) -> Any:
     b = registry.get(name)
-    a = b.availability("cpu")
+    a = b.availability(DEVICE)
     if not a:
         pytest.skip(f"{name}: {a}")
     return b
@@ -37,11 +40,15 @@ def _available(name: str) -> Any:
 
 def _engine(name: str, precision: Precision, captured: Any) -> CompiledModel:
     if (name, precision) not in _engines:
-        _engines[(name, precision)] = _available(name).compile(captured, precision, "cpu", FAST.get(name), SHAPES)
+        _engines[(name, precision)] = _available(name).compile(captured, precision, DEVICE, FAST.get(name), SHAPES)
     return _engines[(name, precision)]
 
 
 _refs: dict[Precision, References] = {}
+
+
+def _on(x: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.to(DEVICE) for k, v in x.items()}
 
 
 def _verdict(model: CompiledModel, captured: Any, precision: Precision) -> Any:
@@ -76,7 +83,7 @@ def test_fp16_engine_within_fp16_tolerance(name: str, tiny_captured: Any) -> Non
 def test_missing_input_is_a_clear_error(name: str, tiny_captured: Any) -> None:
     model = _engine(name, Precision.FP32, tiny_captured)
     with pytest.raises(InputError, match="missing input.*attention_mask"):
-        model({"input_ids": torch.zeros(1, 4, dtype=torch.int64)})
+        model({"input_ids": torch.zeros(1, 4, dtype=torch.int64, device=DEVICE)})
 
 
 @pytest.mark.parametrize("name", [n for n in BACKENDS if n != "inductor"])  # AOTInductor has its own test below
@@ -84,17 +91,17 @@ def test_save_and_load_give_the_same_outputs(name: str, tiny_captured: Any, tmp_
     model = _engine(name, Precision.FP32, tiny_captured)
     files = model.save(tmp_path / "e")
     assert all(f.is_file() for f in files)
-    loaded = registry.get(name).load(tmp_path / "e")
-    x = make_inputs(tiny_captured.bundle, Shape(2, 20), "padded")
+    loaded = registry.get(name).load(tmp_path / "e", DEVICE)
+    x = _on(make_inputs(tiny_captured.bundle, Shape(2, 20), "padded"))
     assert torch.allclose(loaded(x)["last_hidden_state"], model(x)["last_hidden_state"], atol=1e-6)
 
 
 def test_aotinductor_package_reloads(tiny_captured: Any, tmp_path: Path) -> None:
     model = _engine("inductor", Precision.FP32, tiny_captured)
     model.save(tmp_path / "e")
-    loaded = registry.get("inductor").load(tmp_path / "e")
+    loaded = registry.get("inductor").load(tmp_path / "e", DEVICE)
     for s in (Shape(1, 16), Shape(4, 40)):  # dynamic batch and seq survive packaging
-        x = make_inputs(tiny_captured.bundle, s, "padded")
+        x = _on(make_inputs(tiny_captured.bundle, s, "padded"))
         assert torch.allclose(loaded(x)["last_hidden_state"], model(x)["last_hidden_state"], atol=1e-5)
 
 
@@ -130,8 +137,8 @@ def test_a_backend_from_an_entry_point_is_registered_and_conformant() -> None:
 def test_inputs_are_checked_at_the_engines_door(name: str, tiny_captured: Any, tmp_path: Path) -> None:
     model = _engine(name, Precision.FP32, tiny_captured)
     model.save(tmp_path / "e")
-    loaded = registry.get(name).load(tmp_path / "e")  # the door is kept in the manifest, not only in memory
-    x = make_inputs(tiny_captured.bundle, Shape(2, 16), "padded")
+    loaded = registry.get(name).load(tmp_path / "e", DEVICE)  # the door is kept in the manifest, not only in memory
+    x = _on(make_inputs(tiny_captured.bundle, Shape(2, 16), "padded"))
     vocab = tiny_captured.bundle.inputs["input_ids"].high
     for engine in (model, loaded):
         oov = {**x, "input_ids": x["input_ids"].clone().fill_(vocab)}
@@ -142,6 +149,6 @@ def test_inputs_are_checked_at_the_engines_door(name: str, tiny_captured: Any, t
         with pytest.raises(InputError, match="has 1 dims"):
             engine({**x, "input_ids": x["input_ids"][0]})
         with pytest.raises(ShapeError, match="seq 300 is outside the built range"):
-            engine({k: torch.ones(1, 300, dtype=torch.int64) for k in x})
+            engine({k: torch.ones(1, 300, dtype=torch.int64, device=DEVICE) for k in x})
         with pytest.raises(ShapeError, match="batch is 2 in 'input_ids' but 1 in 'attention_mask'"):
             engine({**x, "attention_mask": x["attention_mask"][:1]})

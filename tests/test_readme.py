@@ -16,3 +16,12 @@ def test_readme_api_example_runs(tmp_path: Path) -> None:
     assert res.returncode == 0, res.stderr[-2000:]
     assert res.stdout.splitlines()[0].startswith("True")
     assert (tmp_path / "artifacts/tiny-bert/onnxruntime-fp32/manifest.json").is_file()
+
+
+def test_the_gpu_lane_gates_and_never_writes_its_own_baseline() -> None:
+    wf = (Path(__file__).parent.parent / ".github" / "workflows" / "kiln.yml").read_text()
+    gpu = wf[wf.index("  gpu:"):]
+    assert "head.repo.full_name == github.repository" in gpu  # no fork's code on the self-hosted runner
+    assert "--update-baseline" not in gpu.replace("kiln check build/gpu-gate/report.json --baseline .ci/baseline-gpu.json --update-baseline, and commit it", "")
+    assert "exit 1" in gpu and '".[gpu,test]"' in gpu
+    assert '"kiln[tvm,sign]"' in (Path(__file__).parent.parent / "pyproject.toml").read_text()  # test extra pulls no onnxruntime
