@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import random
 import statistics
@@ -81,7 +82,20 @@ def speedup(reference: Timing, candidate: Timing, resamples: int = 1000, seed: i
 
 
 def time_call(model: Timeable, inputs: Mapping[str, torch.Tensor]) -> float:
-    """One call in milliseconds, ended by the engine's own synchronize; CUDA events on a GPU."""
+    """One call in milliseconds, ended by the engine's own synchronize; CUDA events on a GPU.
+    Python's garbage collector is held off during the call (as timeit does): a collection's cost
+    grows with the whole process's heap, not with the engine, and would land on whichever call
+    triggered it."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        return _time_call(model, inputs)
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def _time_call(model: Timeable, inputs: Mapping[str, torch.Tensor]) -> float:
     if model.device.startswith("cuda"):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()

@@ -165,7 +165,8 @@ class Worker:
         self.stderr_path = self.tmp / "stderr.log"
         # The socket lives in a directory only this user can enter (mkdtemp: 0700), so no one else connects.
         listener = Listener(str(self.tmp / "socket"), family="AF_UNIX")
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}  # the caller's backends and plugins
+        # the caller's backends and plugins, and its OpenMP spin count (see pipeline/__init__.py)
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
         with open(self.stderr_path, "wb") as err:
             self.process = subprocess.Popen([sys.executable, "-m", "pipeline.worker", str(self.tmp / "socket"),
                                              str(torch.get_num_threads())], stdin=subprocess.DEVNULL, stdout=err, stderr=err,
