@@ -53,7 +53,7 @@ class RunConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return {"backends": list(self.engines), "precisions": [p.value for p in self.precisions], "shapes": [str(s) for s in self.shapes],
-                "device": self.device, "warmup": self.warmup, "rounds": self.rounds,
+                "device": self.device, "warmup": self.warmup, "rounds": self.rounds, "isolation": self.isolation,
                 "options": {k: v.to_dict() for k, v in self.options.items()}}
 
 

@@ -114,7 +114,8 @@ class Report:
         lines = [f"# Kiln report: {m.get('name')}", "",
                  f"graph `{m.get('graph_hash')}` · {m.get('parameters', 0) / 1e6:.1f} M params · "
                  f"device {self.environment.get('gpu') or self.environment.get('cpu')} · "
-                 f"{self.environment.get('torch_threads')} threads · torch {self.environment.get('versions', {}).get('torch')}", "",
+                 f"{self.environment.get('torch_threads')} threads · torch {self.environment.get('versions', {}).get('torch')} · "
+                 f"isolation {self.config.get('isolation', 'none')}", "",
                  _table(self.results), ""]
         notes = [r for r in self.results if r.reason]
         if notes:
