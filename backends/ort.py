@@ -167,7 +167,7 @@ class OrtBackend(Backend):
 
     def _compile(self, captured: Captured, spec: EngineSpec, shapes: list[Shape]) -> CompiledModel:
         options: OrtOptions = spec.options  # type: ignore[assignment]
-        libs = {d: version(d) for d in ("torch", "onnx", "onnxscript", "onnx-ir", "onnxconverter-common")}
+        libs = {d: version(d) for d in ("torch", "onnx", "onnxscript", "onnx-ir", "onnxconverter-common", "onnxruntime")}
         final = cache_entry(captured.cache_dir, "onnxruntime", f"{captured.graph_hash}-{spec.precision.value}",
                             {"options": options.build_options(), **libs})
 
