@@ -14,8 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from . import store
+from .acceptance import accept
 from .capture import Captured, capture
-from .config import RunConfig, make_config
+from .config import REFERENCE, RunConfig, make_config
 from .env import device_info, environment
 from .errors import InputError
 from .fsutil import clean_stale, digest, safe_name
@@ -24,8 +25,6 @@ from .precision import Precision
 from .references import KINDS, output_axes
 from .report import Report, Result
 from .runner import Progress, Runner
-from .acceptance import accept
-from .config import REFERENCE
 
 
 def save_engines(runner: Runner, report: Report, root: Path) -> None:

@@ -12,8 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ArtifactError, InputError
-
-SIGNATURE = "model.sig"  # inside the engine directory; excluded from what it signs
+from .store import SIGNATURE, check_artifact  # the signature sits inside the engine directory, outside what it signs
 
 
 def _library() -> Any:
@@ -37,8 +36,6 @@ def _key(path: str | Path, what: str) -> Path:
 
 def sign(directory: str | Path, private_key: str | Path, password: str | None = None) -> Path:
     """Signs a checked engine directory: writes directory/model.sig over all its other files."""
-    from .store import check_artifact
-
     directory = Path(directory)
     check_artifact(directory)  # only a whole engine, every hash as recorded, is worth signing
     lib = _library()

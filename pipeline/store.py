@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     from backends.base import CompiledModel
 
 MANIFEST, REFERENCE, KIND, SCHEMA = "manifest.json", "reference.pt", "kiln-engine", 2
-SIGNATURE = "model.sig"  # pipeline.signing's; never a file of the engine itself
+SIGNATURE = "model.sig"  # pipeline.signing writes it; it is never one of the engine's own files
 _OLD_META = "engine.json"  # schema 1 kept a second metadata file beside the manifest
 
 

@@ -166,7 +166,7 @@ class Worker:
         # The socket lives in a directory only this user can enter (mkdtemp: 0700), so no one else connects.
         listener = Listener(str(self.tmp / "socket"), family="AF_UNIX")
         # the caller's backends and plugins, and its OpenMP spin count (see pipeline/__init__.py)
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p or os.getcwd() for p in sys.path)}
         with open(self.stderr_path, "wb") as err:
             self.process = subprocess.Popen([sys.executable, "-m", "pipeline.worker", str(self.tmp / "socket"),
                                              str(torch.get_num_threads())], stdin=subprocess.DEVNULL, stdout=err, stderr=err,

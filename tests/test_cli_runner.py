@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import backends as registry
-from backends.base import Backend, BackendOptions, CompiledModel
+from backends.base import Backend, CompiledModel
 from backends.eager import EagerBackend, EagerModel
 from pipeline.cli import main
 from pipeline.precision import Precision
