@@ -45,11 +45,16 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
+def left_by_dead(path: Path, prefix: str) -> bool:
+    """Whether `<prefix><pid>-...` was left by a process that no longer runs (a kill -9)."""
+    pid = path.name[len(prefix):].split("-", 1)[0]
+    return path.name.startswith(prefix) and pid.isdigit() and not pid_alive(int(pid))
+
+
 def clean_stale(parent: Path, prefix: str) -> None:
-    """Removes `<prefix><pid>-*` directories left by processes that no longer run (a kill -9)."""
+    """Removes `<prefix><pid>-*` directories left by processes that no longer run."""
     for d in parent.glob(f"{prefix}*"):
-        pid = d.name[len(prefix):].split("-", 1)[0]
-        if pid.isdigit() and not pid_alive(int(pid)):
+        if left_by_dead(d, prefix):
             shutil.rmtree(d, ignore_errors=True)
 
 

@@ -110,22 +110,26 @@ class Runner:
             return None
         return (cls.__module__, cls.__qualname__)
 
-    def _compile(self, captured: Captured, name: str, precision: Precision) -> tuple[Engine, dict[str, Any]]:
-        """The engine, in a worker or here, and what is known of its memory."""
+    def _compile_and_check(self, captured: Captured, name: str, precision: Precision,
+                           refs: References) -> tuple[Engine, dict[Shape, Result], dict[str, Any]]:
+        """The engine, in a worker or here; its row at every shape; and what it says of itself
+        (describe, notes) and of its peak memory."""
         cfg, cls_path = self.cfg, self.isolated(name)
         if cls_path is None:
-            watch = MemoryWatch(cfg.device).__enter__()
-            try:
+            with MemoryWatch(cfg.device) as watch:
                 model = registry.get(name).compile(captured, precision, cfg.device, cfg.options[name], cfg.shapes)
-            except BaseException:
-                watch.__exit__(None, None, None)
-                raise
-            return model, {"watch": watch}
+                results = {s: self._check(model, s, refs, precision) for s in cfg.shapes}
+            return model, results, {"describe": model.describe(), "notes": model.notes(), "peak_host_mb": watch.peak_host_mb,
+                           "peak_device_mb": watch.peak_device_mb}
         remote = RemoteEngine.compile(f"{name} {precision}", cfg.timeout_s, model_spec=self.bundle.spec,
                                       cache_dir=str(captured.cache_dir), graph_hash=captured.graph_hash, name=name,
                                       cls_path=cls_path, precision=precision.value, device=cfg.device,
                                       options=cfg.options[name].to_dict(), shapes=[str(s) for s in cfg.shapes])
-        return remote, {}
+        try:
+            return remote, {s: self._check(remote, s, refs, precision) for s in cfg.shapes}, remote.info()
+        except BaseException:
+            remote.close()
+            raise
 
     def _build(self, captured: Captured, name: str, precision: Precision, refs: References) -> dict[Shape, Result]:
         cfg, backend = self.cfg, registry.get(name)
@@ -137,31 +141,15 @@ class Runner:
         if not sup:
             return self._rows(name, precision, "unsupported", sup.reason)
         self.say(f"{name} {precision}: compiling" + (" in a worker process" if self.isolated(name) else ""))
-        results: dict[Shape, Result] = {}
-        model: Engine | None = None
-        memory: dict[str, Any] = {}
         try:
-            model, memory = self._compile(captured, name, precision)
-            for s in cfg.shapes:
-                results[s] = self._check(model, s, refs, precision)
-            info: dict[str, Any] = model.info() if isinstance(model, RemoteEngine) else {"describe": model.describe(),
-                                                                                         "notes": model.notes()}
+            model, results, info = self._compile_and_check(captured, name, precision, refs)
         except Exception as e:  # a compiler may raise anything; it becomes a row, the run goes on
             self.say(f"{name} {precision}: failed: {_short(e)}")
             log.debug("%s %s failed", name, precision, exc_info=True)
-            if isinstance(model, RemoteEngine):
-                model.close()
-            if "watch" in memory:
-                memory["watch"].__exit__(None, None, None)
             return self._rows(name, precision, "failed", _short(e), crashed=isinstance(e, WorkerCrashed))
-        if "watch" in memory:
-            memory["watch"].__exit__(None, None, None)
-            peak_host, peak_device = memory["watch"].peak_host_mb, memory["watch"].peak_device_mb
-        else:
-            peak_host, peak_device = info.get("peak_host_mb"), None
         self.engines[(name, precision)] = model
         for r in results.values():
-            r.peak_host_mb, r.peak_device_mb = peak_host, peak_device
+            r.peak_host_mb, r.peak_device_mb = info.get("peak_host_mb"), info.get("peak_device_mb")
             r.describe = {**r.describe, **info["describe"]}
             r.engine = str(info["describe"].get("engine", ""))
             if info["notes"]:

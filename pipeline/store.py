@@ -24,7 +24,7 @@ import torch
 from .compare import Comparator, Comparison
 from .env import device_info
 from .errors import ArtifactError
-from .fsutil import atomic_write, lock, pid_alive, sha256
+from .fsutil import atomic_write, left_by_dead, lock, sha256
 from .precision import Precision, Tolerance
 
 if TYPE_CHECKING:
@@ -50,18 +50,22 @@ def write_engine_manifest(directory: Path, backend: str, precision: Precision, d
                           engine: dict[str, Any]) -> Path:
     """The manifest a backend's save writes: enough to load the engine, and the hash of every file."""
     meta = {"kind": KIND, "schema_version": SCHEMA, "created": _now(), "backend": backend, "precision": precision.value,
-            "device": device_info(device), "requires": requires, "engine": engine, "files": _hashes(directory)}
-    return atomic_write(directory / MANIFEST, json.dumps(meta, indent=2, default=str))
+            "device": device_info(device), "requires": requires, "engine": engine}
+    return _write(directory, meta)
 
 
 def seal(directory: Path, sections: dict[str, Any]) -> Path:
     """Adds what a build measured to an engine's manifest and hashes its files again (reference.pt included)."""
-    meta = read_manifest(directory)
-    meta.update(sections, files=_hashes(directory))
+    return _write(directory, {**read_manifest(directory), **sections})
+
+
+def _write(directory: Path, meta: dict[str, Any]) -> Path:
+    """The manifest with the hash of every file beside it, written whole."""
+    meta = {**meta, "files": _hashes(directory)}
     try:  # a NaN or Inf never reaches a manifest: JSON has no such number, and a reader would trust it
         text = json.dumps(meta, indent=2, default=str, allow_nan=False)
     except ValueError as e:
-        raise ArtifactError(f"{directory}: a measurement is not a finite number, so nothing is written ({e})") from e
+        raise ArtifactError(f"{directory}: a value is not a finite number, so nothing is written ({e})") from e
     return atomic_write(directory / MANIFEST, text)
 
 
@@ -160,8 +164,7 @@ def recover(target: Path) -> None:
     """A kill between install's two renames leaves the target missing and the previous engine moved
     aside by a process that no longer runs: put it back (or drop it, if a newer one is in place)."""
     for old in sorted(target.parent.glob(f".old-*-{target.name}")):
-        pid = old.name.removeprefix(".old-").split("-", 1)[0]
-        if not pid.isdigit() or pid_alive(int(pid)):
+        if not left_by_dead(old, ".old-"):
             continue
         if target.exists():
             shutil.rmtree(old, ignore_errors=True)

@@ -9,6 +9,7 @@ that dies is reported with its signal and the last lines of its stderr.
 
 from __future__ import annotations
 
+import logging
 import os
 import pickle
 import resource
@@ -145,6 +146,7 @@ _OPS: dict[str, Callable[..., Any]] = {"compile": _op_compile, "load": _op_load,
 
 
 def _raise(kind: str, message: str, kiln: bool, trace: str) -> None:
+    logging.getLogger("kiln").debug("in the worker:\n%s", trace)  # shown with KILN_DEBUG, like an in-process failure
     cls = getattr(errors, kind, None)
     if kiln and isinstance(cls, type) and issubclass(cls, KilnError):
         err = Exception.__new__(cls)  # the same class and message; its own __init__ may want other arguments
