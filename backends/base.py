@@ -13,6 +13,7 @@ from typing import Any, ClassVar, Literal, final
 import torch
 
 from pipeline import store
+from pipeline.calibration import FILE as CALIBRATION_FILE, Calibration, QuantSpec
 from pipeline.capture import Captured
 from pipeline.env import version
 from pipeline.errors import ArtifactError, BackendError, InputError
@@ -64,11 +65,28 @@ class EngineSpec:
     input_specs: Mapping[str, InputSpec] = dataclasses.field(default_factory=dict)
     axis_ranges: Mapping[str, tuple[int, int]] = dataclasses.field(default_factory=dict)
     requires: Mapping[str, str] = dataclasses.field(default_factory=dict)  # Backend.pinned() where it was built
+    # int8: how it was quantized; a static int8 engine carries its calibration (calibration.json).
+    quant: QuantSpec | None = None
+    calibration: Calibration | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"inputs": list(self.input_names), "outputs": list(self.output_names), "options": self.options.to_dict(),
-                "input_specs": {n: s.to_dict() for n, s in self.input_specs.items()},
-                "axis_ranges": {k: list(v) for k, v in self.axis_ranges.items()}}
+        out = {"inputs": list(self.input_names), "outputs": list(self.output_names), "options": self.options.to_dict(),
+               "input_specs": {n: s.to_dict() for n, s in self.input_specs.items()},
+               "axis_ranges": {k: list(v) for k, v in self.axis_ranges.items()}}
+        if self.quant is not None:
+            out["quantization"] = self.quantization()
+        return out
+
+    def quantization(self) -> dict[str, Any]:
+        """What a reader of the manifest needs to know of an int8 engine."""
+        if self.quant is None:
+            return {}
+        out: dict[str, Any] = {"weights": "int8 per channel" if self.quant.per_channel else "int8 per tensor",
+                               "activations": "int8, ranges calibrated" if self.calibration else "int8, quantized at run time"}
+        if self.calibration is not None:
+            out.update(method=self.quant.method, samples=self.calibration.rows, calibration=CALIBRATION_FILE,
+                       calibration_digest=self.calibration.digest, layers=len(self.calibration.layers))
+        return out
 
 
 @dataclass(frozen=True)
@@ -113,6 +131,8 @@ class CompiledModel(ABC):
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         files = self._save_files(directory)
+        if self.spec.calibration is not None:  # travels with the engine, hashed in the manifest like its other files
+            files.append(self.spec.calibration.save(directory / CALIBRATION_FILE))
         engine = {**self.spec.to_dict(), **self._extra_meta()}
         return [*files, store.write_engine_manifest(directory, self.spec.backend, self.precision, self.device,
                                                     dict(self.spec.requires), engine)]
@@ -195,8 +215,14 @@ class Backend(ABC):
 
     def spec(self, captured: Captured, precision: Precision, device: str, options: BackendOptions) -> EngineSpec:
         bundle = captured.bundle
+        quant = captured.quant if precision.quantized else None
+        calibration = None
+        if precision == Precision.INT8:
+            from .quantize import calibrate
+
+            calibration = calibrate(captured)
         return EngineSpec(self.name, precision, device, bundle.input_names, bundle.output_names, options,
-                          dict(bundle.inputs), dict(bundle.axis_ranges), self.pinned())
+                          dict(bundle.inputs), dict(bundle.axis_ranges), self.pinned(), quant, calibration)
 
     @final
     def compile(self, captured: Captured, precision: Precision = Precision.FP32, device: str = "cpu",
@@ -233,10 +259,13 @@ class Backend(ABC):
         if not check:
             raise BackendError(f"{self.name} cannot load on {device}: {check.reason}")
         engine = meta["engine"]
-        spec = EngineSpec(self.name, Precision(meta["precision"]), device, tuple(engine["inputs"]), tuple(engine["outputs"]),
+        precision = Precision(meta["precision"])
+        calibration = Calibration.load(directory / CALIBRATION_FILE) if precision == Precision.INT8 else None
+        spec = EngineSpec(self.name, precision, device, tuple(engine["inputs"]), tuple(engine["outputs"]),
                           self.options_type.from_mapping(engine.get("options", {})),
                           {n: InputSpec.from_dict(s) for n, s in engine.get("input_specs", {}).items()},
-                          {k: (int(v[0]), int(v[1])) for k, v in engine.get("axis_ranges", {}).items()}, self.pinned())
+                          {k: (int(v[0]), int(v[1])) for k, v in engine.get("axis_ranges", {}).items()}, self.pinned(),
+                          calibration.spec if calibration else QuantSpec() if precision.quantized else None, calibration)
         model = self._load(directory, spec, meta)
         model.loaded_from = directory
         return model

@@ -1,4 +1,5 @@
-"""Eager PyTorch: the reference in fp32, and a peer row in fp16/bf16."""
+"""Eager PyTorch: the reference in fp32, a peer row in fp16/bf16, and in int8 the PT2E-quantized
+program run op by op: the int8 reference every int8 engine is also compared against."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from pipeline.capture import Captured
+from pipeline.capture import Captured, export
+from pipeline.errors import BackendError
 from pipeline.inputs import Shape
 from pipeline.precision import Precision
 
@@ -23,9 +25,10 @@ class EagerOptions(BackendOptions):
 
 
 class EagerModel(CompiledModel):
-    def __init__(self, spec: EngineSpec, module: nn.Module, program: torch.export.ExportedProgram | None) -> None:
+    def __init__(self, spec: EngineSpec, module: nn.Module, program: torch.export.ExportedProgram | None,
+                 bundle: Any = None) -> None:
         super().__init__(spec)
-        self.module, self.program = module, program
+        self.module, self.program, self.bundle = module, program, bundle
 
     def run(self, inputs: Tensors) -> Tensors:
         with torch.no_grad():
@@ -34,6 +37,8 @@ class EagerModel(CompiledModel):
 
     def _save_files(self, directory: Path) -> list[Path]:
         # The deployable form of eager is the captured program itself (torch.export archive).
+        if self.program is None and self.bundle is not None:  # int8: the quantized module, captured like the model
+            self.program = export(self.bundle, module=self.module)
         if self.program is None:
             raise NotImplementedError("this eager model was loaded from an archive; save the original")
         path = directory / "program.pt2"
@@ -53,10 +58,16 @@ class EagerModel(CompiledModel):
 
 class EagerBackend(Backend):
     name = "eager"
-    precisions = (Precision.FP32, Precision.FP16, Precision.BF16)
+    precisions = (Precision.FP32, Precision.FP16, Precision.BF16, Precision.INT8, Precision.INT8_DYNAMIC)
     options_type = EagerOptions
 
     def _compile(self, captured: Captured, spec: EngineSpec, shapes: list[Shape]) -> CompiledModel:
+        if spec.precision.quantized:
+            if spec.device != "cpu":
+                raise BackendError("eager int8 (PT2E with the x86 quantizer) runs on the CPU only")
+            from .quantize import pt2e
+
+            return EagerModel(spec, pt2e(captured, spec.precision), None, captured.bundle)
         module = captured.bundle.module
         if spec.precision != Precision.FP32 or spec.device != "cpu":
             module = copy.deepcopy(module).to(device=spec.device, dtype=spec.precision.dtype)

@@ -5,11 +5,13 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any, Literal
 
 import torch
 
-from pipeline.capture import Captured
+from pipeline.capture import Captured, export
+from pipeline.errors import BackendError
 from pipeline.inputs import Shape
 from pipeline.precision import Precision
 
@@ -37,9 +39,10 @@ def _inductor_options(options: InductorOptions) -> dict[str, Any]:
 class InductorModel(CompiledModel):
     options: InductorOptions
 
-    def __init__(self, spec: EngineSpec, fn: Any, program: torch.export.ExportedProgram | None, package: Path | None) -> None:
+    def __init__(self, spec: EngineSpec, fn: Any, program: torch.export.ExportedProgram | None, package: Path | None,
+                 capture: Callable[[], torch.export.ExportedProgram] | None = None) -> None:
         super().__init__(spec)
-        self.fn, self.program, self.package = fn, program, package
+        self.fn, self.program, self.package, self._capture = fn, program, package, capture
         from torch._inductor import metrics
         self._metrics = (metrics.ir_nodes_pre_fusion, metrics.generated_kernel_count)
 
@@ -50,6 +53,8 @@ class InductorModel(CompiledModel):
 
     def _save_files(self, directory: Path) -> list[Path]:
         """AOTInductor: a .pt2 package that reloads with torch._inductor.aoti_load_package, no Python model code."""
+        if self.program is None and self._capture is not None:
+            self.program = self._capture()
         if self.program is None:
             raise NotImplementedError("this engine was loaded from a package; save the original")
         path = directory / "model.pt2"
@@ -84,7 +89,7 @@ class InductorModel(CompiledModel):
 
 class InductorBackend(Backend):
     name = "inductor"
-    precisions = (Precision.FP32, Precision.FP16, Precision.BF16)
+    precisions = (Precision.FP32, Precision.FP16, Precision.BF16, Precision.INT8, Precision.INT8_DYNAMIC)
     options_type = InductorOptions
     requires = {"torch": "exact"}  # an AOTInductor package is compiled code for one torch build
 
@@ -97,6 +102,23 @@ class InductorBackend(Backend):
 
     def _compile(self, captured: Captured, spec: EngineSpec, shapes: list[Shape]) -> CompiledModel:
         options: InductorOptions = spec.options  # type: ignore[assignment]
+        if spec.precision.quantized:
+            # PT2E's int8 linears become oneDNN qlinear kernels only through Inductor's freezing pass.
+            if spec.device != "cpu" or not options.freezing:
+                raise BackendError("Inductor int8 (PT2E, x86 quantizer) needs the CPU and freezing=true")
+            from .quantize import pt2e
+
+            quantized = pt2e(captured, spec.precision)
+            # Compiled as converted; captured again only for an AOTInductor package.
+            compiled = torch.compile(quantized, dynamic=options.dynamic, options=_inductor_options(options))
+
+            def fn(**inputs: torch.Tensor) -> Any:
+                # Inductor decides whether weights are constants (so the int8 weights can be
+                # pre-packed) from its global freezing flag, not from the options given to compile.
+                with torch._inductor.config.patch(freezing=True):
+                    return compiled(**inputs)
+
+            return InductorModel(spec, fn, None, None, lambda: export(captured.bundle, module=quantized))
         program = captured.program_at(spec.precision)
         fn = torch.compile(program.module().to(spec.device), dynamic=options.dynamic, options=_inductor_options(options))
         return InductorModel(spec, fn, program, None)

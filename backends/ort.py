@@ -57,6 +57,13 @@ def _build_onnx(captured: Captured, precision: Precision, options: OrtOptions, o
 
     src = captured.onnx_path()
     fusions: dict[str, int] = {}
+    if precision == Precision.INT8:
+        # Q/DQ on the unfused graph (the calibration names its tensors); ORT fuses Q/DQ + MatMul
+        # into integer kernels at load.
+        from .quantize import qdq_onnx
+
+        qdq_onnx(captured, out)
+        return fusions
     if precision == Precision.FP16:
         # The converter works on plain ONNX ops; ORT's own optimizer fuses the fp16 graph at load.
         import warnings
@@ -74,6 +81,14 @@ def _build_onnx(captured: Captured, precision: Precision, options: OrtOptions, o
 
         model, counts = optimize_for_ort(model)
         fusions = {k: v for k, v in counts.items() if v}
+    if precision == Precision.INT8_DYNAMIC:  # after the fusions: quantize_dynamic also quantizes fused Attention's MatMuls
+        from .quantize import dynamic_onnx
+
+        ir.save(model, str(out / "fused.onnx"), external_data="fused.onnx.data")
+        dynamic_onnx(out / "fused.onnx", out, captured.quant.per_channel)
+        for name in ("fused.onnx", "fused.onnx.data"):
+            (out / name).unlink()
+        return fusions
     ir.save(model, str(out / "model.onnx"), external_data=DATA)
     return fusions
 
@@ -151,7 +166,7 @@ _FUSED = {"Attention", "MultiHeadAttention", "SkipLayerNormalization", "EmbedLay
 
 class OrtBackend(Backend):
     name = "onnxruntime"
-    precisions = (Precision.FP32, Precision.FP16)
+    precisions = (Precision.FP32, Precision.FP16, Precision.INT8, Precision.INT8_DYNAMIC)
     refused = {Precision.BF16: "onnxruntime has no bf16 kernels for these ops, and the ONNX converter makes fp16 only"}
     options_type = OrtOptions
     requires = {"onnxruntime": "minor"}
@@ -169,7 +184,7 @@ class OrtBackend(Backend):
         options: OrtOptions = spec.options  # type: ignore[assignment]
         libs = {d: version(d) for d in ("torch", "onnx", "onnxscript", "onnx-ir", "onnxconverter-common", "onnxruntime")}
         final = cache_entry(captured.cache_dir, "onnxruntime", f"{captured.graph_hash}-{spec.precision.value}",
-                            {"options": options.build_options(), **libs})
+                            {"options": options.build_options(), "quantization": spec.quantization(), **libs})
 
         def make(tmp: Path) -> None:
             fusions = _build_onnx(captured, spec.precision, options, tmp)

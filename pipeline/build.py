@@ -73,14 +73,15 @@ def cache_key(captured: Captured, cfg: RunConfig, backend: str, precision: Preci
 
     return digest({"graph": captured.graph_hash, "backend": backend, "precision": precision.value,
                    "options": cfg.options[backend].build_options(), "device": device_info(cfg.device),
-                   "requires": registry.get(backend).pinned(), "shapes": [str(s) for s in cfg.shapes]}, 20)
+                   "requires": registry.get(backend).pinned(), "shapes": [str(s) for s in cfg.shapes],
+                   **({"quantization": cfg.quant.to_dict()} if precision.quantized else {})}, 20)
 
 
 def build(model: str | Path | ModelBundle, backends: Sequence[str] | str, precisions: Sequence[str] | str = ("fp32",),
           shapes: Sequence[str] | str = ("1x128", "8x128"), root: str | Path = "artifacts", device: str | None = None,
           options: Mapping[str, Mapping[str, Any]] | None = None, progress: Progress | None = None,
           cache_dir: str | Path | None = None, warmup: int = 3, rounds: int = 10,
-          isolation: str = "process") -> list[BuildOutcome]:
+          isolation: str = "process", quant: Mapping[str, Any] | None = None) -> list[BuildOutcome]:
     """Engines under root/<model>/<backend>-<precision>/, each installed only once its saved files,
     loaded back, passed at every shape; an engine that fails anywhere leaves the previous one as it was."""
     say = progress or (lambda _m: None)
@@ -89,10 +90,10 @@ def build(model: str | Path | ModelBundle, backends: Sequence[str] | str, precis
 
         raise InputError(f"name the engines to build: --backends with one or more of {', '.join(registry.names())}")
     cfg = make_config(backends=backends, precisions=precisions, shapes=shapes, device=device, options=options,
-                      warmup=warmup, rounds=rounds, isolation=isolation)
+                      warmup=warmup, rounds=rounds, isolation=isolation, **({"quant": quant} if quant else {}))
     bundle = model if isinstance(model, ModelBundle) else load_model(model)
     say(f"capturing {bundle.name}")
-    captured = capture(bundle, cache_dir)
+    captured = capture(bundle, cache_dir, cfg.quant)
     home = Path(root) / safe_name(bundle.name)
     outcomes, todo = [], []
     for b in cfg.backends:

@@ -17,6 +17,7 @@ from .errors import BackendError
 from .inputs import Shape, make_inputs
 from .models import ModelBundle
 from .precision import Precision
+from .calibration import Calibration, QuantSpec
 from .env import version
 from .fsutil import cache_entry, cached_dir
 
@@ -50,13 +51,20 @@ def graph_hash(ep: ExportedProgram) -> str:
     return h.hexdigest()[:16]
 
 
-def export(bundle: ModelBundle, dtype: torch.dtype = torch.float32) -> ExportedProgram:
-    module = bundle.module if dtype == torch.float32 else copy.deepcopy(bundle.module).to(dtype)
+def export(bundle: ModelBundle, dtype: torch.dtype = torch.float32, module: torch.nn.Module | None = None) -> ExportedProgram:
+    """The bundle's module (or `module`, one derived from it: a quantized one) captured with batch and seq dynamic."""
+    if module is None:
+        module = bundle.module if dtype == torch.float32 else copy.deepcopy(bundle.module).to(dtype)
     try:
         with torch.no_grad():
-            return torch.export.export(module.eval(), (), _example(bundle), dynamic_shapes=_dynamic_shapes(bundle))
+            if isinstance(module, torch.fx.GraphModule):
+                pass  # a module derived from a capture (quantized) is already in eval form and refuses .eval()
+            else:
+                module = module.eval()
+            return torch.export.export(module, (), _example(bundle), dynamic_shapes=_dynamic_shapes(bundle))
     except Exception as e:  # torch raises many kinds here; the user needs the first line
-        raise BackendError(f"torch.export failed for {bundle.name}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
+        first = next((line.strip() for line in str(e).splitlines() if line.strip()), "")
+        raise BackendError(f"torch.export failed for {bundle.name}: {type(e).__name__}: {first}") from e
 
 
 @dataclass
@@ -68,6 +76,8 @@ class Captured:
     graph_hash: str
     capture_s: float
     cache_dir: Path = DEFAULT_CACHE
+    quant: QuantSpec = field(default_factory=QuantSpec)  # how int8 engines are calibrated
+    calibrations: dict[QuantSpec, Calibration] = field(default_factory=dict, repr=False)
     _programs: dict[Precision, ExportedProgram] = field(default_factory=dict, repr=False)
 
     @property
@@ -76,7 +86,7 @@ class Captured:
 
     def program_at(self, precision: Precision) -> ExportedProgram:
         """The fp32 capture, or the same module captured with its weights cast to `precision`."""
-        if precision == Precision.FP32:
+        if precision.dtype == torch.float32:
             return self.program
         if precision not in self._programs:
             self._programs[precision] = export(self.bundle, precision.dtype)
@@ -98,7 +108,8 @@ class Captured:
             raise BackendError(f"ONNX export failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
 
 
-def capture(bundle: ModelBundle, cache_dir: Path | str | None = None) -> Captured:
+def capture(bundle: ModelBundle, cache_dir: Path | str | None = None, quant: QuantSpec | None = None) -> Captured:
     t0 = time.perf_counter()
     ep = export(bundle)
-    return Captured(bundle, ep, graph_hash(ep), time.perf_counter() - t0, Path(cache_dir) if cache_dir else DEFAULT_CACHE)
+    return Captured(bundle, ep, graph_hash(ep), time.perf_counter() - t0, Path(cache_dir) if cache_dir else DEFAULT_CACHE,
+                    quant or QuantSpec())

@@ -51,6 +51,21 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def _quant(args: argparse.Namespace) -> dict[str, Any]:
+    return {"method": args.calibration, "samples": args.calibration_samples, "per_channel": not args.per_tensor_weights}
+
+
+def _add_quant(p: argparse.ArgumentParser) -> None:
+    from .calibration import METHODS, QuantSpec
+
+    d = QuantSpec()
+    p.add_argument("--calibration", default=d.method, metavar="METHOD",
+                   help=f"int8 calibration: {', '.join(METHODS)} (default {d.method})")  # checked by QuantSpec: one line, exit 2
+    p.add_argument("--calibration-samples", type=int, default=d.samples, metavar="N",
+                   help=f"int8 calibration set size, disjoint from the evaluation batches (default {d.samples})")
+    p.add_argument("--per-tensor-weights", action="store_true", help="int8 weights with one scale per tensor (default: per channel)")
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from .build import run
 
@@ -58,7 +73,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     report = run(args.model, out=out, progress=None if args.quiet else _progress(), cache_dir=args.cache_dir,
                  backends=args.backends, precisions=args.precisions, shapes=args.shapes, device=args.device,
                  options=_parse_options(args.option), warmup=args.warmup, rounds=args.rounds, isolation=args.isolation,
-                 timeout_s=args.timeout, save_engines=out / "engines" if args.save_engines else None)
+                 timeout_s=args.timeout, save_engines=out / "engines" if args.save_engines else None, quant=_quant(args))
     print(report.to_markdown())
     print(f"wrote {out / 'report.json'} (and .md, .csv)", file=sys.stderr)
     crashed = sorted({f"{r.backend} {r.precision}" for r in report.results if r.crashed})
@@ -72,7 +87,8 @@ def cmd_build(args: argparse.Namespace) -> int:
 
     outcomes = build(args.model, args.backends, args.precisions, args.shapes, root=args.root, device=args.device,
                      options=_parse_options(args.option), progress=None if args.quiet else _progress(),
-                     cache_dir=args.cache_dir, warmup=args.warmup, rounds=args.rounds, isolation=args.isolation)
+                     cache_dir=args.cache_dir, warmup=args.warmup, rounds=args.rounds, isolation=args.isolation,
+                     quant=_quant(args))
     for o in outcomes:
         print(f"{o.backend:14s} {o.precision:5s} {o.status:11s} {o.path}" + (f"  ({o.reason})" if o.reason and o.status != "built" else ""))
     return 0 if all(o.status in ("built", "reused") for o in outcomes) else 1
@@ -166,7 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="capture, compile, compare, benchmark, report")
     r.add_argument("--model", default=DEFAULT_MODEL, help=f"a built-in name (kiln models) or a local HF directory (default {DEFAULT_MODEL})")
     r.add_argument("--backends", default="", help="comma-separated (default: every available backend)")
-    r.add_argument("--precisions", default="fp32", help="comma-separated from fp32,fp16,bf16 (default fp32)")
+    r.add_argument("--precisions", default="fp32", help="comma-separated from fp32,fp16,bf16,int8,int8-dynamic (default fp32)")
     r.add_argument("--shapes", default="1x128,8x128", help="comma-separated BATCHxSEQ (default 1x128,8x128)")
     r.add_argument("--device", help="cpu or cuda (default: cuda if present)")
     r.add_argument("--out", help="output directory (default artifacts/runs/<timestamp>)")
@@ -179,6 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--timeout", type=float, default=3600.0, help="seconds one worker request may take (default 3600)")
     r.add_argument("--cache-dir", help="capture and build cache (default artifacts/cache or $KILN_CACHE)")
     r.add_argument("--quiet", action="store_true", help="no progress lines")
+    _add_quant(r)
     r.set_defaults(func=cmd_run)
 
     bd = sub.add_parser("build", help="build deployable engines under ROOT/<model>/<backend>-<precision>/ (reused when unchanged)")
@@ -195,6 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
     bd.add_argument("--isolation", default="process", choices=("process", "none"),
                     help="process (default): compile in a worker and check the saved engine in a fresh one; none: one process")
     bd.add_argument("--quiet", action="store_true")
+    _add_quant(bd)
     bd.set_defaults(func=cmd_build)
 
     ld = sub.add_parser("load", help="load an engine (signature, hashes and versions checked first) and run its reference inputs")

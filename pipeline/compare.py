@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from .precision import DEFAULT_TOLERANCES, Precision, Tolerance
+from .precision import DEFAULT_TOLERANCES, INT8_FLOOR, Precision, Tolerance
 
 Tensors = Mapping[str, torch.Tensor]
 
@@ -42,6 +42,8 @@ class OutputMetrics:
     eager_agreement: float | None = None
     min_agreement: float | None = None
     embedding_cosine: float | None = None  # encoders: mean-pooled sentence embeddings, min over rows
+    eager_embedding_cosine: float | None = None
+    judged_by: str = "elementwise"  # or "task": int8, where elementwise error is reported but not the verdict
     top5_overlap: float | None = None
     passed: bool = True
     reason: str = ""
@@ -129,7 +131,7 @@ class Comparator:
             if name not in candidate:
                 raise KeyError(f"candidate has no output {name!r} (has {', '.join(candidate)})")
             a = self._acc.setdefault(name, {"m": OutputMetrics(name), "sq": 0.0, "sq_eager": 0.0, "agree": [], "eager_agree": [],
-                                            "top5": [], "emb_cos": []})
+                                            "top5": [], "emb_cos": [], "eager_emb_cos": []})
             m: OutputMetrics = a["m"]
             c, r, s = _f64(candidate[name]), _f64(ref_t), _f64(shadow[name])
             e = _f64(eager_at_precision[name]) if eager_at_precision is not None else r
@@ -172,6 +174,7 @@ class Comparator:
         elif self.task == "encoder" and c.dim() == 3:
             ec, er, ee = (pooled_embeddings(x, mask) for x in (c, r, e))
             a["emb_cos"].append((ec * er).sum(-1))
+            a["eager_emb_cos"].append((ee * er).sum(-1))
             if c.shape[0] >= 3:
                 nn_r = _nearest(er)
                 a["agree"].append((_nearest(ec) == nn_r).double())
@@ -197,6 +200,9 @@ class Comparator:
                 m.top5_overlap = float(torch.cat(a["top5"]).mean())
             if a["emb_cos"]:
                 m.embedding_cosine = float(torch.cat(a["emb_cos"]).min())
+                m.eager_embedding_cosine = float(torch.cat(a["eager_emb_cos"]).min())
+            if self.precision.quantized:
+                self._task_thresholds(m, tol)
             m.passed, m.reason = _verdict(m)
             outputs.append(m)
         passed = all(o.passed for o in outputs) and bool(outputs)
@@ -210,6 +216,21 @@ class Comparator:
         return Comparison(passed, reason, outputs, self.batches)
 
 
+    @staticmethod
+    def _task_thresholds(m: OutputMetrics, tol: Tolerance) -> None:
+        """int8: the cosine that counts is the sentence embeddings' where there are some (else the
+        whole output's), and both it and the agreement threshold loosen to what the int8 reference
+        reaches, less a margin, never below INT8_FLOOR."""
+        m.judged_by = "task"
+        if tol.shadow_factor == 0:  # a tolerance recorded at build: applied as it is
+            m.min_cosine, m.min_agreement = tol.min_cosine, tol.min_agreement if m.agreement is not None else None
+            return
+        ref_cos = m.eager_embedding_cosine if m.embedding_cosine is not None else m.eager_cosine
+        m.min_cosine = max(INT8_FLOOR.min_cosine, min(tol.min_cosine, 1 - tol.shadow_factor * (1 - (ref_cos or 0.0))))
+        if m.eager_agreement is not None:
+            m.min_agreement = max(INT8_FLOOR.min_agreement, min(tol.min_agreement, m.eager_agreement - 0.02))
+
+
 def _verdict(m: OutputMetrics) -> tuple[bool, str]:
     bad = [f"{n} of {m.elements} values are NaN or Inf{where}" for n, where in
            ((m.nonfinite, ""), (m.nonfinite_reference, " in eager fp32 or the fp64 shadow"),
@@ -217,6 +238,8 @@ def _verdict(m: OutputMetrics) -> tuple[bool, str]:
     if bad:
         return False, "; ".join(bad)
     problems = []
+    if m.judged_by == "task":
+        return _task_verdict(m)
     if m.violations:
         problems.append(f"{m.violations} of {m.elements} elements beyond atol {m.atol:.1e} + rtol {m.rtol:.0e}*|ref| "
                         f"(max abs {m.max_abs:.2e}); would pass with atol {m.needed_atol * 1.01:.2e}")
@@ -231,6 +254,20 @@ def _verdict(m: OutputMetrics) -> tuple[bool, str]:
     ratio = f", {m.rmse_vs_fp64 / m.eager_rmse_vs_fp64:.2f}x eager's own error" if m.eager_rmse_vs_fp64 > 0 else ""
     agree = f", {m.agreement_kind} {m.agreement:.0%}" if m.agreement is not None else ""
     return True, f"max abs {m.max_abs:.1e} within atol {m.atol:.0e}{ratio}, cosine {m.cosine:.6f}{agree}"
+
+
+def _task_verdict(m: OutputMetrics) -> tuple[bool, str]:
+    cos, what = (m.embedding_cosine, "sentence-embedding cosine") if m.embedding_cosine is not None else (m.cosine, "cosine")
+    ref = m.eager_embedding_cosine if m.embedding_cosine is not None else m.eager_cosine
+    problems = []
+    if cos < m.min_cosine:
+        problems.append(f"{what} {cos:.4f} < {m.min_cosine:.4f} (the int8 reference: {ref:.4f})")
+    if m.agreement is not None and m.min_agreement is not None and m.agreement < m.min_agreement:
+        problems.append(f"{m.agreement_kind} agreement {m.agreement:.1%} < {m.min_agreement:.1%} (the int8 reference: {m.eager_agreement:.1%})")
+    if problems:
+        return False, "; ".join(problems) + f"; max abs {m.max_abs:.2e} (reported, not judged)"
+    agree = f", {m.agreement_kind} {m.agreement:.0%}" if m.agreement is not None else ""
+    return True, f"{what} {cos:.4f} >= {m.min_cosine:.4f}{agree} (max abs {m.max_abs:.1e}, reported, not judged)"
 
 
 def compare(candidate: Tensors, reference: Tensors, shadow: Tensors | None = None, *,

@@ -11,6 +11,7 @@ import torch
 
 from .errors import InputError
 from .inputs import Shape, parse_shapes
+from .calibration import QuantSpec
 from .precision import Precision, Tolerance, parse_precisions
 
 if TYPE_CHECKING:
@@ -40,6 +41,7 @@ class RunConfig:
     # its own, so a native crash costs one row; "none": all in this process (for debugging).
     isolation: Literal["process", "none"] = "process"
     timeout_s: float = 3600.0  # the longest one worker request may take (a compile with tuning included)
+    quant: QuantSpec = field(default_factory=QuantSpec)  # how int8 precisions are calibrated
 
     @property
     def engines(self) -> tuple[str, ...]:
@@ -54,7 +56,8 @@ class RunConfig:
     def to_dict(self) -> dict[str, Any]:
         return {"backends": list(self.engines), "precisions": [p.value for p in self.precisions], "shapes": [str(s) for s in self.shapes],
                 "device": self.device, "warmup": self.warmup, "rounds": self.rounds, "isolation": self.isolation,
-                "options": {k: v.to_dict() for k, v in self.options.items()}}
+                "options": {k: v.to_dict() for k, v in self.options.items()},
+                **({"quantization": self.quant.to_dict()} if any(p.quantized for p in self.precisions) else {})}
 
 
 def make_config(backends: Sequence[str] | str | None = None, precisions: Sequence[str | Precision] | str = ("fp32",),
@@ -82,6 +85,11 @@ def make_config(backends: Sequence[str] | str | None = None, precisions: Sequenc
         raise InputError(f"--isolation {kw['isolation']!r}; valid: process, none")
     if "timeout_s" in kw and not (isinstance(kw["timeout_s"], (int, float)) and 0 < kw["timeout_s"] < float("inf")):
         raise InputError(f"--timeout {kw['timeout_s']!r}: must be a positive number of seconds")
+    if isinstance(kw.get("quant"), Mapping):
+        unknown = set(kw["quant"]) - set(QuantSpec.__dataclass_fields__)
+        if unknown:
+            raise InputError(f"unknown quantization setting(s) {', '.join(sorted(unknown))}; valid: {', '.join(QuantSpec.__dataclass_fields__)}")
+        kw["quant"] = QuantSpec(**kw["quant"])
     asked = tuple(dict.fromkeys(names))
     opts = {n: registry.get(n).options(options.get(n)) for n in dict.fromkeys([REFERENCE[0], *asked])}
     return RunConfig(asked, tuple(precs or [Precision.FP32]), tuple(shps), device or default_device(), opts, **kw)

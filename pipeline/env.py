@@ -79,3 +79,19 @@ def device_info(device: str) -> dict[str, Any]:
         return {"type": kind, "arch": f"sm_{props.major}{props.minor}", "name": props.name}
     cpu = cpu_name()
     return {"type": kind, "arch": cpu, "name": cpu}
+
+
+def quiet_import(module: str) -> None:
+    """Imports `module` (when installed) with logging off: torchao, which transformers imports
+    when it is installed, logs at import that its CUDA extensions cannot load on a CPU machine."""
+    import importlib
+    import logging
+
+    level = logging.root.manager.disable
+    logging.disable(logging.WARNING)
+    try:
+        importlib.import_module(module)
+    except ImportError:
+        pass
+    finally:
+        logging.disable(level)

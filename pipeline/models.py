@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from .errors import InputError, UnknownChoiceError
+from .env import quiet_import
 
 Task = Literal["encoder", "causal-lm", "generic"]
 Axis = int | str  # a fixed size, or the name of a dynamic axis ("batch", "seq")
@@ -211,6 +212,7 @@ def _from_config(kind: str, **overrides: Any) -> Callable[[str], ModelBundle]:
     def build(name: str) -> ModelBundle:
         import transformers
 
+        quiet_import("torchao")
         torch.manual_seed(0)
         if kind == "bert":
             model: nn.Module = transformers.BertModel(transformers.BertConfig(**overrides), add_pooling_layer=False)
@@ -249,6 +251,7 @@ def load_hf_dir(path: str | Path, *, name: str | None = None, source: str | None
     """Any local Hugging Face model directory (config.json + weights). Never touches the network."""
     import transformers
 
+    quiet_import("torchao")
     path = Path(path)
     if not (path / "config.json").is_file():
         raise InputError(f"{path} is not a Hugging Face model directory (no config.json)")

@@ -34,16 +34,25 @@ class References:
 
     @classmethod
     def compute(cls, bundle: ModelBundle, shapes: Sequence[Shape], precisions: Sequence[Precision] = (),
-                say: Callable[[str], None] | None = None) -> References:
+                say: Callable[[str], None] | None = None,
+                quantized: Callable[[Precision], Callable[[Inputs], Tensors]] | None = None) -> References:
+        """`quantized(p)` gives the reference engine at an int8 precision (a module cast to a dtype
+        cannot say what int8 costs); without it, int8 precisions are refused."""
         lower = [p for p in dict.fromkeys(precisions) if p != Precision.FP32]
         if say:
             say("reference outputs: eager fp32, fp64 shadow" + "".join(f", eager {p}" for p in lower))
         batches = {s: [make_inputs(bundle, s, kind, seed=i) for i, kind in enumerate(KINDS)] for s in shapes}
         mods: dict[str, torch.nn.Module] = {"fp32": bundle.module, "fp64": copy.deepcopy(bundle.module).double()}
-        mods.update({p.value: copy.deepcopy(bundle.module).to(p.dtype) for p in lower})
+        mods.update({p.value: copy.deepcopy(bundle.module).to(p.dtype) for p in lower if not p.quantized})
         outputs: dict[str, dict[Shape, list[Tensors]]] = {}
         for key, mod in mods.items():
             outputs[key] = {s: [_eager(mod, bundle.output_names, b) for b in bs] for s, bs in batches.items()}
+        for p in (p for p in lower if p.quantized):
+            if quantized is None:
+                raise InputError(f"{p} needs a quantized reference engine, and none was given")
+            engine = quantized(p)
+            with torch.no_grad():
+                outputs[p.value] = {s: [engine(b) for b in bs] for s, bs in batches.items()}
             if key in ("fp32", "fp64"):
                 for s, outs in outputs[key].items():
                     if not all(torch.isfinite(t).all() for o in outs for t in o.values()):

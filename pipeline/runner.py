@@ -9,6 +9,7 @@ own (`isolation="process"`), so a native crash, abort, OOM or hang costs that ba
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import logging
 from collections.abc import Callable, Mapping
@@ -75,9 +76,17 @@ class Runner:
         cfg = self.cfg
         if captured is None:
             self.say(f"capturing {self.bundle.name} with torch.export (batch and seq dynamic)")
-            captured = capture(self.bundle, self.cache_dir)
+            captured = capture(self.bundle, self.cache_dir, cfg.quant)
             self.say(f"captured graph {captured.graph_hash} in {captured.capture_s:.1f}s")
-        self.references = refs = References.compute(self.bundle, cfg.shapes, cfg.precisions, self.say)
+        captured = dataclasses.replace(captured, quant=cfg.quant)
+        if any(p.quantized for p in cfg.precisions):
+            self.say(f"int8: calibration {cfg.quant.method}, {cfg.quant.samples} samples, weights "
+                     f"{'per channel' if cfg.quant.per_channel else 'per tensor'}")
+
+        def quantized_reference(p: Precision) -> Engine:
+            return registry.get(REFERENCE[0]).compile(captured, p, "cpu", cfg.options[REFERENCE[0]], cfg.shapes)
+
+        self.references = refs = References.compute(self.bundle, cfg.shapes, cfg.precisions, self.say, quantized_reference)
         rows: dict[tuple[str, Precision], dict[Shape, Result]] = {}
         for name in cfg.engines:
             for p in cfg.precisions_of(name):
@@ -124,7 +133,8 @@ class Runner:
         remote = RemoteEngine.compile(f"{name} {precision}", cfg.timeout_s, model_spec=self.bundle.spec,
                                       cache_dir=str(captured.cache_dir), graph_hash=captured.graph_hash, name=name,
                                       cls_path=cls_path, precision=precision.value, device=cfg.device,
-                                      options=cfg.options[name].to_dict(), shapes=[str(s) for s in cfg.shapes])
+                                      options=cfg.options[name].to_dict(), shapes=[str(s) for s in cfg.shapes],
+                                      quant=captured.quant.to_dict())
         try:
             return remote, {s: self._check(remote, s, refs, precision) for s in cfg.shapes}, remote.info()
         except BaseException:

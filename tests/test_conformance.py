@@ -152,3 +152,39 @@ def test_inputs_are_checked_at_the_engines_door(name: str, tiny_captured: Any, t
             engine({k: torch.ones(1, 300, dtype=torch.int64, device=DEVICE) for k in x})
         with pytest.raises(ShapeError, match="batch is 2 in 'input_ids' but 1 in 'attention_mask'"):
             engine({**x, "attention_mask": x["attention_mask"][:1]})
+
+
+def _int8_refs(captured: Any, precision: Precision) -> References:
+    if precision not in _refs:  # the int8 reference is eager PT2E, as the runner makes it
+        _refs[precision] = References.compute(
+            captured.bundle, SHAPES, [precision],
+            quantized=lambda p: registry.get("eager").compile(captured, p, "cpu", None, SHAPES))
+    return _refs[precision]
+
+
+@pytest.mark.parametrize("precision", [Precision.INT8, Precision.INT8_DYNAMIC])
+@pytest.mark.parametrize("name", BACKENDS)
+def test_int8_engine_keeps_the_task_or_says_why_not(name: str, precision: Precision, tiny_captured: Any, tmp_path: Path) -> None:
+    backend = _available(name)
+    support = backend.supports(precision, DEVICE)
+    if not support:  # a refusal is a row that names its reason, never an attempt
+        assert len(support.reason) > 20 and precision not in backend.precisions
+        return
+    model = _engine(name, precision, tiny_captured)
+    verdict = _int8_refs(tiny_captured, precision).judge(model, SHAPES, precision)
+    assert verdict.passed, verdict.reason
+    out = verdict.outputs[0]
+    assert out.judged_by == "task" and out.embedding_cosine is not None and out.embedding_cosine >= out.min_cosine >= 0.95
+    assert out.max_abs > 1e-4  # it really ran quantized
+    files = {f.name for f in model.save(tmp_path / "e")}
+    meta = json.loads((tmp_path / "e" / "manifest.json").read_text())
+    quant = meta["engine"]["quantization"]
+    assert quant["weights"] == "int8 per channel"
+    if precision == Precision.INT8:  # the calibration travels with the engine, hashed like its other files
+        assert "calibration.json" in files and "calibration.json" in meta["files"]
+        assert quant["calibration_digest"] == model.spec.calibration.digest and quant["method"] == tiny_captured.quant.method
+    else:
+        assert "calibration.json" not in files and quant["activations"] == "int8, quantized at run time"
+    loaded = backend.load(tmp_path / "e", DEVICE)
+    x = _on(make_inputs(tiny_captured.bundle, Shape(2, 20), "text"))
+    assert torch.allclose(loaded(x)["last_hidden_state"], model(x)["last_hidden_state"], atol=1e-4)

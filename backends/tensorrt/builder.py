@@ -1,5 +1,6 @@
 """Building a TensorRT engine from ONNX: the ONNX parser, one optimization profile, fp16/bf16 by
-builder flags or a strongly typed network, and a persisted timing cache."""
+builder flags or a strongly typed network, int8 by explicit quantization (a strongly typed network
+from the Q/DQ graph), and a persisted timing cache."""
 
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ class TrtOptions(ProfileOptions):
 def precision_flags(precision: Precision, strongly_typed: bool) -> tuple[list[str], list[str]]:
     """(network creation flags, builder flags) by name. A strongly typed network takes its types
     from the graph and refuses precision flags; a weakly typed one gets FP16 or BF16."""
-    if strongly_typed:
+    if strongly_typed or precision == Precision.INT8:  # int8: the Q/DQ graph's explicit types
         return ["STRONGLY_TYPED"], []
     return [], {Precision.FP32: [], Precision.FP16: ["FP16"], Precision.BF16: ["BF16"]}[precision]
 

@@ -16,6 +16,7 @@ from pipeline.inputs import Shape
 from pipeline.precision import Precision
 
 from ..base import Availability, Backend, CompiledModel, EngineSpec, Tensors
+from ..quantize import qdq_onnx_cached
 from .builder import TrtOptions, build_engine, logger
 from .profile import Profile, check_shapes, input_profile, max_batch, profile_from_json, profile_shapes, profile_to_json
 
@@ -125,7 +126,9 @@ class TrtModel(CompiledModel):
 
 class TensorRTBackend(Backend):
     name = "tensorrt"
-    precisions = (Precision.FP32, Precision.FP16, Precision.BF16)
+    precisions = (Precision.FP32, Precision.FP16, Precision.BF16, Precision.INT8)
+    refused = {Precision.INT8_DYNAMIC: "TensorRT quantizes int8 activations with scales fixed at build (explicit Q/DQ); "
+                                       "its run-time quantization is for FP8/FP4 only: use int8"}
     devices = ("cuda",)
     runs_on = "TensorRT runs on CUDA devices"
     options_type = TrtOptions
@@ -142,7 +145,10 @@ class TensorRTBackend(Backend):
         options: TrtOptions = spec.options  # type: ignore[assignment]
         profile = input_profile(captured.bundle, profile_shapes(captured.bundle, shapes, options))
         gpu = gpu_of(spec.device)
-        onnx = captured.onnx_path(spec.precision if options.strongly_typed else Precision.FP32)
+        if spec.precision == Precision.INT8:
+            onnx = qdq_onnx_cached(captured, symmetric=True)  # TensorRT takes symmetric int8 Q/DQ only
+        else:
+            onnx = captured.onnx_path(spec.precision if options.strongly_typed else Precision.FP32)
         tied = {"tensorrt": trt.__version__, "gpu": gpu["capability"]}
         final = cache_entry(captured.cache_dir, "tensorrt", f"{captured.graph_hash}-{spec.precision.value}",
                             {**tied, "options": options.build_options(), "profile": profile, "onnx": onnx.parent.name})

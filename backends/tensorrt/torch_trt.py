@@ -70,6 +70,9 @@ class TorchTrtModel(CompiledModel):
 class TorchTensorRTBackend(Backend):
     name = "torch-tensorrt"
     precisions = (Precision.FP32, Precision.FP16, Precision.BF16)
+    refused = dict.fromkeys((Precision.INT8, Precision.INT8_DYNAMIC),
+                            "torch-tensorrt's int8 path takes programs quantized by NVIDIA ModelOpt (its Q/DQ wrappers), "
+                            "not PT2E's quantize/dequantize ops: use tensorrt, which builds int8 from the Q/DQ ONNX graph")
     devices = ("cuda",)
     runs_on = "TensorRT runs on CUDA devices"
     options_type = TorchTrtOptions

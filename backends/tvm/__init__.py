@@ -46,10 +46,17 @@ class TvmOptions(BackendOptions):
             raise InputError(f"tvm.budget_s={self.budget_s}: must be a finite number of seconds, 0 or more")
 
 
+INT8_REFUSAL = ("TVM 0.27's Relax importer for exported programs has no converter for PT2E's quantize/dequantize "
+                "ops (quantized_decomposed.quantize_per_tensor)")
+
+
 class TvmBackend(Backend):
     name = "tvm"
     precisions = (Precision.FP32, Precision.FP16)
-    refused = {Precision.BF16: "TVM 0.27's ToMixedPrecision makes fp16 only (bf16 fails in layer_norm)"}
+    # The quantized program's Q/DQ ops (quantized_decomposed.quantize_per_tensor and kin) have no
+    # converter in TVM 0.27's exported-program importer (a test checks that this is still so).
+    refused = {Precision.BF16: "TVM 0.27's ToMixedPrecision makes fp16 only (bf16 fails in layer_norm)",
+               Precision.INT8: INT8_REFUSAL, Precision.INT8_DYNAMIC: INT8_REFUSAL}
     options_type = TvmOptions
     # the .so links against this TVM runtime and its FFI
     requires = {"apache-tvm": "exact", "apache-tvm-ffi": "minor"}
