@@ -32,10 +32,16 @@ def save_engines(runner: Runner, report: Report, root: Path) -> None:
     for (name, precision), model in runner.engines.items():
         runner.say(f"saving {name} {precision} engine")
         try:
-            model.save(root / f"{name}-{precision.value}")
+            files = model.save(root / f"{name}-{precision.value}")
+            for r in report.rows(name, precision):
+                r.artifact_mb = artifact_mb(files)
         except Exception as e:
             for r in report.rows(name, precision):
                 r.reason = (r.reason + "; " if r.reason else "") + f"save failed: {type(e).__name__}: {e}"
+
+
+def artifact_mb(files: Sequence[Path]) -> float:
+    return round(sum(f.stat().st_size for f in files) / 2**20, 2)
 
 
 def run(model: str | Path | ModelBundle = DEFAULT_MODEL, *, out: str | Path | None = None, progress: Progress | None = None,
@@ -65,6 +71,7 @@ class BuildOutcome:
     path: Path
     status: str  # built | reused | failed | unavailable | unsupported | mismatch
     reason: str = ""
+    size_mb: float | None = None  # the installed engine's files
 
 
 def cache_key(captured: Captured, cfg: RunConfig, backend: str, precision: Precision) -> str:
@@ -146,7 +153,7 @@ class _Job:
         reference = self.runner.engines.get(REFERENCE)
         assert refs is not None and reference is not None
         try:
-            engine.save(src)
+            size = artifact_mb(engine.save(src))
             self.say(f"{backend} {precision}: checking the saved engine, loaded back from its files")
             verdict = accept(src, refs, precision, self.cfg.device, reference, cls_path=self.runner.isolated(backend),
                              isolated=self.cfg.isolation == "process", warmup=self.cfg.warmup, rounds=self.cfg.rounds,
@@ -159,10 +166,10 @@ class _Job:
             return BuildOutcome(backend, precision.value, target, "mismatch", f"the saved engine, loaded back: {verdict.reason}")
         store.write_reference(src, {str(s): refs.saved(s, KINDS) for s in refs.shapes})
         store.seal(src, {**self.shared, **verdict.manifest(self.axes), "build_options": self.cfg.options[backend].build_options(),
-                         "cache_key": key, "describe": rows[0].describe})
+                         "cache_key": key, "describe": rows[0].describe, "artifact_mb": size})
         store.install(src, target)
         self.say(f"{backend} {precision}: built {target}")
-        return BuildOutcome(backend, precision.value, target, "built", verdict.reason)
+        return BuildOutcome(backend, precision.value, target, "built", verdict.reason, size)
 
 
 def _model_sections(bundle: ModelBundle, captured: Captured, cfg: RunConfig) -> dict[str, Any]:

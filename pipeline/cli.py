@@ -90,7 +90,8 @@ def cmd_build(args: argparse.Namespace) -> int:
                      cache_dir=args.cache_dir, warmup=args.warmup, rounds=args.rounds, isolation=args.isolation,
                      quant=_quant(args))
     for o in outcomes:
-        print(f"{o.backend:14s} {o.precision:5s} {o.status:11s} {o.path}" + (f"  ({o.reason})" if o.reason and o.status != "built" else ""))
+        size = f"  {o.size_mb:.1f} MB" if o.size_mb is not None else ""
+        print(f"{o.backend:14s} {o.precision:12s} {o.status:11s} {o.path}{size}" + (f"  ({o.reason})" if o.reason and o.status != "built" else ""))
     return 0 if all(o.status in ("built", "reused") for o in outcomes) else 1
 
 

@@ -124,8 +124,9 @@ class Comparator:
         return DEFAULT_TOLERANCES[self.precision]
 
     def add(self, candidate: Tensors, reference: Tensors, shadow: Tensors,
-            eager_at_precision: Tensors | None = None, mask: torch.Tensor | None = None) -> None:
-        """candidate and eager_at_precision at the engine's precision; reference eager fp32; shadow eager fp64."""
+            eager_at_precision: Tensors | None = None, mask: torch.Tensor | None = None, task: bool = True) -> None:
+        """candidate and eager_at_precision at the engine's precision; reference eager fp32; shadow eager fp64.
+        `task`: this batch counts for task agreement (real sentences do; random ids are no task)."""
         self.batches += 1
         for name, ref_t in reference.items():
             if name not in candidate:
@@ -160,7 +161,8 @@ class Comparator:
             excess = diff - tol.rtol * r.abs()
             m.needed_atol = max(m.needed_atol, float(excess.max().clamp(min=0)) if excess.numel() else 0.0)
             a.setdefault("beyond_floor", []).append(excess[excess > tol.atol].float())  # few, unless failing
-            self._agreement(a, c, r, e, mask)
+            if task:
+                self._agreement(a, c, r, e, mask)
 
     def _agreement(self, a: dict[str, Any], c: torch.Tensor, r: torch.Tensor, e: torch.Tensor, mask: torch.Tensor | None) -> None:
         if self.task == "causal-lm" and c.dim() == 3:

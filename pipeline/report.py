@@ -33,6 +33,7 @@ class Result:
     cosine: float | None = None
     agreement: float | None = None
     agreement_kind: str | None = None
+    embedding_cosine: float | None = None  # encoders: mean-pooled sentence embeddings vs eager fp32, min over rows
     latency_ms: Timing | None = None
     speedup: Speedup | None = None      # against eager fp32 in this run
     compile_s: float | None = None      # build + first call (cold)
@@ -42,6 +43,7 @@ class Result:
     describe: dict[str, Any] = field(default_factory=dict)
     engine: str = ""                    # which engine was checked and timed: as compiled, or its saved files
     crashed: bool = False               # its worker process died (a signal, OOM, a timeout)
+    artifact_mb: float | None = None    # the saved engine's files, where it was saved
 
     def __post_init__(self) -> None:
         if self.status not in STATUSES:
@@ -126,12 +128,14 @@ class Report:
         buf = io.StringIO()
         w = csv.writer(buf)
         w.writerow(["backend", "precision", "shape", "status", "verdict", "max_abs", "cosine", "agreement",
-                    "median_ms", "p90_ms", "speedup", "speedup_ci_low", "speedup_ci_high", "compile_s", "peak_host_mb", "reason"])
+                    "median_ms", "p90_ms", "speedup", "speedup_ci_low", "speedup_ci_high", "compile_s", "peak_host_mb",
+                    "embedding_cosine", "artifact_mb", "reason"])
         for r in self.results:
             lat, sp = r.latency_ms, r.speedup
             w.writerow([r.backend, r.precision, r.shape, r.status, r.verdict, r.max_abs, r.cosine, r.agreement,
                         lat.median if lat else None, lat.p90 if lat else None, sp.value if sp else None,
-                        sp.ci_low if sp else None, sp.ci_high if sp else None, r.compile_s, r.peak_host_mb, r.reason])
+                        sp.ci_low if sp else None, sp.ci_high if sp else None, r.compile_s, r.peak_host_mb,
+                        r.embedding_cosine, r.artifact_mb, r.reason])
         return buf.getvalue()
 
     def save(self, out_dir: str | Path) -> list[Path]:
@@ -149,15 +153,19 @@ def _fmt(x: float | None, spec: str) -> str:
 def _table(results: list[Result]) -> str:
     head = ["backend", "precision", "shape", "status", "max abs err", "cosine", "agreement", "verdict",
             "median ms", "p90 ms", "speedup (95% CI)", "compile s", "peak MB", "engine"]
+    sized = any(r.artifact_mb is not None for r in results)
+    if sized:
+        head.append("artifact MB")
     rows = []
     for r in results:
         lat, sp = r.latency_ms, r.speedup
         speed = f"{sp.value:.2f}x ({sp.ci_low:.2f}-{sp.ci_high:.2f})" if sp else "–"
-        agree = f"{r.agreement:.0%} {r.agreement_kind}" if r.agreement is not None else "–"
+        agree = ", ".join(([f"{r.agreement:.0%} {r.agreement_kind}"] if r.agreement is not None else []) +
+                          ([f"emb cos {r.embedding_cosine:.4f}"] if r.embedding_cosine is not None else [])) or "–"
         rows.append([r.backend, r.precision.value, str(r.shape), r.status, _fmt(r.max_abs, ".1e"), _fmt(r.cosine, ".6f"), agree,
                      r.verdict or "–", _fmt(lat.median if lat else None, ".2f"), _fmt(lat.p90 if lat else None, ".2f"), speed,
                      _fmt(r.compile_s, ".1f"), _fmt(r.peak_host_mb if r.peak_device_mb is None else r.peak_device_mb, ".0f"),
-                     r.engine or "–"])
+                     r.engine or "–"] + ([_fmt(r.artifact_mb, ".1f")] if sized else []))
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     out += ["| " + " | ".join(row) + " |" for row in rows]
     return "\n".join(out)

@@ -172,10 +172,12 @@ class Runner:
         c = refs.judge(model, [shape], precision, self.cfg.tolerances)
         worst = c.worst
         agree = next((o for o in c.outputs if o.agreement is not None), None)
+        emb = [o.embedding_cosine for o in c.outputs if o.embedding_cosine is not None]
         return Result(model.backend, precision, shape, "ok" if c.passed else "mismatch",
                       reason="" if c.passed else c.reason, verdict="pass" if c.passed else "fail",
                       max_abs=worst.max_abs if worst else None, cosine=min(o.cosine for o in c.outputs),
                       agreement=agree.agreement if agree else None, agreement_kind=agree.agreement_kind if agree else None,
+                      embedding_cosine=min(emb) if emb else None,
                       compile_s=model.build_s + cold / 1e3, comparison=c)
 
     def _benchmark(self, rows: dict[tuple[str, Precision], dict[Shape, Result]], refs: References) -> None:
