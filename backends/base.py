@@ -163,6 +163,8 @@ class Backend(ABC):
     precisions: ClassVar[tuple[Precision, ...]]
     # Precisions this backend refuses, each with the reason a row shows.
     refused: ClassVar[Mapping[Precision, str]] = {}
+    # Precisions this backend runs on the CPU only, each with the reason a row on another device shows.
+    cpu_only: ClassVar[Mapping[Precision, str]] = {}
     devices: ClassVar[tuple[str, ...]] = ("cpu", "cuda")
     # How the availability reason names a device this backend never runs on ("TensorRT runs on CUDA devices").
     runs_on: ClassVar[str] = ""
@@ -198,6 +200,8 @@ class Backend(ABC):
     def supports(self, precision: Precision, device: str) -> Availability:
         if precision in self.refused:
             return Availability.no(self.refused[precision])
+        if precision in self.cpu_only and device.split(":")[0] != "cpu":
+            return Availability.no(self.cpu_only[precision])
         if precision not in self.precisions:
             return Availability.no(f"{self.name} supports {', '.join(p.value for p in self.precisions)}")
         return Availability.yes()

@@ -12,11 +12,13 @@ import torch
 from torch import nn
 
 from pipeline.capture import Captured, export
+from pipeline.env import quiet_import
 from pipeline.errors import BackendError
 from pipeline.inputs import Shape
 from pipeline.precision import Precision
 
 from .base import Backend, BackendOptions, CompiledModel, EngineSpec, Tensors
+from .quantize import PT2E_CPU_ONLY
 
 
 @dataclass(frozen=True)
@@ -60,11 +62,10 @@ class EagerBackend(Backend):
     name = "eager"
     precisions = (Precision.FP32, Precision.FP16, Precision.BF16, Precision.INT8, Precision.INT8_DYNAMIC)
     options_type = EagerOptions
+    cpu_only = PT2E_CPU_ONLY
 
     def _compile(self, captured: Captured, spec: EngineSpec, shapes: list[Shape]) -> CompiledModel:
         if spec.precision.quantized:
-            if spec.device != "cpu":
-                raise BackendError("eager int8 (PT2E with the x86 quantizer) runs on the CPU only")
             from .quantize import pt2e
 
             return EagerModel(spec, pt2e(captured, spec.precision), None, captured.bundle)
@@ -74,5 +75,8 @@ class EagerBackend(Backend):
         return EagerModel(spec, module.eval(), captured.program_at(spec.precision))
 
     def _load(self, directory: Path, spec: EngineSpec, manifest: dict[str, Any]) -> CompiledModel:
+        # the program's quantize/dequantize ops are torchao's, registered when it is imported
+        if spec.precision.quantized and not quiet_import("torchao.quantization.pt2e.quantize_pt2e"):
+            raise BackendError(f"{directory} is an int8 program: loading it needs torchao (pip install torchao)")
         program = torch.export.load(str(directory / "program.pt2"))
         return EagerModel(spec, program.module().to(spec.device), program)

@@ -16,6 +16,7 @@ from pipeline.inputs import Shape
 from pipeline.precision import Precision
 
 from .base import Availability, Backend, BackendOptions, CompiledModel, EngineSpec, Tensors
+from .quantize import PT2E_CPU_ONLY
 
 Mode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
 
@@ -91,6 +92,7 @@ class InductorBackend(Backend):
     name = "inductor"
     precisions = (Precision.FP32, Precision.FP16, Precision.BF16, Precision.INT8, Precision.INT8_DYNAMIC)
     options_type = InductorOptions
+    cpu_only = PT2E_CPU_ONLY
     requires = {"torch": "exact"}  # an AOTInductor package is compiled code for one torch build
 
     def _check(self, device: str) -> Availability:
@@ -104,8 +106,8 @@ class InductorBackend(Backend):
         options: InductorOptions = spec.options  # type: ignore[assignment]
         if spec.precision.quantized:
             # PT2E's int8 linears become oneDNN qlinear kernels only through Inductor's freezing pass.
-            if spec.device != "cpu" or not options.freezing:
-                raise BackendError("Inductor int8 (PT2E, x86 quantizer) needs the CPU and freezing=true")
+            if not options.freezing:
+                raise BackendError("Inductor int8 needs freezing=true: its int8 linears are pre-packed as constants")
             from .quantize import pt2e
 
             quantized = pt2e(captured, spec.precision)

@@ -164,7 +164,7 @@ class _Job:
         if not verdict.passed:
             self.say(f"{backend} {precision}: mismatch, not installed ({verdict.reason})")
             return BuildOutcome(backend, precision.value, target, "mismatch", f"the saved engine, loaded back: {verdict.reason}")
-        store.write_reference(src, {str(s): refs.saved(s, KINDS) for s in refs.shapes})
+        store.write_reference(src, {str(s): refs.saved(s, KINDS) for s in refs.shapes}, refs.task_batches(KINDS))
         store.seal(src, {**self.shared, **verdict.manifest(self.axes), "build_options": self.cfg.options[backend].build_options(),
                          "cache_key": key, "describe": rows[0].describe, "artifact_mb": size})
         store.install(src, target)

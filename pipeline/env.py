@@ -81,7 +81,7 @@ def device_info(device: str) -> dict[str, Any]:
     return {"type": kind, "arch": cpu, "name": cpu}
 
 
-def quiet_import(module: str) -> None:
+def quiet_import(module: str) -> bool:
     """Imports `module` (when installed) with logging off: torchao, which transformers imports
     when it is installed, logs at import that its CUDA extensions cannot load on a CPU machine."""
     import importlib
@@ -91,7 +91,8 @@ def quiet_import(module: str) -> None:
     logging.disable(logging.WARNING)
     try:
         importlib.import_module(module)
+        return True
     except ImportError:
-        pass
+        return False
     finally:
         logging.disable(level)

@@ -72,11 +72,14 @@ class References:
             for i, batch in enumerate(self.batches[s]):
                 device = getattr(model, "device", "cpu")
                 out = model({k: v.to(device) for k, v in batch.items()})
-                # Task agreement (nearest neighbours, embeddings, top-1) on real sentences where the
-                # model has a tokenizer: the nearest neighbour among random ids flips on noise.
                 comp.add(out, self.outputs["fp32"][s][i], self.outputs["fp64"][s][i], at_precision[s][i],
-                         batch.get("attention_mask"), task=self.bundle.tokenizer is None or KINDS[i] == "text")
+                         batch.get("attention_mask"), task=self.task_batches()[i])
         return comp.result()
+
+    def task_batches(self, kinds: Sequence[str] = KINDS) -> list[bool]:
+        """Which batches count for task agreement: the real sentences where the model has a
+        tokenizer (the nearest neighbour among random ids flips on noise), every batch otherwise."""
+        return [self.bundle.tokenizer is None or k == "text" for k in kinds]
 
     def saved(self, shape: Shape, kinds: Sequence[str] = ("text", "padded")) -> tuple[list[Inputs], list[Tensors]]:
         """The inputs and eager fp32 outputs an artifact carries for `kiln verify`."""

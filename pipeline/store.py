@@ -186,10 +186,15 @@ def install(src: Path, target: Path) -> None:
             shutil.rmtree(old, ignore_errors=True)
 
 
-def write_reference(directory: Path, shapes: dict[str, tuple[list[dict[str, torch.Tensor]], list[dict[str, torch.Tensor]]]]) -> Path:
-    """Every built shape's input batches and eager fp32 outputs, for `kiln verify`."""
+def write_reference(directory: Path, shapes: dict[str, tuple[list[dict[str, torch.Tensor]], list[dict[str, torch.Tensor]]]],
+                    task: list[bool] | None = None) -> Path:
+    """Every built shape's input batches and eager fp32 outputs, for `kiln verify`; `task`: which
+    batches count for task agreement (References.judge's choice), the same at every shape."""
     path = directory / REFERENCE
-    torch.save({"shapes": {s: {"inputs": i, "outputs": o} for s, (i, o) in shapes.items()}}, path)
+    data: dict[str, Any] = {"shapes": {s: {"inputs": i, "outputs": o} for s, (i, o) in shapes.items()}}
+    if task is not None:
+        data["task"] = [bool(t) for t in task]
+    torch.save(data, path)
     return path
 
 
@@ -235,14 +240,15 @@ def verify(directory: str | Path, device: str | None = None, public_key: str | P
     if not recorded:
         raise ArtifactError(f"{directory} records no verdict to verify against (saved by kiln run, not built by kiln build)")
     ref = read_reference(directory)
+    task = torch.load(directory / REFERENCE, weights_only=True).get("task")
     out: dict[str, Comparison] = {}
     for shape, verdict in recorded.items():
         if shape not in ref:
             raise ArtifactError(f"{directory / REFERENCE} holds no batches for the recorded shape {shape}")
         tol = {o: Tolerance.from_dict(t) for o, t in verdict["tolerances"].items()}
         comp = Comparator(Precision(meta["precision"]), meta["model"]["task"], tol)
-        for x, y in zip(ref[shape]["inputs"], ref[shape]["outputs"]):
+        for i, (x, y) in enumerate(zip(ref[shape]["inputs"], ref[shape]["outputs"])):
             out_t = model({k: v.to(model.device) for k, v in x.items()})
-            comp.add(out_t, y, y, None, x.get("attention_mask"))
+            comp.add(out_t, y, y, None, x.get("attention_mask"), task=task[i] if task and i < len(task) else True)
         out[shape] = comp.result()
     return Verification(out)

@@ -337,3 +337,25 @@ def test_links_in_an_engine_are_refused(built: Path, tmp_path: Path) -> None:
     (eng / "program.pt2").symlink_to(outside)  # same bytes, same hash, but not in the engine
     with pytest.raises(ArtifactError, match="program.pt2 is a symbolic link"):
         load(eng)
+
+
+def test_an_int8_engine_builds_carries_its_calibration_and_verifies(tmp_path: Path, cache_dir: Path) -> None:
+    quant = {"method": "minmax", "samples": 16}
+    out = build("tiny-bert", "onnxruntime", root=tmp_path, cache_dir=cache_dir, quant=quant,
+                **{**ROOT_ARGS, "precisions": "int8,int8-dynamic"})
+    assert [(o.precision, o.status) for o in out] == [("int8", "built"), ("int8-dynamic", "built")]
+    assert all(o.size_mb and o.size_mb > 0 for o in out)
+    static = tmp_path / "tiny-bert" / "onnxruntime-int8"
+    meta = check_artifact(static)
+    q = meta["engine"]["quantization"]
+    assert q["method"] == "minmax" and q["samples"] == 16 and q["layers"] == 12 and "calibration.json" in meta["files"]
+    assert meta["artifact_mb"] > 0
+    for o in out:
+        assert verify(o.path).passed  # the task verdict again, from the stored sentences, in this process
+    again = build("tiny-bert", "onnxruntime", root=tmp_path, cache_dir=cache_dir, quant=quant,
+                  **{**ROOT_ARGS, "precisions": "int8"})
+    assert [o.status for o in again] == ["reused"]
+    other = build("tiny-bert", "onnxruntime", root=tmp_path, cache_dir=cache_dir, quant={**quant, "method": "percentile"},
+                  **{**ROOT_ARGS, "precisions": "int8"})
+    assert [o.status for o in other] == ["built"]  # another calibration: another engine
+    assert check_artifact(static)["engine"]["quantization"]["method"] == "percentile"

@@ -168,7 +168,7 @@ def test_int8_engine_keeps_the_task_or_says_why_not(name: str, precision: Precis
     backend = _available(name)
     support = backend.supports(precision, DEVICE)
     if not support:  # a refusal is a row that names its reason, never an attempt
-        assert len(support.reason) > 20 and precision not in backend.precisions
+        assert len(support.reason) > 20 and (precision not in backend.precisions or DEVICE != "cpu")
         return
     model = _engine(name, precision, tiny_captured)
     verdict = _int8_refs(tiny_captured, precision).judge(model, SHAPES, precision)

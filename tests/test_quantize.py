@@ -22,9 +22,10 @@ from pipeline.cli import main
 from pipeline.compare import Comparator
 from pipeline.config import make_config
 from pipeline.errors import InputError, NumericsError
-from pipeline.inputs import sentences
+from pipeline.inputs import Shape, sentences
 from pipeline.models import ModelBundle
 from pipeline.precision import INT8_FLOOR, Precision
+from pipeline.references import References
 
 
 @pytest.fixture(scope="module")
@@ -180,6 +181,9 @@ def test_backends_that_cannot_do_int8_say_why() -> None:
     assert trt.supports(Precision.INT8, "cuda")
     assert "ModelOpt" in ttrt.supports(Precision.INT8, "cuda").reason
     assert precision_flags(Precision.INT8, False) == (["STRONGLY_TYPED"], [])
+    for name in ("eager", "inductor"):  # PT2E's x86 quantizer: oneDNN CPU kernels
+        assert registry.get(name).supports(Precision.INT8, "cpu")
+        assert "CPU only" in registry.get(name).supports(Precision.INT8_DYNAMIC, "cuda").reason
 
 
 def test_tvm_still_lacks_the_qdq_converter() -> None:
@@ -206,3 +210,15 @@ def test_qdq_graph_quantizes_exactly_the_calibrated_layers(quantized: Captured, 
     for n in q:  # symmetric: TensorRT takes int8 with zero point 0 only
         zp = onnx.numpy_helper.to_array(zero_points[n.input[2]])
         assert zp.dtype.name == "int8" and not zp.any()
+
+
+@pytest.mark.parametrize("name", ["eager", "inductor", "onnxruntime"])
+def test_per_tensor_weights(name: str, tiny_bert: ModelBundle, cache_dir: Path, tmp_path: Path) -> None:
+    captured = capture(tiny_bert, cache_dir, QuantSpec(method="minmax", samples=16, per_channel=False))
+    backend = registry.get(name)
+    engine = backend.compile(captured, Precision.INT8, "cpu")
+    verdict = References.compute(tiny_bert, [Shape(3, 24)], [Precision.INT8],
+                                 quantized=lambda p: registry.get("eager").compile(captured, p, "cpu")).judge(engine, [Shape(3, 24)], Precision.INT8)
+    assert verdict.passed, verdict.reason
+    engine.save(tmp_path / "e")
+    assert json.loads((tmp_path / "e" / "manifest.json").read_text())["engine"]["quantization"]["weights"] == "int8 per tensor"
