@@ -142,6 +142,7 @@ class OrtModel(CompiledModel):
         for name in ("model.onnx", DATA):
             if (self.path.parent / name).exists():
                 shutil.copy2(self.path.parent / name, directory / name)
+                (directory / name).chmod(0o644)  # onnxruntime's quantizer writes its data file owner-only
                 files.append(directory / name)
         return files
 
