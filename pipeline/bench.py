@@ -44,11 +44,28 @@ class Timing:
         return _quantile(self.samples_ms, 0.9)
 
     @property
+    def p95(self) -> float:
+        return _quantile(self.samples_ms, 0.95)
+
+    @property
+    def p99(self) -> float:
+        return _quantile(self.samples_ms, 0.99)
+
+    @property
+    def mean(self) -> float:
+        return statistics.fmean(self.samples_ms) if self.samples_ms else float("nan")
+
+    @property
+    def stdev(self) -> float:
+        return statistics.stdev(self.samples_ms) if len(self.samples_ms) > 1 else 0.0
+
+    @property
     def iqr(self) -> float:
         return _quantile(self.samples_ms, 0.75) - _quantile(self.samples_ms, 0.25)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"median": self.median, "p90": self.p90, "iqr": self.iqr, "min": min(self.samples_ms, default=float("nan")),
+        return {"median": self.median, "p90": self.p90, "p95": self.p95, "p99": self.p99, "mean": self.mean,
+                "stdev": self.stdev, "iqr": self.iqr, "min": min(self.samples_ms, default=float("nan")),
                 "n": len(self.samples_ms), "samples": [round(x, 4) for x in self.samples_ms]}
 
     @classmethod
@@ -71,13 +88,20 @@ class Speedup:
 
 
 def speedup(reference: Timing, candidate: Timing, resamples: int = 1000, seed: int = 0) -> Speedup:
-    """reference median / candidate median, with a 95% bootstrap interval over the raw samples."""
+    """reference median / candidate median, with a 95% bootstrap interval. The benchmark's
+    interleaved rounds pair the two engines' samples round by round (sample i of each came from
+    round i, under the same drift), so when both have every round the bootstrap resamples rounds,
+    keeping the pairs; otherwise each list is resampled on its own."""
     rng = random.Random(seed)
     ref, cand = reference.samples_ms, candidate.samples_ms
-    ratios = sorted(
-        statistics.median(rng.choices(ref, k=len(ref))) / statistics.median(rng.choices(cand, k=len(cand)))
-        for _ in range(resamples)
-    )
+    if len(ref) == len(cand) and ref:
+        picks = (rng.choices(range(len(ref)), k=len(ref)) for _ in range(resamples))
+        ratios = sorted(statistics.median([ref[i] for i in p]) / statistics.median([cand[i] for i in p]) for p in picks)
+    else:
+        ratios = sorted(
+            statistics.median(rng.choices(ref, k=len(ref))) / statistics.median(rng.choices(cand, k=len(cand)))
+            for _ in range(resamples)
+        )
     return Speedup(reference.median / candidate.median, _quantile(ratios, 0.025), _quantile(ratios, 0.975))
 
 

@@ -45,12 +45,13 @@ def artifact_mb(files: Sequence[Path]) -> float:
 
 
 def run(model: str | Path | ModelBundle = DEFAULT_MODEL, *, out: str | Path | None = None, progress: Progress | None = None,
-        cache_dir: str | Path | None = None, **config: Any) -> Report:
-    """The main job as one call. Returns the Report; writes report.json/.md/.csv under `out` when given."""
+        cache_dir: str | Path | None = None, task: str | None = None, **config: Any) -> Report:
+    """The main job as one call. Returns the Report; writes report.json/.md/.csv under `out` when given.
+    `task`: the head to load a model directory with (default: the one its config names)."""
     cfg = make_config(**config)
     if progress:
         progress(f"loading model {model if not isinstance(model, ModelBundle) else model.name}")
-    bundle = model if isinstance(model, ModelBundle) else load_model(model)
+    bundle = model if isinstance(model, ModelBundle) else load_model(model, task)
     checkpoint = (lambda partial: partial.save(out)) if out is not None else None  # a killed run keeps its rows
     runner = Runner(bundle, cfg, progress, Path(cache_dir) if cache_dir else None, checkpoint)
     try:
@@ -88,7 +89,7 @@ def build(model: str | Path | ModelBundle, backends: Sequence[str] | str, precis
           shapes: Sequence[str] | str = ("1x128", "8x128"), root: str | Path = "artifacts", device: str | None = None,
           options: Mapping[str, Mapping[str, Any]] | None = None, progress: Progress | None = None,
           cache_dir: str | Path | None = None, warmup: int = 3, rounds: int = 10,
-          isolation: str = "process", quant: Mapping[str, Any] | None = None) -> list[BuildOutcome]:
+          isolation: str = "process", quant: Mapping[str, Any] | None = None, task: str | None = None) -> list[BuildOutcome]:
     """Engines under root/<model>/<backend>-<precision>/, each installed only once its saved files,
     loaded back, passed at every shape; an engine that fails anywhere leaves the previous one as it was."""
     say = progress or (lambda _m: None)
@@ -98,7 +99,7 @@ def build(model: str | Path | ModelBundle, backends: Sequence[str] | str, precis
         raise InputError(f"name the engines to build: --backends with one or more of {', '.join(registry.names())}")
     cfg = make_config(backends=backends, precisions=precisions, shapes=shapes, device=device, options=options,
                       warmup=warmup, rounds=rounds, isolation=isolation, **({"quant": quant} if quant else {}))
-    bundle = model if isinstance(model, ModelBundle) else load_model(model)
+    bundle = model if isinstance(model, ModelBundle) else load_model(model, task)
     say(f"capturing {bundle.name}")
     captured = capture(bundle, cache_dir, cfg.quant)
     home = Path(root) / safe_name(bundle.name)

@@ -55,10 +55,13 @@ def _quant(args: argparse.Namespace) -> dict[str, Any]:
     return {"method": args.calibration, "samples": args.calibration_samples, "per_channel": not args.per_tensor_weights}
 
 
-def _add_quant(p: argparse.ArgumentParser) -> None:
+def _add_job_args(p: argparse.ArgumentParser) -> None:
+    """What run and build share beyond the basics: the head a directory is loaded with, int8's calibration."""
     from .calibration import METHODS, QuantSpec
+    from .models import HEADS
 
     d = QuantSpec()
+    p.add_argument("--task", choices=list(HEADS), help="the head to load a model directory with (default: the one its config.json names)")
     p.add_argument("--calibration", default=d.method, metavar="METHOD",
                    help=f"int8 calibration: {', '.join(METHODS)} (default {d.method})")  # checked by QuantSpec: one line, exit 2
     p.add_argument("--calibration-samples", type=int, default=d.samples, metavar="N",
@@ -73,8 +76,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     report = run(args.model, out=out, progress=None if args.quiet else _progress(), cache_dir=args.cache_dir,
                  backends=args.backends, precisions=args.precisions, shapes=args.shapes, device=args.device,
                  options=_parse_options(args.option), warmup=args.warmup, rounds=args.rounds, isolation=args.isolation,
-                 timeout_s=args.timeout, save_engines=out / "engines" if args.save_engines else None, quant=_quant(args))
-    print(report.to_markdown())
+                 timeout_s=args.timeout, save_engines=out / "engines" if args.save_engines else None, quant=_quant(args),
+                 task=args.task)
+    print(report.to_json() if args.json else report.to_markdown())
     print(f"wrote {out / 'report.json'} (and .md, .csv)", file=sys.stderr)
     crashed = sorted({f"{r.backend} {r.precision}" for r in report.results if r.crashed})
     if crashed:
@@ -88,7 +92,7 @@ def cmd_build(args: argparse.Namespace) -> int:
     outcomes = build(args.model, args.backends, args.precisions, args.shapes, root=args.root, device=args.device,
                      options=_parse_options(args.option), progress=None if args.quiet else _progress(),
                      cache_dir=args.cache_dir, warmup=args.warmup, rounds=args.rounds, isolation=args.isolation,
-                     quant=_quant(args))
+                     quant=_quant(args), task=args.task)
     for o in outcomes:
         size = f"  {o.size_mb:.1f} MB" if o.size_mb is not None else ""
         print(f"{o.backend:14s} {o.precision:12s} {o.status:11s} {o.path}{size}" + (f"  ({o.reason})" if o.reason and o.status != "built" else ""))
@@ -196,7 +200,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--timeout", type=float, default=3600.0, help="seconds one worker request may take (default 3600)")
     r.add_argument("--cache-dir", help="capture and build cache (default artifacts/cache or $KILN_CACHE)")
     r.add_argument("--quiet", action="store_true", help="no progress lines")
-    _add_quant(r)
+    r.add_argument("--json", action="store_true", help="print the report as JSON (report.json's text) instead of the table")
+    _add_job_args(r)
     r.set_defaults(func=cmd_run)
 
     bd = sub.add_parser("build", help="build deployable engines under ROOT/<model>/<backend>-<precision>/ (reused when unchanged)")
@@ -213,7 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
     bd.add_argument("--isolation", default="process", choices=("process", "none"),
                     help="process (default): compile in a worker and check the saved engine in a fresh one; none: one process")
     bd.add_argument("--quiet", action="store_true")
-    _add_quant(bd)
+    _add_job_args(bd)
     bd.set_defaults(func=cmd_build)
 
     ld = sub.add_parser("load", help="load an engine (signature, hashes and versions checked first) and run its reference inputs")

@@ -15,6 +15,8 @@ import torch
 from .precision import DEFAULT_TOLERANCES, INT8_FLOOR, Precision, Tolerance
 
 Tensors = Mapping[str, torch.Tensor]
+# Heads with one prediction per token position: agreement is top-1 over the unpadded positions.
+TOKEN_TASKS = ("causal-lm", "masked-lm", "token-classification")
 
 
 @dataclass
@@ -165,8 +167,18 @@ class Comparator:
                 self._agreement(a, c, r, e, mask)
 
     def _agreement(self, a: dict[str, Any], c: torch.Tensor, r: torch.Tensor, e: torch.Tensor, mask: torch.Tensor | None) -> None:
-        if self.task == "causal-lm" and c.dim() == 3:
-            valid = (mask.bool().cpu() if mask is not None else torch.ones(c.shape[:2], dtype=torch.bool))
+        valid = mask.bool().cpu() if mask is not None else torch.ones(c.shape[:2], dtype=torch.bool)
+        if self.task == "classification" and c.dim() == 2:  # one label per row
+            a["kind"] = "label"
+            a["agree"].append((c.argmax(-1) == r.argmax(-1)).double())
+            a["eager_agree"].append((e.argmax(-1) == r.argmax(-1)).double())
+        elif self.task == "question-answering" and c.dim() == 2 and valid.shape == c.shape:  # a span boundary per row
+            a["kind"] = "span"
+            pick = lambda x: x.masked_fill(~valid, -math.inf).argmax(-1)  # noqa: E731 (never a padding position)
+            a["agree"].append((pick(c) == pick(r)).double())
+            a["eager_agree"].append((pick(e) == pick(r)).double())
+        elif self.task in TOKEN_TASKS and c.dim() == 3:
+            a["kind"] = "top1"
             top_r = r.argmax(-1)[valid]
             a["agree"].append((c.argmax(-1)[valid] == top_r).double())
             a["eager_agree"].append((e.argmax(-1)[valid] == top_r).double())
@@ -174,6 +186,7 @@ class Comparator:
             tc, tr = c.topk(k, -1).indices[valid], r.topk(k, -1).indices[valid]
             a["top5"].append((tc.unsqueeze(-1) == tr.unsqueeze(-2)).any(-1).double().mean(-1))
         elif self.task == "encoder" and c.dim() == 3:
+            a["kind"] = "nn-ranking"
             ec, er, ee = (pooled_embeddings(x, mask) for x in (c, r, e))
             a["emb_cos"].append((ec * er).sum(-1))
             a["eager_emb_cos"].append((ee * er).sum(-1))
@@ -194,7 +207,7 @@ class Comparator:
             m.min_cosine = min(tol.min_cosine, 1 - tol.shadow_factor * (1 - m.eager_cosine))
             m.violations = sum(int((x > m.atol).sum()) for x in a.pop("beyond_floor", []))
             if a["agree"]:
-                m.agreement_kind = "top1" if self.task == "causal-lm" else "nn-ranking"
+                m.agreement_kind = a["kind"]
                 m.agreement = float(torch.cat(a["agree"]).mean())
                 m.eager_agreement = float(torch.cat(a["eager_agree"]).mean())
                 m.min_agreement = min(tol.min_agreement, m.eager_agreement - 0.02)
@@ -259,15 +272,22 @@ def _verdict(m: OutputMetrics) -> tuple[bool, str]:
 
 
 def _task_verdict(m: OutputMetrics) -> tuple[bool, str]:
+    """Encoders: sentence-embedding cosine and neighbours. Heads with a prediction (a label, a
+    span, a token): their agreement alone; the logits' cosine is reported (a classifier's few
+    logits near zero can point elsewhere while every label holds). Anything else: its cosine."""
     cos, what = (m.embedding_cosine, "sentence-embedding cosine") if m.embedding_cosine is not None else (m.cosine, "cosine")
     ref = m.eager_embedding_cosine if m.embedding_cosine is not None else m.eager_cosine
+    judge_cosine = m.embedding_cosine is not None or m.agreement is None
     problems = []
-    if cos < m.min_cosine:
+    if judge_cosine and cos < m.min_cosine:
         problems.append(f"{what} {cos:.4f} < {m.min_cosine:.4f} (the int8 reference: {ref:.4f})")
     if m.agreement is not None and m.min_agreement is not None and m.agreement < m.min_agreement:
         problems.append(f"{m.agreement_kind} agreement {m.agreement:.1%} < {m.min_agreement:.1%} (the int8 reference: {m.eager_agreement:.1%})")
     if problems:
         return False, "; ".join(problems) + f"; max abs {m.max_abs:.2e} (reported, not judged)"
+    if not judge_cosine:
+        return True, (f"{m.agreement_kind} agreement {m.agreement:.0%} >= {m.min_agreement:.0%} "
+                      f"({what} {cos:.4f}, max abs {m.max_abs:.1e}: reported, not judged)")
     agree = f", {m.agreement_kind} {m.agreement:.0%}" if m.agreement is not None else ""
     return True, f"{what} {cos:.4f} >= {m.min_cosine:.4f}{agree} (max abs {m.max_abs:.1e}, reported, not judged)"
 

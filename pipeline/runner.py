@@ -134,7 +134,7 @@ class Runner:
                                       cache_dir=str(captured.cache_dir), graph_hash=captured.graph_hash, name=name,
                                       cls_path=cls_path, precision=precision.value, device=cfg.device,
                                       options=cfg.options[name].to_dict(), shapes=[str(s) for s in cfg.shapes],
-                                      quant=captured.quant.to_dict())
+                                      quant=captured.quant.to_dict(), model_task=self.bundle.load_task)
         try:
             return remote, {s: self._check(remote, s, refs, precision) for s in cfg.shapes}, remote.info()
         except BaseException:

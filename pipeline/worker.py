@@ -88,14 +88,14 @@ def _backend(name: str, cls_path: tuple[str, str] | None) -> Any:
 
 def _op_compile(state: dict[str, Any], model_spec: str, cache_dir: str | None, graph_hash: str, name: str,
                 cls_path: tuple[str, str] | None, precision: str, device: str, options: Mapping[str, Any],
-                shapes: list[str], quant: Mapping[str, Any]) -> dict[str, Any]:
+                shapes: list[str], quant: Mapping[str, Any], model_task: str | None) -> dict[str, Any]:
     from .calibration import QuantSpec
     from .capture import capture
     from .inputs import Shape
     from .models import load_model
 
     start = _rss()
-    captured = capture(load_model(model_spec), Path(cache_dir) if cache_dir else None, QuantSpec.from_dict(quant))
+    captured = capture(load_model(model_spec, model_task), Path(cache_dir) if cache_dir else None, QuantSpec.from_dict(quant))
     if captured.graph_hash != graph_hash:
         raise BackendError(f"the worker captured graph {captured.graph_hash}, the run {graph_hash}: the model loaded differently")
     backend = _backend(name, cls_path)
@@ -254,7 +254,7 @@ class RemoteEngine:
         try:
             return cls(worker, worker.call("compile", kw["model_spec"], kw["cache_dir"], kw["graph_hash"], kw["name"],
                                            kw["cls_path"], kw["precision"], kw["device"], kw["options"], kw["shapes"],
-                                           kw["quant"]))
+                                           kw["quant"], kw.get("model_task")))
         except BaseException:
             worker.close()
             raise

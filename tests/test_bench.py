@@ -77,3 +77,20 @@ def test_environment_records_threads_and_versions() -> None:
     env = environment()
     assert env["torch_threads"] == torch.get_num_threads()
     assert env["versions"]["torch"]
+
+
+def test_tail_and_spread_statistics() -> None:
+    t = Timing([float(x) for x in range(1, 101)])
+    assert t.p95 == pytest.approx(95.05) and t.p99 == pytest.approx(99.01)
+    assert t.mean == pytest.approx(50.5) and t.stdev == pytest.approx(29.0115, rel=1e-4)
+    assert {"p95", "p99", "mean", "stdev"} <= set(t.to_dict())
+
+
+def test_the_speedup_interval_keeps_the_rounds_paired() -> None:
+    """Drift that hits both engines in the same round cancels in a paired ratio; resampling the
+    two lists on their own would turn it into a wide interval."""
+    drift = [1.0, 3.0, 1.5, 2.5, 1.2, 2.8, 1.1, 2.9, 1.4, 2.6]
+    s = speedup(Timing([10 * d for d in drift]), Timing([5 * d for d in drift]))
+    assert s.value == pytest.approx(2.0) and s.ci_low == pytest.approx(2.0) and s.ci_high == pytest.approx(2.0)
+    unpaired = speedup(Timing([10 * d for d in drift]), Timing([5 * d for d in drift[:-1]]))  # a round missing: unpaired
+    assert unpaired.ci_high - unpaired.ci_low > 1.0

@@ -72,6 +72,9 @@ def test_run_writes_a_report_scripts_can_read(tmp_path: Path, capsys: pytest.Cap
     assert "| onnxruntime | fp32 | 2x32 | ok |" in printed
     assert Report.load(out / "report.json").find("onnxruntime", "fp32", "2x32") is not None
     assert (out / "report.md").read_text().startswith("# Kiln report: tiny-bert")
+    # the picture: every timed row's speedup with its interval, linked from report.md
+    assert (out / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "![speedup over eager fp32 with 95% intervals](report.png)" in (out / "report.md").read_text()
 
 
 class _Raising(Backend):
