@@ -23,6 +23,12 @@ from .precision import Precision
 from .references import References
 from .report import Report, Result
 from .store import load, verify
+from .predict import Predictor
+
+
+def predictor(artifact: str, device: str | None = None) -> Predictor:
+    """A built artifact that answers text: `kiln.predictor(dir).predict(["a sentence"])`."""
+    return Predictor.load(artifact, device)
 
 
 def list_backends(device: str = "cpu") -> dict[str, str]:
@@ -41,6 +47,6 @@ def compile(captured: Captured, backend: str, precision: str | Precision = "fp32
 
 
 __all__ = ["ArtifactError", "BackendError", "Captured", "Comparison", "InputError", "KilnError", "ModelBundle", "NumericsError",
-           "Precision", "References", "Report", "Result", "Shape", "ShapeError", "Speedup", "Timing", "Tolerance", "UnknownChoiceError", "benchmark",
-           "build", "capture", "compare", "compile", "list_backends", "load", "load_model", "make_inputs", "run", "speedup",
+           "Precision", "Predictor", "References", "Report", "Result", "Shape", "ShapeError", "Speedup", "Timing", "Tolerance", "UnknownChoiceError", "benchmark",
+           "build", "capture", "compare", "compile", "list_backends", "load", "load_model", "make_inputs", "predictor", "run", "speedup",
            "verify"]

@@ -18,7 +18,7 @@ from .acceptance import accept
 from .capture import Captured, capture
 from .config import REFERENCE, RunConfig, make_config
 from .env import device_info, environment
-from .errors import InputError
+from .errors import ArtifactError, InputError
 from .fsutil import clean_stale, digest, safe_name
 from .models import DEFAULT_MODEL, ModelBundle, load_model
 from .precision import Precision
@@ -166,17 +166,32 @@ class _Job:
             self.say(f"{backend} {precision}: mismatch, not installed ({verdict.reason})")
             return BuildOutcome(backend, precision.value, target, "mismatch", f"the saved engine, loaded back: {verdict.reason}")
         store.write_reference(src, {str(s): refs.saved(s, KINDS) for s in refs.shapes}, refs.task_batches(KINDS))
+        tokenizer = save_tokenizer(self.runner.bundle, src)  # so the artifact can answer text (kiln predict)
         store.seal(src, {**self.shared, **verdict.manifest(self.axes), "build_options": self.cfg.options[backend].build_options(),
-                         "cache_key": key, "describe": rows[0].describe, "artifact_mb": size})
+                         "cache_key": key, "describe": rows[0].describe, "artifact_mb": size, "tokenizer": tokenizer})
         store.install(src, target)
         self.say(f"{backend} {precision}: built {target}")
         return BuildOutcome(backend, precision.value, target, "built", verdict.reason, size)
 
 
+def save_tokenizer(bundle: ModelBundle, directory: Path) -> list[str]:
+    """The model's tokenizer files beside the engine's (hashed with them at seal); [] without one."""
+    if bundle.tokenizer is None:
+        return []
+    before = {p.name for p in directory.iterdir()}
+    bundle.tokenizer.save_pretrained(directory)
+    added = sorted(p.name for p in directory.iterdir() if p.name not in before)
+    for name in added:
+        if not (directory / name).is_file():
+            raise ArtifactError(f"the tokenizer wrote {name}, not a file: an engine directory holds files only")
+    return added
+
+
 def _model_sections(bundle: ModelBundle, captured: Captured, cfg: RunConfig) -> dict[str, Any]:
-    """What every engine of this build shares: the model and its inputs."""
+    """What every engine of this build shares: the model, its inputs and its head's labels."""
     return {
-        "model": {"name": bundle.name, "graph_hash": captured.graph_hash, "task": bundle.task, "source": bundle.source},
+        "model": {"name": bundle.name, "graph_hash": captured.graph_hash, "task": bundle.task, "source": bundle.source,
+                  "outputs": list(bundle.output_names), **({"labels": bundle.summary["labels"]} if "labels" in bundle.summary else {})},
         "inputs": {n: {"dtype": str(s.dtype).removeprefix("torch."), "dims": list(s.dims), "high": s.high}
                    for n, s in bundle.inputs.items()},
         "axis_ranges": {k: list(v) for k, v in bundle.axis_ranges.items()},

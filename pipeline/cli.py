@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime as dt
+import json
 import logging
 import os
 import sys
@@ -124,6 +125,15 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 0 if c.passed else 1
 
 
+def cmd_predict(args: argparse.Namespace) -> int:
+    from .predict import Predictor
+
+    predictor = Predictor.load(args.artifact, args.device, allow_failed=args.allow_failed, public_key=_public_key(args))
+    for answer in predictor.predict(args.texts):
+        print(json.dumps(answer))
+    return 0
+
+
 def _public_key(args: argparse.Namespace) -> str | None:
     if args.require_signature and not args.key:
         raise InputError("--require-signature needs --key PUBLIC.pem, the key the artifact was signed for")
@@ -226,11 +236,15 @@ def build_parser() -> argparse.ArgumentParser:
     ld.set_defaults(func=cmd_load)
     vf = sub.add_parser("verify", help="reload an engine and re-run the comparator at every shape it was built for")
     vf.set_defaults(func=cmd_verify)
-    for sp in (ld, vf):
+    pr = sub.add_parser("predict", help="answer text with a built engine: its tokenizer, the engine, its head's post-processing")
+    pr.set_defaults(func=cmd_predict)
+    pr.add_argument("--allow-failed", action="store_true", help="answer even if its build verdict was not a pass")
+    for sp in (ld, vf, pr):
         sp.add_argument("artifact")
         sp.add_argument("--device")
         sp.add_argument("--require-signature", action="store_true", help="refuse it unless its signature verifies with --key")
         sp.add_argument("--key", help="the public key (PEM) the artifact was signed for")
+    pr.add_argument("texts", nargs="+", metavar="TEXT")
 
     sg = sub.add_parser("sign", help="sign an engine directory (OpenSSF model-signing, a private EC key, offline)")
     sg.add_argument("artifact")

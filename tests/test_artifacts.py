@@ -46,7 +46,8 @@ def test_manifest_records_what_a_deployment_needs(built: Path) -> None:
     assert meta["inputs"]["input_ids"] == {"dtype": "int64", "dims": ["batch", "seq"], "high": 30522}
     assert meta["outputs"]["last_hidden_state"] == {"dims": ["batch", "seq", 32], "dtype": "float32"}
     assert meta["axis_ranges"] == {"batch": [1, 64], "seq": [1, 256]}
-    assert set(meta["files"]) == {"model.onnx", "model.onnx.data", "reference.pt"}  # one manifest, no other metadata file
+    assert meta["tokenizer"] == ["tokenizer.json", "tokenizer_config.json"]  # the tokenizer travels with the engine
+    assert set(meta["files"]) == {"model.onnx", "model.onnx.data", "reference.pt", *meta["tokenizer"]}  # one manifest, no other metadata file
     assert meta["requires"]["onnxruntime"] and meta["device"]["type"] == "cpu"
     assert meta["verdict"]["status"] == "pass" and meta["benchmark"]["2x24"]["speedup"] > 0
     # the verdict and speed are those of the saved files, loaded back, at every shape and input kind
@@ -359,3 +360,41 @@ def test_an_int8_engine_builds_carries_its_calibration_and_verifies(tmp_path: Pa
                   **{**ROOT_ARGS, "precisions": "int8"})
     assert [o.status for o in other] == ["built"]  # another calibration: another engine
     assert check_artifact(static)["engine"]["quantization"]["method"] == "percentile"
+
+
+def test_an_artifact_answers_text(built: Path, tmp_path: Path, cache_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from pipeline.predict import Predictor
+
+    meta = check_artifact(built / "onnxruntime-fp32")
+    assert "tokenizer.json" in meta["tokenizer"] and set(meta["tokenizer"]) <= set(meta["files"])  # hashed like the rest
+    texts = ["A man is playing a guitar.", "Someone strums a guitar outside.", "The stock market fell."]
+    answers = Predictor.load(built / "onnxruntime-fp32").predict(texts)
+    eager = Predictor.load(built / "eager-fp32").predict(texts)
+    for a, e in zip(answers, eager):
+        emb = torch.tensor(a["embedding"])
+        assert a["text"] == e["text"] and emb.norm() == pytest.approx(1.0, abs=1e-4)
+        assert torch.allclose(emb, torch.tensor(e["embedding"]), atol=1e-4)  # the engine, not a copy of eager
+    assert main(["predict", str(built / "onnxruntime-fp32"), "one sentence", "and another"]) == 0
+    lines = [json.loads(x) for x in capsys.readouterr().out.strip().splitlines()]
+    assert [x["text"] for x in lines] == ["one sentence", "and another"]
+    # a classifier answers with its labels
+    out = build("tiny-distilbert-sst2", "onnxruntime", root=tmp_path, cache_dir=cache_dir, **ROOT_ARGS)
+    assert [o.status for o in out] == ["built"]
+    labels = Predictor.load(out[0].path).predict(texts)
+    assert all(x["label"] in ("LABEL_0", "LABEL_1") and 0.5 <= x["score"] <= 1.0 for x in labels)
+    # a changed tokenizer file is refused like any other file of the engine
+    bad = _copy(built / "eager-fp32", tmp_path)
+    (bad / "tokenizer_config.json").write_text("{}")
+    with pytest.raises(ArtifactError, match="tokenizer_config.json"):
+        Predictor.load(bad)
+    with pytest.raises(InputError, match="list of one or more strings"):
+        Predictor.load(built / "eager-fp32").predict("not a list")
+
+
+def test_an_artifact_without_a_tokenizer_says_so(tmp_path: Path, cache_dir: Path) -> None:
+    from pipeline.predict import Predictor
+
+    out = build("tiny-gpt2", "eager", root=tmp_path, cache_dir=cache_dir, **ROOT_ARGS)
+    assert [o.status for o in out] == ["built"]
+    with pytest.raises(ArtifactError, match="carries no tokenizer"):
+        Predictor.load(out[0].path)
