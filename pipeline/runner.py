@@ -20,6 +20,7 @@ import torch
 
 import backends as registry
 
+from . import progress
 from .bench import MemoryWatch, Timing, benchmark, speedup, time_call
 from .capture import Captured, capture
 from .config import REFERENCE, RunConfig
@@ -124,13 +125,14 @@ class Runner:
         """The engine, in a worker or here; its row at every shape; and what it says of itself
         (describe, notes) and of its peak memory."""
         cfg, cls_path = self.cfg, self.isolated(name)
+        say = lambda message: self.say(f"{name} {precision}: {message}")  # noqa: E731
         if cls_path is None:
-            with MemoryWatch(cfg.device) as watch:
+            with MemoryWatch(cfg.device) as watch, progress.to(say):
                 model = registry.get(name).compile(captured, precision, cfg.device, cfg.options[name], cfg.shapes)
                 results = {s: self._check(model, s, refs, precision) for s in cfg.shapes}
             return model, results, {"describe": model.describe(), "notes": model.notes(), "peak_host_mb": watch.peak_host_mb,
                            "peak_device_mb": watch.peak_device_mb}
-        remote = RemoteEngine.compile(f"{name} {precision}", cfg.timeout_s, model_spec=self.bundle.spec,
+        remote = RemoteEngine.compile(f"{name} {precision}", cfg.timeout_s, on_progress=say, model_spec=self.bundle.spec,
                                       cache_dir=str(captured.cache_dir), graph_hash=captured.graph_hash, name=name,
                                       cls_path=cls_path, precision=precision.value, device=cfg.device,
                                       options=cfg.options[name].to_dict(), shapes=[str(s) for s in cfg.shapes],

@@ -28,9 +28,11 @@ from typing import Any
 
 import torch
 
-from . import errors
+from . import errors, progress
 from .errors import BackendError, KilnError
 from .precision import Precision
+
+HEARTBEAT_S = 60.0  # a worker silent this long while the caller waits gets a "still working" line
 
 Tensors = dict[str, torch.Tensor]
 
@@ -66,7 +68,9 @@ def _serve(conn: Any, threads: int) -> None:
             if op == "quit":
                 _send(conn, ("ok", None))
                 return
-            _send(conn, ("ok", _OPS[op](state, *args)))
+            with progress.to(lambda message: _send(conn, ("progress", message))):  # read by Worker.call as it waits
+                result = _OPS[op](state, *args)
+            _send(conn, ("ok", result))
         except BaseException as e:  # every error goes back as a message; only a crash ends the worker
             kind = type(e).__name__
             _send(conn, ("error", (kind, str(e), isinstance(e, KilnError), traceback.format_exc(limit=8))))
@@ -162,8 +166,8 @@ class Worker:
     inherited threads, CUDA context or locks, and the caller's script is not imported again.
     Every request waits at most `timeout_s`."""
 
-    def __init__(self, label: str, timeout_s: float = 3600.0) -> None:
-        self.label, self.timeout_s = label, timeout_s
+    def __init__(self, label: str, timeout_s: float = 3600.0, on_progress: Callable[[str], None] | None = None) -> None:
+        self.label, self.timeout_s, self.on_progress = label, timeout_s, on_progress
         self.tmp = Path(tempfile.mkdtemp(prefix="kiln-worker-"))
         self.stderr_path = self.tmp / "stderr.log"
         # The socket lives in a directory only this user can enter (mkdtemp: 0700), so no one else connects.
@@ -187,18 +191,30 @@ class Worker:
         self.conn = accepted[0]
 
     def call(self, op: str, *args: Any, timeout_s: float | None = None) -> Any:
-        deadline = time.monotonic() + (timeout_s or self.timeout_s)
+        """The worker's answer to one request. While it works, its progress lines go to
+        `on_progress`, and after HEARTBEAT_S without one, a line saying it is still at it."""
+        start = time.monotonic()
+        deadline, heard = start + (timeout_s or self.timeout_s), start
         try:
             _send(self.conn, (op, args))
-            while not self.conn.poll(0.05):
-                if self.process.poll() is not None:
-                    raise self._crashed()
-                if time.monotonic() > deadline:
-                    self.process.kill()
-                    self.process.wait(5)
-                    raise WorkerCrashed(f"{self.label}: no answer to {op!r} within {timeout_s or self.timeout_s:.0f}s; "
-                                        f"the worker was killed{self._tail()}")
-            status, value = _recv(self.conn)
+            while True:
+                while not self.conn.poll(0.05):
+                    if self.process.poll() is not None:
+                        raise self._crashed()
+                    if time.monotonic() > deadline:
+                        self.process.kill()
+                        self.process.wait(5)
+                        raise WorkerCrashed(f"{self.label}: no answer to {op!r} within {timeout_s or self.timeout_s:.0f}s; "
+                                            f"the worker was killed{self._tail()}")
+                    if self.on_progress and time.monotonic() - heard > HEARTBEAT_S:
+                        heard = time.monotonic()
+                        self.on_progress(f"still working on {op!r} ({heard - start:.0f}s)")
+                status, value = _recv(self.conn)
+                if status != "progress":
+                    break
+                heard = time.monotonic()
+                if self.on_progress:
+                    self.on_progress(value)
         except (EOFError, BrokenPipeError, ConnectionResetError):
             raise self._crashed() from None
         if status == "error":
@@ -249,8 +265,8 @@ class RemoteEngine:
         self._staged: dict[int, Any] = {}
 
     @classmethod
-    def compile(cls, label: str, timeout_s: float, **kw: Any) -> RemoteEngine:
-        worker = Worker(label, timeout_s)
+    def compile(cls, label: str, timeout_s: float, on_progress: Callable[[str], None] | None = None, **kw: Any) -> RemoteEngine:
+        worker = Worker(label, timeout_s, on_progress)
         try:
             return cls(worker, worker.call("compile", kw["model_spec"], kw["cache_dir"], kw["graph_hash"], kw["name"],
                                            kw["cls_path"], kw["precision"], kw["device"], kw["options"], kw["shapes"],

@@ -6,6 +6,7 @@ import json
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -234,3 +235,63 @@ def test_the_report_is_written_after_every_backend(tmp_path: Path, cache_dir: Pa
     runner.run()
     runner.close()
     assert seen == [["eager"], ["eager", "onnxruntime"]]
+
+
+class _Chatty(Backend):
+    """Reports progress while it compiles, then hands over the eager engine."""
+
+    name = "chatty-for-test"
+    precisions = (Precision.FP32,)
+
+    def _compile(self, captured: Any, spec: Any, shapes: Any) -> CompiledModel:
+        from backends.eager import EagerModel
+        from pipeline import progress
+
+        for step in (1, 2):
+            progress.report(f"step {step} of 2")
+        return EagerModel(spec, captured.bundle.module, captured.program)
+
+    def _load(self, directory: Any, spec: Any, manifest: Any) -> CompiledModel:
+        raise NotImplementedError
+
+
+@pytest.mark.parametrize("isolation", ["process", "none"])
+def test_progress_of_a_long_compile_reaches_the_caller(isolation: str, cache_dir: Path) -> None:
+    """One channel, in this process or from a worker over its socket: the backend reports, the
+    runner's progress callback prints it with the engine's name."""
+    from pipeline.config import make_config
+    from pipeline.models import load_model
+    from pipeline.runner import Runner
+
+    registry.register(_Chatty())
+    try:
+        lines: list[str] = []
+        cfg = make_config(backends="chatty-for-test", shapes="1x8", device="cpu", rounds=1, warmup=0, isolation=isolation)
+        runner = Runner(load_model("tiny-bert"), cfg, progress=lines.append, cache_dir=cache_dir)
+        report = runner.run()
+        runner.close()
+    finally:
+        registry.unregister("chatty-for-test")
+    assert [x for x in lines if "step" in x] == ["chatty-for-test fp32: step 1 of 2", "chatty-for-test fp32: step 2 of 2"]
+    assert report.find("chatty-for-test", "fp32", "1x8").status == "ok"
+
+
+def test_tuning_progress_line() -> None:
+    from types import SimpleNamespace
+
+    from backends.tvm.tune import Tracker, _run_ms
+    from pipeline import progress
+
+    t = Tracker(128, time.monotonic() + 30, 600, built=40, measured=3, best_ms={0: 1.5, 1: 0.5}, weights=[2.0, 1.0])
+    assert t.line().startswith("tuning: 40 candidates built, 3/128 trials measured, best so far 3.50 ms, ")
+    assert t.line().endswith("s left of the 600s budget")
+    spent = Tracker(8, 0.0, 10, best_ms={0: 1.5}, weights=[2.0, 1.0]).line()
+    assert "1/2 kernels measured" in spent and "budget is spent: finishing the round" in spent
+    heard: list[str] = []
+    quiet, due = Tracker(8, 0.0, 10, every_s=3600), Tracker(8, 0.0, 10, every_s=0)
+    with progress.to(heard.append):
+        quiet.tick()
+        due.tick()
+    assert len(heard) == 1 and heard[0].startswith("tuning: 0 candidates built")
+    assert _run_ms(SimpleNamespace(error_msg=None, run_secs=[0.001, 0.003])) == pytest.approx(2.0)
+    assert _run_ms(SimpleNamespace(error_msg="failed to build", run_secs=None)) is None

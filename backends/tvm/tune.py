@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pipeline import progress
 from pipeline.fsutil import atomic_write, sha256
 
 
@@ -27,7 +29,51 @@ def check_budget(deadline: float, task_id: int, measured: int, n_tasks: int) -> 
         raise BudgetSpent(f"tuning budget spent at task {task_id}")
 
 
-def _budget_callback(deadline: float) -> Any:
+@dataclass
+class Tracker:
+    """What a live tuning line says: candidates built, trials measured of those planned, the model's
+    latency estimated from each kernel's best so far (weighted by how often the model calls it),
+    the budget left. MetaSchedule measures the first round of every kernel before any measure
+    callback runs (minutes on a large model), so the builder's batches count too."""
+
+    planned: int
+    deadline: float
+    budget_s: float
+    every_s: float = 10.0
+    built: int = 0
+    measured: int = 0
+    best_ms: dict[int, float] = field(default_factory=dict)
+    weights: list[float] = field(default_factory=list)
+    said: float = field(default_factory=time.monotonic)
+
+    def line(self) -> str:
+        if self.weights and len(self.best_ms) == len(self.weights):
+            estimate = f", best so far {sum(ms * self.weights[i] for i, ms in self.best_ms.items()):.2f} ms"
+        elif self.weights:
+            estimate = f", {len(self.best_ms)}/{len(self.weights)} kernels measured"
+        else:
+            estimate = ""
+        left = self.deadline - time.monotonic()
+        # past the deadline tuning goes on until every kernel has one measurement (check_budget)
+        budget = (f"{left:.0f}s left of the {self.budget_s:.0f}s budget" if left > 0 else
+                  f"the {self.budget_s:.0f}s budget is spent: finishing the round that measures every kernel once")
+        return f"tuning: {self.built} candidates built, {self.measured}/{self.planned} trials measured{estimate}, {budget}"
+
+    def tick(self) -> None:
+        if time.monotonic() - self.said >= self.every_s:  # a live line for whoever waits (pipeline.progress)
+            self.said = time.monotonic()
+            progress.report(self.line())
+
+
+def _run_ms(result: Any) -> float | None:
+    """A runner result's mean time in ms; None for a failed candidate."""
+    if getattr(result, "error_msg", None) or not getattr(result, "run_secs", None):
+        return None
+    secs = [float(getattr(s, "value", s)) for s in result.run_secs]
+    return 1e3 * sum(secs) / len(secs)
+
+
+def _budget_callback(deadline: float, tracker: Tracker | None = None) -> Any:
     """Stops tuning once the deadline has passed. It runs after AddToDatabase, so every measured
     batch is already in the JSON database (which writes each record as it comes). Raising is the
     stop MetaSchedule honours at once; terminating tasks from a callback races its own clean-up,
@@ -39,8 +85,14 @@ def _budget_callback(deadline: float) -> Any:
 
     @derived_object
     class Budget(PyMeasureCallback):
-        def apply(self, task_scheduler: Any, task_id: int, *args: Any) -> None:
+        def apply(self, task_scheduler: Any, task_id: int, candidates: Any = (), builds: Any = (), runs: Any = ()) -> None:
             measured.add(task_id)
+            if tracker is not None:
+                tracker.measured += len(runs)
+                for ms in filter(None, map(_run_ms, runs)):
+                    tracker.best_ms[task_id] = min(tracker.best_ms.get(task_id, ms), ms)
+                tracker.weights = [float(t.task_weight) for t in task_scheduler.tasks_]
+                tracker.tick()
             check_budget(deadline, task_id, len(measured), len(task_scheduler.tasks_))
 
     return Budget()
@@ -63,7 +115,7 @@ def build_candidate(mod: Any, target: Any) -> str:
     return path
 
 
-def _in_process_builder() -> Any:
+def _in_process_builder(tracker: Tracker | None = None) -> Any:
     """Builds candidates in this process instead of a fresh worker pool per batch."""
     from tvm.ir.utils import derived_object
     from tvm.s_tir.meta_schedule.builder import BuilderResult, PyBuilder
@@ -77,6 +129,9 @@ def _in_process_builder() -> Any:
                     results.append(BuilderResult(build_candidate(bi.mod, bi.target), None))
                 except Exception as e:  # a candidate that fails to build is a measured failure, not a crash
                     results.append(BuilderResult(None, f"{type(e).__name__}: {e}"))
+            if tracker is not None:
+                tracker.built += len(build_inputs)
+                tracker.tick()
             return results
 
     return InProcessBuilder()
@@ -142,14 +197,15 @@ def tune(mod: Any, target: Any, work_dir: Path, trials_per_task: int, budget_s: 
     t0 = time.monotonic()
     _import_tensor_intrin()
     n_tasks = len(ms.relax_integration.extract_tasks(mod, target))
-    callbacks = [*ms.MeasureCallback.create("default"), _budget_callback(t0 + budget_s)]
+    tracker = Tracker(trials_per_task * n_tasks, t0 + budget_s, budget_s)
+    callbacks = [*ms.MeasureCallback.create("default"), _budget_callback(t0 + budget_s, tracker)]
     cut = False
     try:
         # The gradient scheduler measures every task once, then gives each round of trials to the
         # task whose weighted latency is falling fastest: the matrix products, not the reshapes.
         ms.relax_integration.tune_relax(mod, {}, target, str(work_dir), max_trials_global=trials_per_task * n_tasks,
                                         max_trials_per_task=trials_per_task, num_trials_per_iter=min(16, trials_per_task),
-                                        measure_callbacks=callbacks, seed=0, builder=_in_process_builder(),
+                                        measure_callbacks=callbacks, seed=0, builder=_in_process_builder(tracker),
                                         task_scheduler="gradient")
     except Exception as e:  # the FFI hands BudgetSpent back wrapped in its own error type
         if "tuning budget spent" not in str(e):
