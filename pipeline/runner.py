@@ -67,6 +67,7 @@ class Runner:
         self.cache_dir, self.checkpoint = cache_dir, checkpoint
         self.engines: Engines = {}
         self.references: References | None = None
+        self._reference_engines: Engines = {}  # the int8 references, compiled for References and reused for their rows
         for s in config.shapes:
             check_shape(bundle, s)
         check_memory(bundle, config.shapes, config.precisions)
@@ -85,7 +86,10 @@ class Runner:
                      f"{'per channel' if cfg.quant.per_channel else 'per tensor'}")
 
         def quantized_reference(p: Precision) -> Engine:
-            return registry.get(REFERENCE[0]).compile(captured, p, "cpu", cfg.options[REFERENCE[0]], cfg.shapes)
+            engine = registry.get(REFERENCE[0]).compile(captured, p, "cpu", cfg.options[REFERENCE[0]], cfg.shapes)
+            if cfg.device == "cpu":
+                self._reference_engines[(REFERENCE[0], p)] = engine
+            return engine
 
         self.references = refs = References.compute(self.bundle, cfg.shapes, cfg.precisions, self.say, quantized_reference)
         rows: dict[tuple[str, Precision], dict[Shape, Result]] = {}
@@ -128,7 +132,8 @@ class Runner:
         say = lambda message: self.say(f"{name} {precision}: {message}")  # noqa: E731
         if cls_path is None:
             with MemoryWatch(cfg.device) as watch, progress.to(say):
-                model = registry.get(name).compile(captured, precision, cfg.device, cfg.options[name], cfg.shapes)
+                model = self._reference_engines.pop((name, precision), None) or \
+                    registry.get(name).compile(captured, precision, cfg.device, cfg.options[name], cfg.shapes)
                 results = {s: self._check(model, s, refs, precision) for s in cfg.shapes}
             return model, results, {"describe": model.describe(), "notes": model.notes(), "peak_host_mb": watch.peak_host_mb,
                            "peak_device_mb": watch.peak_device_mb}

@@ -222,3 +222,19 @@ def test_per_tensor_weights(name: str, tiny_bert: ModelBundle, cache_dir: Path, 
     assert verdict.passed, verdict.reason
     engine.save(tmp_path / "e")
     assert json.loads((tmp_path / "e" / "manifest.json").read_text())["engine"]["quantization"]["weights"] == "int8 per tensor"
+
+
+def test_the_int8_reference_is_quantized_once_per_run(tiny_bert: ModelBundle, cache_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The eager int8 engine the references are computed with is the one its own row checks and times."""
+    import backends.quantize as quantize
+    from pipeline.runner import Runner
+
+    calls: list[Precision] = []
+    real = quantize.pt2e
+    monkeypatch.setattr(quantize, "pt2e", lambda captured, p: calls.append(p) or real(captured, p))
+    cfg = make_config(backends="eager", precisions="int8", shapes="2x16", device="cpu", rounds=1, warmup=0,
+                      isolation="none", quant={"samples": 16})
+    runner = Runner(tiny_bert, cfg, cache_dir=cache_dir)
+    report = runner.run()
+    runner.close()
+    assert calls == [Precision.INT8] and report.find("eager", "int8", "2x16").status == "ok"
