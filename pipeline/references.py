@@ -47,16 +47,16 @@ class References:
         outputs: dict[str, dict[Shape, list[Tensors]]] = {}
         for key, mod in mods.items():
             outputs[key] = {s: [_eager(mod, bundle.output_names, b) for b in bs] for s, bs in batches.items()}
+            if key in ("fp32", "fp64"):
+                for s, outs in outputs[key].items():
+                    if not all(torch.isfinite(t).all() for o in outs for t in o.values()):
+                        raise NumericsError(f"eager {key} itself gives NaN or Inf on {bundle.name} at {s}: the model or inputs are broken")
         for p in (p for p in lower if p.quantized):
             if quantized is None:
                 raise InputError(f"{p} needs a quantized reference engine, and none was given")
             engine = quantized(p)
             with torch.no_grad():
                 outputs[p.value] = {s: [engine(b) for b in bs] for s, bs in batches.items()}
-            if key in ("fp32", "fp64"):
-                for s, outs in outputs[key].items():
-                    if not all(torch.isfinite(t).all() for o in outs for t in o.values()):
-                        raise NumericsError(f"eager {key} itself gives NaN or Inf on {bundle.name} at {s}: the model or inputs are broken")
         return cls(bundle, batches, outputs)
 
     @property

@@ -172,3 +172,20 @@ def test_accumulates_worst_case_over_batches() -> None:
 def test_shape_mismatch_is_an_error() -> None:
     with pytest.raises(ValueError, match="shape"):
         compare({"y": torch.zeros(2, 3)}, {"y": torch.zeros(3, 2)})
+
+
+def test_eager_that_gives_nan_is_refused_before_any_engine_is_judged() -> None:
+    from torch import nn
+
+    from pipeline.errors import NumericsError
+    from pipeline.inputs import Shape
+    from pipeline.models import ModelBundle
+    from pipeline.references import References
+
+    class _NaN(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x * float("nan")
+
+    bundle = ModelBundle.from_module(_NaN(), {"x": torch.ones(2, 4)}, dynamic_axes={"x": {0: "batch"}})
+    with pytest.raises(NumericsError, match="eager fp32 itself gives NaN or Inf"):
+        References.compute(bundle, [Shape(2, 4)])
