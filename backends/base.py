@@ -269,7 +269,7 @@ class Backend(ABC):
                           self.options_type.from_mapping(engine.get("options", {})),
                           {n: InputSpec.from_dict(s) for n, s in engine.get("input_specs", {}).items()},
                           {k: (int(v[0]), int(v[1])) for k, v in engine.get("axis_ranges", {}).items()}, self.pinned(),
-                          calibration.spec if calibration else QuantSpec() if precision.quantized else None, calibration)
+                          calibration.spec if calibration else _dynamic_quant(engine) if precision.quantized else None, calibration)
         model = self._load(directory, spec, meta)
         model.loaded_from = directory
         return model
@@ -287,3 +287,8 @@ class Backend(ABC):
     def _max_batch(self, manifest: dict[str, Any]) -> int | None:
         """The largest batch an engine takes, where it is narrower than the model's range (a built profile)."""
         return None
+
+
+def _dynamic_quant(engine: Mapping[str, Any]) -> QuantSpec:
+    """An int8-dynamic engine's settings, as its manifest recorded them (it has no calibration file)."""
+    return QuantSpec(per_channel=(engine.get("quantization") or {}).get("weights") != "int8 per tensor")

@@ -238,3 +238,10 @@ def test_the_int8_reference_is_quantized_once_per_run(tiny_bert: ModelBundle, ca
     report = runner.run()
     runner.close()
     assert calls == [Precision.INT8] and report.find("eager", "int8", "2x16").status == "ok"
+
+
+def test_a_loaded_int8_dynamic_engine_keeps_its_weight_scheme(tiny_bert: ModelBundle, cache_dir: Path, tmp_path: Path) -> None:
+    captured = capture(tiny_bert, cache_dir, QuantSpec(samples=16, per_channel=False))
+    registry.get("eager").compile(captured, Precision.INT8_DYNAMIC, "cpu").save(tmp_path / "e")
+    loaded = registry.get("eager").load(tmp_path / "e")
+    assert loaded.spec.quantization()["weights"] == "int8 per tensor"  # saved again, it would say the same
