@@ -4,6 +4,7 @@ program run op by op: the int8 reference every int8 engine is also compared agai
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,9 +29,9 @@ class EagerOptions(BackendOptions):
 
 class EagerModel(CompiledModel):
     def __init__(self, spec: EngineSpec, module: nn.Module, program: torch.export.ExportedProgram | None,
-                 bundle: Any = None) -> None:
+                 capture: Callable[[], torch.export.ExportedProgram] | None = None) -> None:
         super().__init__(spec)
-        self.module, self.program, self.bundle = module, program, bundle
+        self.module, self.program, self._capture = module, program, capture
 
     def run(self, inputs: Tensors) -> Tensors:
         with torch.no_grad():
@@ -39,8 +40,8 @@ class EagerModel(CompiledModel):
 
     def _save_files(self, directory: Path) -> list[Path]:
         # The deployable form of eager is the captured program itself (torch.export archive).
-        if self.program is None and self.bundle is not None:  # int8: the quantized module, captured like the model
-            self.program = export(self.bundle, module=self.module)
+        if self.program is None and self._capture is not None:  # int8: the quantized module, captured when saved
+            self.program = self._capture()
         if self.program is None:
             raise NotImplementedError("this eager model was loaded from an archive; save the original")
         path = directory / "program.pt2"
@@ -68,7 +69,8 @@ class EagerBackend(Backend):
         if spec.precision.quantized:
             from .quantize import pt2e
 
-            return EagerModel(spec, pt2e(captured, spec.precision), None, captured.bundle)
+            quantized = pt2e(captured, spec.precision)
+            return EagerModel(spec, quantized, None, lambda: export(captured.bundle, module=quantized))
         module = captured.bundle.module
         if spec.precision != Precision.FP32 or spec.device != "cpu":
             module = copy.deepcopy(module).to(device=spec.device, dtype=spec.precision.dtype)

@@ -7,7 +7,6 @@ returns a tuple of tensors, with the names, dtypes and dynamic axes of its input
 from __future__ import annotations
 
 import inspect
-import os
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -328,19 +327,12 @@ def load_hf_dir(path: str | Path, *, name: str | None = None, source: str | None
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
 
-def hub_cache_dir() -> Path:
-    """Where huggingface_hub keeps its cache ($HF_HUB_CACHE, $HF_HOME/hub, or ~/.cache/huggingface/hub), read per call."""
-    if os.environ.get("HF_HUB_CACHE"):
-        return Path(os.environ["HF_HUB_CACHE"])
-    return Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface")) / "hub"
-
-
 def hub_cached(repo_id: str) -> Path:
     """The snapshot directory of a model in the local Hugging Face cache; never a download."""
-    from huggingface_hub import snapshot_download
+    from huggingface_hub import constants, snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError
 
-    cache = hub_cache_dir()
+    cache = Path(constants.HF_HUB_CACHE)  # huggingface_hub's own resolution of $HF_HUB_CACHE and $HF_HOME
     try:
         path = snapshot_download(repo_id, cache_dir=cache, local_files_only=True)
     except (LocalEntryNotFoundError, FileNotFoundError, ValueError) as e:

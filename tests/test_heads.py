@@ -103,7 +103,10 @@ def _fake_cache(root: Path, repo_id: str) -> Path:
 
 
 def test_a_hub_id_resolves_through_the_local_cache_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: Any) -> None:
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    from huggingface_hub import constants
+
+    # huggingface_hub reads $HF_HUB_CACHE once, at import: the cache directory this process would have had
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     _fake_cache(tmp_path / "hub", "kiln-test/tiny-cls")
     bundle = load_model("kiln-test/tiny-cls")
