@@ -19,6 +19,7 @@ from .capture import Captured, capture
 from .config import REFERENCE, RunConfig, make_config
 from .env import device_info, environment
 from .errors import ArtifactError, InputError
+from .inputs import Shape
 from .fsutil import clean_stale, digest, safe_name
 from .models import DEFAULT_MODEL, ModelBundle, load_model
 from .precision import Precision
@@ -44,14 +45,26 @@ def artifact_mb(files: Sequence[Path]) -> float:
     return round(sum(f.stat().st_size for f in files) / 2**20, 2)
 
 
+TEXT_SHAPES, IMAGE_SHAPES = ("1x128", "8x128"), ("1", "8")
+
+
+def _default_shapes(cfg: RunConfig, bundle: ModelBundle, asked: Any) -> RunConfig:
+    """Shapes not given are the model kind's defaults: 1x128,8x128 for text, batches 1 and 8 for images."""
+    if asked or not bundle.vision:
+        return cfg
+    return dataclasses.replace(cfg, shapes=tuple(Shape.parse(s) for s in IMAGE_SHAPES))
+
+
 def run(model: str | Path | ModelBundle = DEFAULT_MODEL, *, out: str | Path | None = None, progress: Progress | None = None,
         cache_dir: str | Path | None = None, task: str | None = None, **config: Any) -> Report:
     """The main job as one call. Returns the Report; writes report.json/.md/.csv under `out` when given.
     `task`: the head to load a model directory with (default: the one its config names)."""
-    cfg = make_config(**config)
+    shapes = config.pop("shapes", None)
+    cfg = make_config(shapes=shapes or TEXT_SHAPES, **config)
     if progress:
         progress(f"loading model {model if not isinstance(model, ModelBundle) else model.name}")
     bundle = model if isinstance(model, ModelBundle) else load_model(model, task)
+    cfg = _default_shapes(cfg, bundle, shapes)
     checkpoint = (lambda partial: partial.save(out)) if out is not None else None  # a killed run keeps its rows
     runner = Runner(bundle, cfg, progress, Path(cache_dir) if cache_dir else None, checkpoint)
     try:
@@ -86,7 +99,7 @@ def cache_key(captured: Captured, cfg: RunConfig, backend: str, precision: Preci
 
 
 def build(model: str | Path | ModelBundle, backends: Sequence[str] | str, precisions: Sequence[str] | str = ("fp32",),
-          shapes: Sequence[str] | str = ("1x128", "8x128"), root: str | Path = "artifacts", device: str | None = None,
+          shapes: Sequence[str] | str | None = None, root: str | Path = "artifacts", device: str | None = None,
           options: Mapping[str, Mapping[str, Any]] | None = None, progress: Progress | None = None,
           cache_dir: str | Path | None = None, warmup: int = 3, rounds: int = 10,
           isolation: str = "process", quant: Mapping[str, Any] | None = None, task: str | None = None) -> list[BuildOutcome]:
@@ -97,9 +110,10 @@ def build(model: str | Path | ModelBundle, backends: Sequence[str] | str, precis
         import backends as registry
 
         raise InputError(f"name the engines to build: --backends with one or more of {', '.join(registry.names())}")
-    cfg = make_config(backends=backends, precisions=precisions, shapes=shapes, device=device, options=options,
+    cfg = make_config(backends=backends, precisions=precisions, shapes=shapes or TEXT_SHAPES, device=device, options=options,
                       warmup=warmup, rounds=rounds, isolation=isolation, **({"quant": quant} if quant else {}))
     bundle = model if isinstance(model, ModelBundle) else load_model(model, task)
+    cfg = _default_shapes(cfg, bundle, shapes)
     say(f"capturing {bundle.name}")
     captured = capture(bundle, cache_dir, cfg.quant)
     home = Path(root) / safe_name(bundle.name)
@@ -166,25 +180,27 @@ class _Job:
             self.say(f"{backend} {precision}: mismatch, not installed ({verdict.reason})")
             return BuildOutcome(backend, precision.value, target, "mismatch", f"the saved engine, loaded back: {verdict.reason}")
         store.write_reference(src, {str(s): refs.saved(s, KINDS) for s in refs.shapes}, refs.task_batches(KINDS))
-        tokenizer = save_tokenizer(self.runner.bundle, src)  # so the artifact can answer text (kiln predict)
+        pre_key, pre_files = save_preprocessor(self.runner.bundle, src)  # so the artifact can answer text or images (kiln predict)
         store.seal(src, {**self.shared, **verdict.manifest(self.axes), "build_options": self.cfg.options[backend].build_options(),
-                         "cache_key": key, "describe": rows[0].describe, "artifact_mb": size, "tokenizer": tokenizer})
+                         "cache_key": key, "describe": rows[0].describe, "artifact_mb": size, pre_key: pre_files})
         store.install(src, target)
         self.say(f"{backend} {precision}: built {target}")
         return BuildOutcome(backend, precision.value, target, "built", verdict.reason, size)
 
 
-def save_tokenizer(bundle: ModelBundle, directory: Path) -> list[str]:
-    """The model's tokenizer files beside the engine's (hashed with them at seal); [] without one."""
-    if bundle.tokenizer is None:
-        return []
+def save_preprocessor(bundle: ModelBundle, directory: Path) -> tuple[str, list[str]]:
+    """The model's tokenizer (text) or image processor (images) files beside the engine's, hashed
+    with them at seal: the manifest's key ("tokenizer" or "processor") and the files; [] without one."""
+    key, pre = ("processor", bundle.processor) if bundle.vision else ("tokenizer", bundle.tokenizer)
+    if pre is None:
+        return key, []
     before = {p.name for p in directory.iterdir()}
-    bundle.tokenizer.save_pretrained(directory)
+    pre.save_pretrained(directory)
     added = sorted(p.name for p in directory.iterdir() if p.name not in before)
     for name in added:
         if not (directory / name).is_file():
-            raise ArtifactError(f"the tokenizer wrote {name}, not a file: an engine directory holds files only")
-    return added
+            raise ArtifactError(f"the {key} wrote {name}, not a file: an engine directory holds files only")
+    return key, added
 
 
 def _model_sections(bundle: ModelBundle, captured: Captured, cfg: RunConfig) -> dict[str, Any]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import os
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +19,7 @@ from .inputs import Shape, make_inputs
 from .models import ModelBundle
 from .precision import Precision
 from .calibration import Calibration, QuantSpec
+from . import progress
 from .env import version
 from .fsutil import cache_entry, cached_dir
 
@@ -28,13 +30,10 @@ def _example(bundle: ModelBundle) -> dict[str, torch.Tensor]:
     if bundle.example is not None:
         return bundle.example
     # batch 2 and seq 16 keep both axes dynamic (a size-1 example would be specialized).
-    lo_s, hi_s = bundle.axis_ranges.get("seq", (16, 16))
+    if "seq" not in bundle.axis_ranges:
+        return make_inputs(bundle, Shape(2), "padded", seed=0)
+    lo_s, hi_s = bundle.axis_ranges["seq"]
     return make_inputs(bundle, Shape(2, min(max(16, lo_s), hi_s)), "padded", seed=0)
-
-
-def _dynamic_shapes(bundle: ModelBundle) -> dict[str, dict[int, Any]]:
-    dims = {axis: Dim(axis, min=lo, max=hi) for axis, (lo, hi) in bundle.axis_ranges.items()}
-    return {n: {i: dims[a] for i, a in enumerate(spec.dims) if isinstance(a, str)} for n, spec in bundle.inputs.items()}
 
 
 def graph_hash(ep: ExportedProgram) -> str:
@@ -47,24 +46,71 @@ def graph_hash(ep: ExportedProgram) -> str:
         if isinstance(t, torch.Tensor):
             h.update(name.encode())
             h.update(str(t.dtype).encode() + str(tuple(t.shape)).encode())
-            h.update(t.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes())
+            h.update(t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())  # 0-dim constants too
     return h.hexdigest()[:16]
 
 
 def export(bundle: ModelBundle, dtype: torch.dtype = torch.float32, module: torch.nn.Module | None = None) -> ExportedProgram:
-    """The bundle's module (or `module`, one derived from it: a quantized one) captured with batch and seq dynamic."""
+    """The bundle's module (or `module`, one derived from it: a quantized one) captured with batch and seq dynamic.
+
+    When torch.export cannot keep an axis dynamic over the whole declared range ("Constraints
+    violated"), it captures again with the ranges torch.export infers itself (Dim.AUTO), narrows
+    the bundle's ranges to them and says so in the bundle's notes: a model that runs up to seq
+    2047 is a model that runs, not a failure."""
     if module is None:
         module = bundle.module if dtype == torch.float32 else copy.deepcopy(bundle.module).to(dtype)
+    if not isinstance(module, torch.fx.GraphModule):
+        module = module.eval()  # a module derived from a capture (quantized) is already in eval form and refuses .eval()
     try:
         with torch.no_grad():
-            if isinstance(module, torch.fx.GraphModule):
-                pass  # a module derived from a capture (quantized) is already in eval form and refuses .eval()
-            else:
-                module = module.eval()
-            return torch.export.export(module, (), _example(bundle), dynamic_shapes=_dynamic_shapes(bundle))
+            try:
+                return torch.export.export(module, (), _example(bundle), dynamic_shapes=_dynamic_shapes(bundle))
+            except Exception as e:
+                if "Constraints violated" not in str(e):
+                    raise
+                violation = str(e)
+            ep = torch.export.export(module, (), _example(bundle), dynamic_shapes=_dynamic_shapes(bundle, auto=True))
     except Exception as e:  # torch raises many kinds here; the user needs the first line
         first = next((line.strip() for line in str(e).splitlines() if line.strip()), "")
         raise BackendError(f"torch.export failed for {bundle.name}: {type(e).__name__}: {first}") from e
+    _narrow(bundle, ep, violation)
+    return ep
+
+
+def _dynamic_shapes(bundle: ModelBundle, auto: bool = False) -> dict[str, dict[int, Any]]:
+    dims = {axis: Dim.AUTO(min=lo, max=hi) if auto else Dim(axis, min=lo, max=hi) for axis, (lo, hi) in bundle.axis_ranges.items()}
+    return {n: {i: dims[a] for i, a in enumerate(spec.dims) if isinstance(a, str)} for n, spec in bundle.inputs.items()}
+
+
+def _narrow(bundle: ModelBundle, ep: ExportedProgram, violation: str) -> None:
+    """The bundle's axis ranges, narrowed to what the program `ep` (captured with Dim.AUTO) takes:
+    its range constraints, less single sizes the violation excluded at either end ("!= 2048")."""
+    shapes = {n.name: n.meta["val"].shape for n in ep.graph.nodes if n.op == "placeholder" and "val" in n.meta}
+    excluded = {int(v) for v in re.findall(r"\]\s*!=\s*(\d+)", violation)}
+    for axis, (lo, hi) in list(bundle.axis_ranges.items()):
+        new_lo, new_hi = lo, hi
+        for name, spec in bundle.inputs.items():
+            for i, a in enumerate(spec.dims):
+                if a != axis or name not in shapes:
+                    continue
+                size = shapes[name][i]
+                if isinstance(size, int):
+                    new_lo, new_hi = max(new_lo, size), min(new_hi, size)
+                    continue
+                vr = ep.range_constraints.get(size.node.expr)
+                if vr is not None:
+                    # a lower bound of 2 is how torch.export writes every backed size (0/1 are
+                    # specialized in its reasoning); the program still takes 1, which a test checks
+                    new_lo = max(new_lo, int(vr.lower)) if int(vr.lower) > 2 else new_lo
+                    new_hi = min(new_hi, int(vr.upper)) if vr.upper.is_finite else new_hi  # type: ignore[union-attr]
+        while new_hi in excluded and new_hi > new_lo:
+            new_hi -= 1
+        while new_lo in excluded and new_lo < new_hi:
+            new_lo += 1
+        if (new_lo, new_hi) != (lo, hi):
+            bundle.axis_ranges[axis] = (new_lo, new_hi)
+            what = f"fixed at {new_lo}" if new_lo == new_hi else f"narrowed to [{new_lo}, {new_hi}]"
+            bundle.notes.append(f"torch.export: {axis} {what} from [{lo}, {hi}] (the model's code constrains it)")
 
 
 @dataclass
@@ -98,9 +144,17 @@ class Captured:
                             {"exporter": "dynamo", **{d: version(d) for d in ("torch", "onnx", "onnxscript")}})
 
         def export_onnx(tmp: Path) -> None:
-            torch.onnx.export(self.program_at(precision), (), kwargs=_example(self.bundle), f=str(tmp / "model.onnx"),
-                              dynamo=True, input_names=list(self.bundle.input_names),
-                              output_names=list(self.bundle.output_names), verbose=False)
+            program = self.program_at(precision)
+            kw = dict(kwargs=_example(self.bundle), f=str(tmp / "model.onnx"), dynamo=True, verbose=False,
+                      input_names=list(self.bundle.input_names), output_names=list(self.bundle.output_names))
+            try:
+                torch.onnx.export(program, (), **kw)  # type: ignore[arg-type]
+            except Exception as e:
+                # The exporter's own decompositions can fail on a view of a transposed tensor with
+                # symbolic sizes (T5's attention). Decomposed to core ATen first, the same program
+                # exports; it is not the first choice because fused ops (sdpa) are split on the way.
+                progress.report(f"ONNX export: {type(e).__name__}; exporting the program decomposed to core ATen instead")
+                torch.onnx.export(program.run_decompositions(), (), **kw)  # type: ignore[arg-type]
 
         try:
             return cached_dir(final, export_onnx) / "model.onnx"

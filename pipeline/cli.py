@@ -129,7 +129,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from .predict import Predictor
 
     predictor = Predictor.load(args.artifact, args.device, allow_failed=args.allow_failed, public_key=_public_key(args))
-    for answer in predictor.predict(args.texts):
+    for i, answer in enumerate(predictor.predict(args.texts)):
+        cut = answer.get("truncated")
+        if cut:
+            print(f"kiln: text {i + 1} is {cut['tokens']} tokens and the engine takes at most {cut['kept']}: "
+                  f"answered from its first {cut['kept']}", file=sys.stderr)
         print(json.dumps(answer))
     return 0
 
@@ -198,7 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--model", default=DEFAULT_MODEL, help=f"a built-in name (kiln models) or a local HF directory (default {DEFAULT_MODEL})")
     r.add_argument("--backends", default="", help="comma-separated (default: every available backend)")
     r.add_argument("--precisions", default="fp32", help="comma-separated from fp32,fp16,bf16,int8,int8-dynamic (default fp32)")
-    r.add_argument("--shapes", default="1x128,8x128", help="comma-separated BATCHxSEQ (default 1x128,8x128)")
+    r.add_argument("--shapes", help="comma-separated BATCHxSEQ, or batch sizes for an image model (default 1x128,8x128; images 1,8)")
     r.add_argument("--device", help="cpu or cuda (default: cuda if present)")
     r.add_argument("--out", help="output directory (default artifacts/runs/<timestamp>)")
     r.add_argument("--option", action="append", default=[], metavar="BACKEND.KEY=VALUE", help="a backend option, repeatable")
@@ -218,7 +222,8 @@ def build_parser() -> argparse.ArgumentParser:
     bd.add_argument("--model", default=DEFAULT_MODEL)
     bd.add_argument("--backends", required=True, help="comma-separated: the engines to build (kiln backends lists them)")
     bd.add_argument("--precisions", default="fp32")
-    bd.add_argument("--shapes", default="1x128,8x128", help="the shapes checked and timed at build; engines built for a shape range (profiles) span them")
+    bd.add_argument("--shapes", help="the shapes checked and timed at build; engines built for a shape range (profiles) span them "
+                                     "(default 1x128,8x128; images 1,8)")
     bd.add_argument("--device")
     bd.add_argument("--root", default="artifacts", help="where engines go (default artifacts)")
     bd.add_argument("--option", action="append", default=[], metavar="BACKEND.KEY=VALUE")
@@ -236,7 +241,8 @@ def build_parser() -> argparse.ArgumentParser:
     ld.set_defaults(func=cmd_load)
     vf = sub.add_parser("verify", help="reload an engine and re-run the comparator at every shape it was built for")
     vf.set_defaults(func=cmd_verify)
-    pr = sub.add_parser("predict", help="answer text with a built engine: its tokenizer, the engine, its head's post-processing")
+    pr = sub.add_parser("predict", help="answer text (or image files, for an image model) with a built engine: its tokenizer "
+                                        "or image processor, the engine, its head's post-processing")
     pr.set_defaults(func=cmd_predict)
     pr.add_argument("--allow-failed", action="store_true", help="answer even if its build verdict was not a pass")
     for sp in (ld, vf, pr):

@@ -102,6 +102,16 @@ def pooled_embeddings(hidden: torch.Tensor, mask: torch.Tensor | None) -> torch.
     return torch.nn.functional.normalize(pooled, dim=-1)
 
 
+def unpadded(mask: torch.Tensor | None, t: torch.Tensor, task: str) -> torch.Tensor:
+    """Which elements of an output are at real tokens: those of a [batch, seq, ...] output whose
+    position the mask keeps (a [batch, seq] output only for span logits: a classifier's
+    [batch, labels] could match the mask's shape by chance); every element of any other output."""
+    per_position = t.dim() >= 3 or (t.dim() == 2 and task == "question-answering")
+    if mask is None or not per_position or tuple(t.shape[:2]) != tuple(mask.shape):
+        return torch.ones(t.shape, dtype=torch.bool)
+    return mask.bool().cpu().reshape(*mask.shape, *([1] * (t.dim() - 2))).expand(t.shape)
+
+
 def _nearest(emb: torch.Tensor) -> torch.Tensor:
     sim = emb @ emb.T
     sim.fill_diagonal_(-math.inf)
@@ -144,12 +154,16 @@ class Comparator:
             m.dtype = str(candidate[name].dtype).removeprefix("torch.")
             # Every metric is taken over the elements finite in all four tensors; the others are
             # counted and fail the verdict, so no NaN can hide in a max and no Inf can widen atol.
-            fc, fr, fe = torch.isfinite(c), torch.isfinite(r) & torch.isfinite(s), torch.isfinite(e)
+            # Positions that are padding are never compared: what a model computes there is
+            # discarded by every user, and a causal LM's left padding can hold anything.
+            keep = unpadded(mask, c, self.task)
+            fc, fr, fe = (torch.isfinite(x) | ~keep for x in (c, r, e))
+            fr &= torch.isfinite(s) | ~keep
             m.nonfinite += int((~fc).sum())
             m.nonfinite_reference += int((~fr).sum())
             m.nonfinite_eager += int((~fe).sum())
-            m.elements += c.numel()
-            ok = fc & fr & fe
+            m.elements += int(keep.sum())
+            ok = fc & fr & fe & keep
             c, r, s, e = (torch.where(ok, x, torch.zeros_like(x)) for x in (c, r, s, e))
             diff = (c - r).abs()
             m.max_abs = max(m.max_abs, float(diff.max()) if diff.numel() else 0.0)
@@ -168,7 +182,7 @@ class Comparator:
 
     def _agreement(self, a: dict[str, Any], c: torch.Tensor, r: torch.Tensor, e: torch.Tensor, mask: torch.Tensor | None) -> None:
         valid = mask.bool().cpu() if mask is not None else torch.ones(c.shape[:2], dtype=torch.bool)
-        if self.task == "classification" and c.dim() == 2:  # one label per row
+        if self.task in ("classification", "image-classification") and c.dim() == 2:  # one label per row
             a["kind"] = "label"
             a["agree"].append((c.argmax(-1) == r.argmax(-1)).double())
             a["eager_agree"].append((e.argmax(-1) == r.argmax(-1)).double())

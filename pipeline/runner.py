@@ -80,6 +80,8 @@ class Runner:
             self.say(f"capturing {self.bundle.name} with torch.export (batch and seq dynamic)")
             captured = capture(self.bundle, self.cache_dir, cfg.quant)
             self.say(f"captured graph {captured.graph_hash} in {captured.capture_s:.1f}s")
+        for s in cfg.shapes:  # capture may have narrowed the model's ranges (its notes say why)
+            check_shape(self.bundle, s)
         captured = dataclasses.replace(captured, quant=cfg.quant)
         if any(p.quantized for p in cfg.precisions):
             self.say(f"int8: calibration {cfg.quant.method}, {cfg.quant.samples} samples, weights "
@@ -171,6 +173,8 @@ class Runner:
             r.engine = str(info["describe"].get("engine", ""))
             if info["notes"]:
                 r.reason = "; ".join([r.reason, *info["notes"]] if r.reason else info["notes"])
+        for r in results.values():  # how the model was loaded or captured, said in each of its rows
+            r.reason = "; ".join([x for x in (r.reason, *self.bundle.notes) if x])
         return results
 
     def _check(self, model: Engine, shape: Shape, refs: References, precision: Precision) -> Result:
