@@ -8,6 +8,7 @@ import datetime as dt
 import json
 import logging
 import os
+import re
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -79,6 +80,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                  options=_parse_options(args.option), warmup=args.warmup, rounds=args.rounds, isolation=args.isolation,
                  timeout_s=args.timeout, save_engines=out / "engines" if args.save_engines else None, quant=_quant(args),
                  task=args.task)
+    _close_progress()  # the bar gives the terminal back before the table
     print(report.to_json() if args.json else report.to_markdown())
     print(f"wrote {out / 'report.json'} (and .md, .csv)", file=sys.stderr)
     crashed = sorted({f"{r.backend} {r.precision}" for r in report.results if r.crashed})
@@ -94,6 +96,7 @@ def cmd_build(args: argparse.Namespace) -> int:
                      options=_parse_options(args.option), progress=None if args.quiet else _progress(),
                      cache_dir=args.cache_dir, warmup=args.warmup, rounds=args.rounds, isolation=args.isolation,
                      quant=_quant(args), task=args.task)
+    _close_progress()
     for o in outcomes:
         size = f"  {o.size_mb:.1f} MB" if o.size_mb is not None else ""
         print(f"{o.backend:14s} {o.precision:12s} {o.status:11s} {o.path}{size}" + (f"  ({o.reason})" if o.reason and o.status != "built" else ""))
@@ -154,8 +157,10 @@ def cmd_sign(args: argparse.Namespace) -> int:
 def cmd_triton(args: argparse.Namespace) -> int:
     from .triton import export_triton
 
-    path = export_triton(args.artifact, args.repo, args.name, args.version)
+    path = export_triton(args.artifact, args.repo, args.name, args.version, text=args.text)
     print(f"wrote Triton model {path} (config.pbtxt, {args.version}/)")
+    if args.text:
+        print(f"wrote {path.name}-tokenizer (Python backend) and {path.name}-text (the ensemble a client sends strings to)")
     return 0
 
 
@@ -180,10 +185,59 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 1 if any(c.failed for c in checks) else 0
 
 
-def _progress() -> Callable[[str], None]:
-    """Progress lines on stderr, each with the seconds since the command started."""
-    t0 = time.perf_counter()
-    return lambda msg: print(f"[{time.perf_counter() - t0:7.1f}s] {msg}", file=sys.stderr, flush=True)
+class Lines:
+    """Progress as plain lines on stderr, each with the seconds since the command started: what CI logs keep."""
+
+    def __init__(self) -> None:
+        self.t0 = time.perf_counter()
+
+    def __call__(self, msg: str) -> None:
+        print(f"[{time.perf_counter() - self.t0:7.1f}s] {msg}", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        pass
+
+
+class Bar(Lines):
+    """Progress on a terminal: every line kept above a live `rich` bar that shows the latest one,
+    the time since the start and, while TVM tunes, its trials measured of those planned."""
+
+    _TRIALS = re.compile(r"(\d+)/(\d+) trials measured")
+
+    def __init__(self, console: Any = None) -> None:
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+        super().__init__()
+        self.bar = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                            TimeElapsedColumn(), console=console or Console(stderr=True), transient=True)
+        self.task = self.bar.add_task("starting", total=None)
+        self.bar.start()
+
+    def __call__(self, msg: str) -> None:
+        self.bar.console.print(f"[{time.perf_counter() - self.t0:7.1f}s] {msg}", markup=False, highlight=False)
+        trials = self._TRIALS.search(msg)
+        short = msg if len(msg) <= 60 else msg[:57] + "..."
+        if trials:
+            self.bar.update(self.task, description=short, completed=int(trials[1]), total=int(trials[2]))
+        elif self.bar.tasks[0].total is not None:  # no count now: a spinner again (update cannot unset a total)
+            self.bar.remove_task(self.task)
+            self.task = self.bar.add_task(short, total=None)
+        else:
+            self.bar.update(self.task, description=short)
+
+    def close(self) -> None:
+        self.bar.stop()
+
+
+_open: list[Lines] = []
+
+
+def _progress() -> Lines:
+    """A rich bar on a terminal, plain timestamped lines anywhere else (CI logs, pipes)."""
+    tty = sys.stderr.isatty() and os.environ.get("TERM") != "dumb"
+    _open.append(Bar() if tty else Lines())
+    return _open[-1]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -263,6 +317,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--repo", required=True)
     tr.add_argument("--name")
     tr.add_argument("--version", type=int, default=1)
+    tr.add_argument("--text", action="store_true",
+                    help="also the tokenizer as a Python-backend model and an ensemble, so the repository takes text")
     tr.set_defaults(func=cmd_triton)
 
     ck = sub.add_parser("check", help="CI gate: compare a report with a baseline (exit 0 pass, 1 regression, 2 bad input)")
@@ -285,11 +341,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args))
     except KilnError as e:
+        _close_progress()
         print(f"kiln: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        _close_progress()
         print("kiln: interrupted", file=sys.stderr)
         return 130
+    finally:
+        _close_progress()
+
+
+def _close_progress() -> None:
+    while _open:
+        _open.pop().close()
 
 
 if __name__ == "__main__":

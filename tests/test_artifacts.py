@@ -141,22 +141,134 @@ def test_load_in_a_fresh_process_without_the_models_code(built: Path) -> None:
     assert "ok (1, 16, 32)" in res.stdout
 
 
+def _parsed(path: Path) -> Any:
+    """A written config.pbtxt parsed as Triton parses it: into its ModelConfig protobuf."""
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    return text_format.Parse(path.read_text(), model_config_pb2.ModelConfig())
+
+
 def test_triton_repository(built: Path, tmp_path: Path) -> None:
+    from tritonclient.grpc import model_config_pb2 as pb
+
     model_dir = export_triton(built / "onnxruntime-fp32", tmp_path / "repo", name="minibert")
     assert (model_dir / "1" / "model.onnx").is_file() and (model_dir / "1" / "model.onnx.data").is_file()
-    cfg = (model_dir / "config.pbtxt").read_text()
-    assert 'platform: "onnxruntime_onnx"' in cfg and "max_batch_size: 64" in cfg
-    assert "dims: [ -1 ]" in cfg and "dims: [ -1, 32 ]" in cfg and "dynamic_batching" in cfg
+    cfg = _parsed(model_dir / "config.pbtxt")
+    assert cfg.name == "minibert" and cfg.platform == "onnxruntime_onnx" and cfg.max_batch_size == 64
+    assert {i.name: list(i.dims) for i in cfg.input} == {"input_ids": [-1], "attention_mask": [-1]}
+    assert [(o.name, list(o.dims), o.data_type) for o in cfg.output] == [("last_hidden_state", [-1, 32], pb.TYPE_FP32)]
+    assert cfg.HasField("dynamic_batching")
+    assert [(g.kind, g.count) for g in cfg.instance_group] == [(pb.ModelInstanceGroup.KIND_CPU, 1)]  # built on the CPU
     with pytest.raises(InputError, match="no Triton backend"):
         export_triton(built / "eager-fp32", tmp_path / "repo")
+    assert sorted(p.name for p in (tmp_path / "repo").iterdir()) == ["minibert"]  # no staging left behind
 
 
-def test_triton_config_for_a_tensorrt_plan_uses_the_profiles_batch() -> None:
+class _FakeTriton:
+    """The few names of Triton's triton_python_backend_utils the tokenizer model uses, to run it here."""
+
+    class Tensor:
+        def __init__(self, name: str, array: Any) -> None:
+            self.name, self.array = name, array
+
+        def as_numpy(self) -> Any:
+            return self.array
+
+    class InferenceResponse:
+        def __init__(self, output_tensors: list[Any]) -> None:
+            self.outputs = {t.name: t.array for t in output_tensors}
+
+    @staticmethod
+    def get_input_tensor_by_name(request: dict[str, Any], name: str) -> Any:
+        return _FakeTriton.Tensor(name, request[name])
+
+
+def test_triton_repository_that_takes_text(built: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import json
+    import sys
+    import types
+
+    import numpy as np
+    from google.protobuf import json_format
+    from transformers import AutoTokenizer
+
+    repo = tmp_path / "repo"
+    assert main(["triton", str(built / "onnxruntime-fp32"), "--repo", str(repo), "--name", "mini bert/v1", "--text"]) == 0
+    assert sorted(p.name for p in repo.iterdir()) == ["mini_bert_v1", "mini_bert_v1-text", "mini_bert_v1-tokenizer"]
+    engine, tok, ens = (_parsed(repo / n / "config.pbtxt") for n in ("mini_bert_v1", "mini_bert_v1-tokenizer", "mini_bert_v1-text"))
+    assert tok.backend == "python" and ens.platform == "ensemble" and (repo / "mini_bert_v1-text" / "1").is_dir()
+    assert tok.max_batch_size == ens.max_batch_size == engine.max_batch_size
+    # the ensemble is wired: every step reads the ensemble's inputs or an earlier step's outputs,
+    # feeds each model exactly the inputs its config declares, and ends in the engine's outputs
+    configs = {c.name: c for c in (engine, tok)}
+    have = {i.name for i in ens.input}
+    for step in ens.ensemble_scheduling.step:
+        model = configs[step.model_name]
+        assert set(step.input_map) == {i.name for i in model.input} and set(step.input_map.values()) <= have
+        assert set(step.output_map) <= {o.name for o in model.output}
+        have |= set(step.output_map.values())
+    assert [o.name for o in ens.output] == [o.name for o in engine.output] and {o.name for o in ens.output} <= have
+
+    # the tokenizer model, run as Triton's Python backend would, gives what the artifact's tokenizer gives
+    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", types.SimpleNamespace(**{
+        k: getattr(_FakeTriton, k) for k in ("Tensor", "InferenceResponse", "get_input_tensor_by_name")}))
+    source = (repo / "mini_bert_v1-tokenizer" / "1" / "model.py").read_text()
+    ns: dict[str, Any] = {}
+    exec(compile(source, "model.py", "exec"), ns)
+    model = ns["TritonPythonModel"]()
+    model.initialize({"model_repository": str(repo / "mini_bert_v1-tokenizer"), "model_version": "1",
+                      "model_config": json.dumps(json_format.MessageToDict(tok, preserving_proto_field_name=True))})
+    texts = ["A short one.", "A somewhat longer sentence, to be padded against."]
+    (resp,) = model.execute([{"TEXT": np.array([[t.encode()] for t in texts], dtype=object)}])
+    want = AutoTokenizer.from_pretrained(built / "onnxruntime-fp32")(texts, padding="longest", return_tensors="np")
+    assert np.array_equal(resp.outputs["input_ids"], want["input_ids"]) and resp.outputs["input_ids"].dtype == np.int64
+    assert np.array_equal(resp.outputs["attention_mask"], want["attention_mask"])
+
+
+def test_triton_export_keeps_other_versions_and_writes_nothing_when_it_fails(built: Path, tmp_path: Path,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    repo = tmp_path / "repo"
+    export_triton(built / "onnxruntime-fp32", repo, name="m", version=2)
+    export_triton(built / "onnxruntime-fp32", repo, name="m", version=1)
+    assert sorted(p.name for p in (repo / "m").iterdir()) == ["1", "2", "config.pbtxt"]
+    before = sorted(str(p.relative_to(repo)) for p in repo.rglob("*"))
+
+    def broken(src: Any, dst: Any, *a: Any, **k: Any) -> None:
+        raise OSError("disk full")
+
+    monkeypatch.setattr("pipeline.triton.shutil.copy2", broken)
+    with pytest.raises(OSError, match="disk full"):
+        export_triton(built / "onnxruntime-fp32", repo, name="m", version=3, text=True)
+    assert sorted(str(p.relative_to(repo)) for p in repo.rglob("*")) == before  # as it was, no staging left
+    with pytest.raises(InputError, match="carries no tokenizer"):
+        export_triton(_without_tokenizer(built, tmp_path), repo, name="x", text=True)
+    assert sorted(str(p.relative_to(repo)) for p in repo.rglob("*")) == before
+
+
+def _without_tokenizer(built: Path, tmp_path: Path) -> Path:
+    """The onnxruntime engine as `kiln run --save-engines` leaves it: no tokenizer in its manifest."""
+    art = tmp_path / "plain"
+    shutil.copytree(built / "onnxruntime-fp32", art)
+    meta = json.loads((art / MANIFEST).read_text())
+    for f in meta.pop("tokenizer"):
+        (art / f).unlink()
+    store._write(art, meta)
+    return art
+
+
+def test_triton_config_for_a_tensorrt_plan_uses_the_profiles_batch_and_the_gpu() -> None:
+    from tritonclient.grpc import model_config_pb2 as pb
+
     meta = {"backend": "tensorrt", "inputs": {"input_ids": {"dtype": "int64", "dims": ["batch", "seq"]}},
             "outputs": {"logits": {"dtype": "float16", "dims": ["batch", "seq", 1000]}}, "axis_ranges": {"batch": [1, 64]},
-            "engine": {"profile": {"input_ids": [[1, 16], [8, 128], [8, 128]]}}}
-    cfg = config_pbtxt("gpt", meta)
-    assert 'platform: "tensorrt_plan"' in cfg and "max_batch_size: 8" in cfg and "TYPE_FP16" in cfg and "dims: [ -1, 1000 ]" in cfg
+            "engine": {"profile": {"input_ids": [[1, 16], [8, 128], [8, 128]]}}, "device": {"type": "cuda", "arch": "sm_90"}}
+    from google.protobuf import text_format
+
+    cfg = text_format.Parse(config_pbtxt("gpt", meta), pb.ModelConfig())
+    assert cfg.platform == "tensorrt_plan" and cfg.max_batch_size == 8
+    assert [(o.data_type, list(o.dims)) for o in cfg.output] == [(pb.TYPE_FP16, [-1, 1000])]
+    assert [(g.kind, list(g.gpus)) for g in cfg.instance_group] == [(pb.ModelInstanceGroup.KIND_GPU, [0])]
 
 
 @dataclass(frozen=True)

@@ -295,3 +295,23 @@ def test_tuning_progress_line() -> None:
     assert len(heard) == 1 and heard[0].startswith("tuning: 0 candidates built")
     assert _run_ms(SimpleNamespace(error_msg=None, run_secs=[0.001, 0.003])) == pytest.approx(2.0)
     assert _run_ms(SimpleNamespace(error_msg="failed to build", run_secs=None)) is None
+
+
+def test_progress_is_a_rich_bar_on_a_terminal_and_plain_lines_elsewhere(capsys: pytest.CaptureFixture[str]) -> None:
+    import io
+
+    from rich.console import Console
+
+    from pipeline.cli import Bar, Lines, _progress
+
+    assert type(_progress()) is Lines  # stderr is captured here, not a terminal: CI logs get plain lines
+    out = io.StringIO()
+    bar = Bar(Console(file=out, force_terminal=True, width=120))
+    bar("tvm fp32: tuning: 40 candidates built, 12/64 trials measured, 500s left of the 600s budget")
+    task = bar.bar.tasks[0]
+    assert (task.completed, task.total) == (12, 64)
+    bar("tvm fp32: saving")
+    assert bar.bar.tasks[0].total is None  # no count: a spinner, not a stale bar
+    bar.close()
+    text = out.getvalue()
+    assert "12/64 trials measured" in text and "tvm fp32: saving" in text  # every line is kept above the bar
