@@ -46,6 +46,8 @@ FAMILIES: dict[str, tuple[Callable[[], Any], Any, dict[str, Any]]] = {
                 {"task": "token-classification", "agreement": "top1"}),
     "albert": (lambda: transformers.AlbertConfig(**H, embedding_size=16), transformers.AlbertForQuestionAnswering,
                {"task": "question-answering", "agreement": "span"}),
+    "electra": (lambda: transformers.ElectraConfig(**H, embedding_size=16), transformers.ElectraForMaskedLM,
+                {"task": "masked-lm", "agreement": "top1"}),
     # offers no sdpa: loads with its own attention, and the rows say so
     "deberta-v2": (lambda: transformers.DebertaV2Config(**H, num_labels=2), transformers.DebertaV2ForSequenceClassification,
                    {"task": "classification", "note": "attention: eager (DebertaV2ForSequenceClassification offers no sdpa)"}),
@@ -63,6 +65,8 @@ FAMILIES: dict[str, tuple[Callable[[], Any], Any, dict[str, Any]]] = {
               {"task": "causal-lm", "tokenizer": "right"}),
     "vit": (lambda: transformers.ViTConfig(**H, image_size=32, patch_size=8, num_labels=3),
             transformers.ViTForImageClassification, {"task": "image-classification", "agreement": "label"}),
+    "deit": (lambda: transformers.DeiTConfig(**H, image_size=32, patch_size=8), transformers.DeiTModel,
+             {"task": "image-encoder"}),
     "swin": (lambda: transformers.SwinConfig(image_size=32, patch_size=4, embed_dim=16, depths=[1, 1], num_heads=[1, 2],
                                              window_size=4, num_labels=2),
              transformers.SwinForImageClassification, {"task": "image-classification"}),

@@ -91,3 +91,9 @@ def test_build_an_image_classifier_and_predict_labels_of_image_files(vit_dir: Pa
     bad = subprocess.run([sys.executable, "-m", "pipeline", "predict", str(art), str(tmp_path / "missing.png")],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "cannot read image" in bad.stderr
+    # pixels at a size the engine was not built for never reach it
+    from pipeline import store
+
+    engine = store.load(art)
+    with pytest.raises(ShapeError, match=r"input 'pixel_values' has shape \(1, 3, 48, 48\); its dims are \(batch, 3, 32, 32\)"):
+        engine({"pixel_values": torch.zeros(1, 3, 48, 48)})
