@@ -20,6 +20,7 @@ from pipeline.errors import ArtifactError, BackendError, InputError
 from pipeline.inputs import Shape, check_inputs
 from pipeline.models import InputSpec
 from pipeline.precision import Precision
+from pipeline.generate import GenerationEngine, GenerationPrograms, Step
 
 from .options import BackendOptions, runtime_option
 
@@ -158,6 +159,10 @@ class CompiledModel(ABC):
         return []
 
 
+class GenerationUnsupported(BackendError):
+    """This backend does not run generation (yet): a row that says so, never a failure."""
+
+
 class Backend(ABC):
     name: ClassVar[str]
     precisions: ClassVar[tuple[Precision, ...]]
@@ -277,6 +282,13 @@ class Backend(ABC):
     @abstractmethod
     def _load(self, directory: Path, spec: EngineSpec, manifest: dict[str, Any]) -> CompiledModel:
         ...
+
+    def generation(self, programs: GenerationPrograms, precision: Precision, device: str,
+                   options: BackendOptions) -> GenerationEngine:
+        """Prefill and decode engines over the captured static-cache generation steps
+        (`kiln run --mode generate`). A backend that does not take them raises GenerationUnsupported:
+        an `unsupported` row that says so."""
+        raise GenerationUnsupported(f"{self.name} does not run the static-cache generation steps yet")
 
     def serving(self, manifest: dict[str, Any]) -> ServingFormat | None:
         """How Triton serves one of this backend's engines; None where Triton has no backend for it."""

@@ -18,7 +18,9 @@ from pipeline.errors import BackendError
 from pipeline.inputs import Shape
 from pipeline.precision import Precision
 
-from .base import Backend, BackendOptions, CompiledModel, EngineSpec, Tensors
+from pipeline.generate import GenerationEngine, GenerationPrograms, Step, module_step
+
+from .base import Backend, BackendOptions, CompiledModel, EngineSpec, GenerationUnsupported, Tensors
 from .quantize import PT2E_CPU_ONLY
 
 
@@ -75,6 +77,15 @@ class EagerBackend(Backend):
         if spec.precision != Precision.FP32 or spec.device != "cpu":
             module = copy.deepcopy(module).to(device=spec.device, dtype=spec.precision.dtype)
         return EagerModel(spec, module.eval(), captured.program_at(spec.precision))
+
+    def generation(self, programs: GenerationPrograms, precision: Precision, device: str,
+                   options: BackendOptions) -> GenerationEngine:
+        """The model's own code with transformers' (functional) static-cache layers, op by op: the reference."""
+        if precision.quantized:
+            raise GenerationUnsupported("int8 generation is not built yet: its reference would be PT2E's program of the step")
+        module = programs.module.to(device)
+        step = module_step(module, programs.output_names)
+        return GenerationEngine(step, step)
 
     def _load(self, directory: Path, spec: EngineSpec, manifest: dict[str, Any]) -> CompiledModel:
         # the program's quantize/dequantize ops are torchao's, registered when it is imported

@@ -15,7 +15,9 @@ from pipeline.errors import BackendError
 from pipeline.inputs import Shape
 from pipeline.precision import Precision
 
-from .base import Availability, Backend, BackendOptions, CompiledModel, EngineSpec, Tensors
+from pipeline.generate import GenerationEngine, GenerationPrograms, Step
+
+from .base import Availability, Backend, BackendOptions, CompiledModel, EngineSpec, GenerationUnsupported, Tensors
 from .quantize import PT2E_CPU_ONLY
 
 Mode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
@@ -124,6 +126,25 @@ class InductorBackend(Backend):
         program = captured.program_at(spec.precision)
         fn = torch.compile(program.module().to(spec.device), dynamic=options.dynamic, options=_inductor_options(options))
         return InductorModel(spec, fn, program, None)
+
+    def generation(self, programs: GenerationPrograms, precision: Precision, device: str,
+                   options: BackendOptions) -> GenerationEngine:
+        """torch.compile of both captured steps: prefill dynamic in the prompt length, decode
+        specialized to one token (static shapes, so its kernels are the decode step's own)."""
+        opts: InductorOptions = options  # type: ignore[assignment]
+        if precision.quantized:
+            raise GenerationUnsupported("int8 generation is not built yet")
+        compiled = {}
+        for kind, program, dynamic in (("prefill", programs.prefill, opts.dynamic), ("decode", programs.decode, False)):
+            compiled[kind] = torch.compile(program.module().to(device), dynamic=dynamic, options=_inductor_options(opts))
+
+        def step(fn: Any) -> Step:
+            def run(inputs: dict[str, torch.Tensor]) -> Tensors:
+                with torch.no_grad():
+                    return dict(zip(programs.output_names, fn(**inputs)))
+            return run
+
+        return GenerationEngine(step(compiled["prefill"]), step(compiled["decode"]))
 
     def _load(self, directory: Path, spec: EngineSpec, manifest: dict[str, Any]) -> CompiledModel:
         path = directory / "model.pt2"

@@ -19,7 +19,9 @@ from pipeline.precision import Precision
 from pipeline.env import version
 from pipeline.fsutil import cache_entry, cached_dir
 
-from .base import Availability, Backend, BackendOptions, CompiledModel, EngineSpec, Tensors, runtime_option
+from pipeline.generate import GenerationEngine, GenerationPrograms, Step
+
+from .base import Availability, Backend, BackendOptions, CompiledModel, EngineSpec, GenerationUnsupported, Tensors, runtime_option
 
 Level = Literal["disable", "basic", "extended", "all"]
 DATA = "model.onnx.data"
@@ -197,3 +199,75 @@ class OrtBackend(Backend):
 
     def _load(self, directory: Path, spec: EngineSpec, manifest: dict[str, Any]) -> CompiledModel:
         return OrtModel(spec, directory / "model.onnx", {}, record_optimized=False)
+
+    def generation(self, programs: GenerationPrograms, precision: Precision, device: str,
+                   options: BackendOptions) -> GenerationEngine:
+        """Each captured step exported to ONNX (the cache as inputs and outputs), onnxscript's ORT
+        fusions, one session each; run through IO binding, so the cache tensors one step returns
+        are bound as the next step's inputs where they are, never copied."""
+        opts: OrtOptions = options  # type: ignore[assignment]
+        if precision != Precision.FP32:
+            raise GenerationUnsupported(f"onnxruntime generation runs fp32 only so far ({precision} is not built)")
+        import onnxruntime as ort
+
+        so = ort.SessionOptions()
+        so.graph_optimization_level = _level(opts.graph_optimization)
+        so.intra_op_num_threads = opts.intra_op_threads or torch.get_num_threads()
+        so.add_session_config_entry("session.intra_op.allow_spinning", "1" if opts.spin else "0")
+        so.log_severity_level = 3
+        steps, notes = [], []
+        for kind, program in (("prefill", programs.prefill), ("decode", programs.decode)):
+            for fuse in dict.fromkeys([opts.fuse, False]):
+                with tempfile.TemporaryDirectory(prefix=f"kiln-ort-{kind}-") as scratch:  # the session holds the model once made
+                    path = Path(scratch) / "model.onnx"
+                    _export_step(program, programs, path, kind == "prefill", fuse)
+                    try:
+                        session = ort.InferenceSession(str(path), so, providers=_providers(device))
+                        break
+                    except Exception as e:
+                        if not fuse:
+                            raise BackendError(f"onnxruntime could not load the {kind} step: {str(e).splitlines()[0]}") from e
+                        # onnxscript's fusions, then ORT's own, can leave a graph ORT refuses (a Gemm
+                        # fed rank 3, at some cache lengths of GPT-2): the unfused export still runs
+                        notes.append(f"the {kind} step runs unfused: with onnxscript's fusions ORT refused it "
+                                     f"({str(e).splitlines()[0][:120]})")
+            steps.append(_bound_step(session, programs.output_names, device))
+        return GenerationEngine(steps[0], steps[1], notes)
+
+
+def _export_step(program: torch.export.ExportedProgram, programs: GenerationPrograms, path: Path, prefill: bool,
+                 fuse: bool) -> None:
+    import onnx_ir as ir
+
+    spec = programs.spec
+    example = {"input_ids": torch.zeros(2, 4 if prefill else 1, dtype=torch.int64), "start": torch.tensor(0), **spec.empty(2)}
+    torch.onnx.export(program, (), kwargs=example, f=str(path), dynamo=True, input_names=programs.input_names,
+                      output_names=programs.output_names, verbose=False)
+    if fuse:
+        from onnxscript.rewriter.ort_fusions import optimize_for_ort
+
+        model, _ = optimize_for_ort(ir.load(str(path)))
+        ir.save(model, str(path), external_data=DATA)
+
+
+def _bound_step(session: Any, names: list[str], device: str) -> Step:
+    cuda = device.startswith("cuda")
+    idx = torch.device(device).index or 0 if cuda else 0
+    wanted = {i.name for i in session.get_inputs()}  # the exporter drops inputs a step never reads
+
+    def run(inputs: dict[str, torch.Tensor]) -> Tensors:
+        binding = session.io_binding()
+        for n, t in inputs.items():
+            if n not in wanted:
+                continue
+            t = t.contiguous()
+            binding.bind_input(n, "cuda" if cuda else "cpu", idx, _NP[t.dtype], list(t.shape), t.data_ptr())
+        for n in names:
+            binding.bind_output(n, "cuda" if cuda else "cpu", idx)
+        session.run_with_iobinding(binding)
+        outs = binding.get_outputs()
+        if cuda:
+            return {n: torch.from_dlpack(v.to_dlpack()) for n, v in zip(names, outs)}
+        return {n: torch.from_numpy(v.numpy()) for n, v in zip(names, outs)}
+
+    return run

@@ -71,8 +71,34 @@ def _add_job_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--per-tensor-weights", action="store_true", help="int8 weights with one scale per tensor (default: per channel)")
 
 
+def cmd_generate(args: argparse.Namespace) -> int:
+    from .build import TEXT_SHAPES
+    from .config import make_config
+    from .genrun import GENERATE_ROUNDS, run_generation
+    from .models import load_model
+
+    cfg = make_config(backends=args.backends, precisions=args.precisions, shapes=args.shapes or TEXT_SHAPES, device=args.device,
+                      options=_parse_options(args.option))
+    out = Path(args.out) if args.out else Path("artifacts/runs") / dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    say = None if args.quiet else _progress()
+    if say:
+        say(f"loading model {args.model}")
+    bundle = load_model(args.model, args.task)
+    report = run_generation(bundle, cfg, args.new_tokens, args.cache_len, args.rounds or GENERATE_ROUNDS, say)
+    report.save(out)
+    _close_progress()
+    print(json.dumps(report.to_dict(), indent=2, default=str) if args.json else report.to_markdown())
+    print(f"wrote {out / 'report.json'} (and .md)", file=sys.stderr)
+    return 0
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from .build import run
+
+    if args.mode == "generate":
+        return cmd_generate(args)
+    if args.rounds is None:
+        args.rounds = 20
 
     out = Path(args.out) if args.out else Path("artifacts/runs") / dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     report = run(args.model, out=out, progress=None if args.quiet else _progress(), cache_dir=args.cache_dir,
@@ -261,7 +287,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", help="output directory (default artifacts/runs/<timestamp>)")
     r.add_argument("--option", action="append", default=[], metavar="BACKEND.KEY=VALUE", help="a backend option, repeatable")
     r.add_argument("--warmup", type=int, default=5, help="untimed calls per engine and shape (default 5)")
-    r.add_argument("--rounds", type=int, default=20, help="interleaved timed rounds (default 20)")
+    r.add_argument("--rounds", type=int, help="interleaved timed rounds (default 20; whole generations with --mode generate: 3)")
+    r.add_argument("--mode", default="forward", choices=("forward", "generate"),
+                   help="forward: one pass per call (default); generate: greedy decoding with a static KV cache (causal LMs)")
+    r.add_argument("--new-tokens", type=int, default=64, help="--mode generate: tokens generated after each prompt (default 64)")
+    r.add_argument("--cache-len", type=int, help="--mode generate: the static cache's positions (default longest prompt + new tokens)")
     r.add_argument("--save-engines", action="store_true", help="also save every engine under OUT/engines/")
     r.add_argument("--isolation", default="process", choices=("process", "none"),
                    help="process (default): each backend in a worker process, so a crash costs one row; none: one process")

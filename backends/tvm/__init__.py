@@ -24,9 +24,11 @@ from pipeline.fsutil import cache_entry, lock
 from pipeline.inputs import Shape
 from pipeline.precision import Precision
 
-from ..base import Availability, Backend, BackendOptions, CompiledModel, EngineSpec
+from pipeline.generate import GenerationEngine, GenerationPrograms, Step
+
+from ..base import Availability, Backend, BackendOptions, CompiledModel, EngineSpec, GenerationUnsupported
 from .engine import TvmModel, library_shape
-from .lower import bind_shape, import_program, kernels, lower, target_for
+from .lower import bind_shape, drop_upper_bounds, import_program, kernels, lower, target_for
 from .tune import apply_database, tune
 
 UNTUNED = "untuned TVM build (tvm.trials_per_task=0): expect it far slower than eager (no schedules: naive loops)"
@@ -92,6 +94,35 @@ class TvmBackend(Backend):
         info["tvm_build_s"] = round(time.monotonic() - t0, 1)
         return TvmModel(spec, libs, info)
 
+    def generation(self, programs: GenerationPrograms, precision: Precision, device: str,
+                   options: BackendOptions) -> GenerationEngine:
+        """The prefill and decode steps as two Relax libraries, the cache as explicit tensors in
+        and out; dynamic shapes, built with the default schedules (dlight on CUDA, none on the CPU):
+        tuning the steps per shape is not built yet, and the rows say so (GENERATION_UNTUNED)."""
+        import tvm
+        from tvm import relax
+
+        from .engine import cpu_threads
+
+        opts: TvmOptions = options  # type: ignore[assignment]
+        if precision not in (Precision.FP32, Precision.FP16):
+            raise GenerationUnsupported(f"TVM generation runs fp32 and fp16 ({precision}: {INT8_REFUSAL if precision.quantized else 'not built'})")
+        from tvm.relax.frontend.torch import from_exported_program
+
+        target = target_for(device, opts.arch)
+        dev = tvm.cuda(int(device.split(":")[1]) if ":" in device else 0) if device.startswith("cuda") else tvm.cpu()
+        if not device.startswith("cuda"):
+            cpu_threads()  # before the VM first runs: TVM reads it once
+        steps = []
+        for program in (programs.prefill, programs.decode):
+            try:
+                mod = drop_upper_bounds(from_exported_program(program, unwrap_unit_return_tuple=True))
+            except Exception as e:
+                raise BackendError(f"TVM could not import the generation step: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
+            vm = relax.VirtualMachine(tvm.compile(lower(mod, target, precision, opts.fast_math), target=target), dev)
+            steps.append(_vm_step(vm, programs.input_names, programs.output_names, dev, device))
+        return GenerationEngine(steps[0], steps[1], [GENERATION_UNTUNED])
+
     def _tuned(self, captured: Captured, imported: Any, target: Any, precision: Precision, options: TvmOptions,
                shapes: list[Shape], info: dict[str, Any]) -> dict[Shape | None, Any]:
         """One library per static shape, each from its own tuning database."""
@@ -139,3 +170,18 @@ class TvmBackend(Backend):
                 if name.endswith(".so")}
         axes = {n: list(d) for n, d in manifest["engine"].get("axes", {}).items()}
         return TvmModel(spec, libs, {"loaded_from": str(directory), "axes": axes})
+
+
+GENERATION_UNTUNED = "the generation steps are built with TVM's default schedules, untuned"
+
+
+def _vm_step(vm: Any, inputs: list[str], outputs: list[str], dev: Any, device: str) -> Step:
+    import numpy as np
+    import torch
+    import tvm
+
+    def run(feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        out = vm["main"](*[tvm.runtime.tensor(feeds[n].detach().cpu().numpy(), dev) for n in inputs])
+        return {n: torch.from_numpy(np.asarray(o.numpy())).to(device) for n, o in zip(outputs, out)}
+
+    return run

@@ -47,10 +47,14 @@ def import_program(captured: Captured) -> Any:
         mod = from_exported_program(captured.program, unwrap_unit_return_tuple=True)
     except Exception as e:
         raise BackendError(f"TVM could not import the program: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
-    # The importer records each dynamic axis's upper bound, and Relax's memory planner then sizes
-    # every buffer for it up front: a decoder's [batch, 1, seq, seq] mask at Qwen2's 32768
-    # positions is tens of GB (std::bad_alloc). Without the bound, buffers of dynamic size are
-    # allocated when the call knows its shape; static shapes (the tuned path) are unaffected.
+    return drop_upper_bounds(mod)
+
+
+def drop_upper_bounds(mod: Any) -> Any:
+    """The importer records each dynamic axis's upper bound, and Relax's memory planner then sizes
+    every buffer for it up front: a decoder's [batch, 1, seq, seq] mask at Qwen2's 32768
+    positions is tens of GB (std::bad_alloc). Without the bound, buffers of dynamic size are
+    allocated when the call knows its shape; static shapes (the tuned path) are unaffected."""
     main = mod["main"]
     if main.attrs is not None and "tir_var_upper_bound" in main.attrs:
         mod["main"] = main.without_attr("tir_var_upper_bound")

@@ -1,0 +1,265 @@
+"""`kiln run --mode generate`: generation with a static KV cache, as programs every backend can compile.
+
+One causal LM becomes one step function, captured with torch.export:
+
+    step(input_ids [B, T], start [], k_0, v_0, ..., k_{L-1}, v_{L-1}) -> (logits [B, T, V], k_0', v_0', ...)
+
+where every cache tensor is [B, heads, max_len, head_dim] and `start` is how many positions the
+cache already holds. The cache goes in and comes out as plain tensors (no buffer mutated in
+place), so ONNX, TVM and TensorRT see the same function Inductor does. Prefill is the step at
+T = prompt length from start 0; decoding is the step at T = 1, captured on its own so compilers
+specialize it. Greedy decoding, its timing and token-by-token equivalence live here too, and take
+any callable for the step: whichever engine compiled it.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.export import Dim, ExportedProgram
+
+from .errors import InputError
+from .models import ModelBundle
+
+Tensors = Mapping[str, torch.Tensor]
+Step = Callable[[dict[str, torch.Tensor]], Tensors]
+
+
+def _layer_class() -> type:
+    from transformers.cache_utils import StaticLayer
+
+    class FunctionalLayer(StaticLayer):  # type: ignore[misc, valid-type]
+        """A static cache layer over given tensors, updated out of place: the new tensors are the
+        step's outputs, so the captured program mutates nothing."""
+
+        keys: torch.Tensor
+        values: torch.Tensor
+
+        def __init__(self, keys: torch.Tensor, values: torch.Tensor, start: torch.Tensor) -> None:
+            super().__init__(max_cache_len=keys.shape[2])
+            self.keys, self.values, self.cumulative_length = keys, values, start
+            self.dtype, self.device = keys.dtype, keys.device
+            self.batch_size, self.num_heads = keys.shape[:2]
+            self.k_head_dim, self.v_head_dim = keys.shape[-1], values.shape[-1]
+            self.is_initialized = True
+
+        def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+            # Written as arithmetic with a one-hot [max_len, T] matrix rather than index_copy:
+            # index_copy reaches TVM's importer as an index_put it cannot type, while a product
+            # and a sum every compiler takes. Exact: each slot gets x * 1 plus zeros, or keeps its value.
+            t = key_states.shape[-2]
+            slots = torch.arange(self.max_cache_len, device=key_states.device).unsqueeze(1)
+            onehot = (slots == torch.arange(t, device=key_states.device).unsqueeze(0) + self.cumulative_length).to(self.keys.dtype)
+            keep = (1 - onehot.sum(1)).view(1, 1, -1, 1)
+            self.keys = self.keys * keep + torch.einsum("lt,bhtd->bhld", onehot, key_states.to(self.keys.dtype))
+            self.values = self.values * keep + torch.einsum("lt,bhtd->bhld", onehot, value_states.to(self.values.dtype))
+            return self.keys, self.values
+
+    return FunctionalLayer
+
+
+@dataclass(frozen=True)
+class CacheSpec:
+    """The static cache's geometry: per layer one key and one value tensor of [batch, heads, max_len, head_dim]."""
+
+    layers: int
+    heads: int
+    head_dim: int
+    max_len: int
+    dtype: torch.dtype = torch.float32
+
+    def names(self) -> list[str]:
+        return [f"{kind}_{i}" for i in range(self.layers) for kind in ("k", "v")]
+
+    def out_names(self) -> list[str]:
+        """The updated cache among a step's outputs (ONNX wants every value named once)."""
+        return [f"{n}_out" for n in self.names()]
+
+    def empty(self, batch: int, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+        shape = (batch, self.heads, self.max_len, self.head_dim)
+        return {n: torch.zeros(shape, dtype=self.dtype, device=device) for n in self.names()}
+
+    def nbytes(self, batch: int) -> int:
+        return 2 * self.layers * batch * self.heads * self.max_len * self.head_dim * torch.finfo(self.dtype).bits // 8
+
+
+def cache_spec(bundle: ModelBundle, max_len: int) -> CacheSpec:
+    if bundle.task != "causal-lm":
+        raise InputError(f"generation needs a causal LM; {bundle.name} is {bundle.task}")
+    config: Any = bundle.module.model.config  # type: ignore[union-attr]
+    text = config.get_text_config(decoder=True)
+    heads = int(getattr(text, "num_key_value_heads", None) or text.num_attention_heads)
+    head_dim = int(getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads)
+    limit = bundle.axis_ranges.get("seq", (1, max_len))[1]
+    if not 2 <= max_len <= limit:
+        raise InputError(f"a static cache of {max_len} positions: {bundle.name} takes 2 to {limit}")
+    return CacheSpec(int(text.num_hidden_layers), heads, head_dim, max_len)
+
+
+class StepModule(nn.Module):
+    """A causal LM as (input_ids, start, *cache) -> (logits, *cache'): see the module's docstring."""
+
+    def __init__(self, model: nn.Module, spec: CacheSpec) -> None:
+        super().__init__()
+        self.model, self.spec = model, spec
+        self._layer = _layer_class()
+
+    def forward(self, input_ids: torch.Tensor, start: torch.Tensor, *cache: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        from transformers.cache_utils import Cache
+
+        layers = [self._layer(cache[2 * i], cache[2 * i + 1], start) for i in range(self.spec.layers)]
+        past = Cache(layers=layers)
+        t = input_ids.shape[1]
+        positions = (torch.arange(t, device=input_ids.device) + start).unsqueeze(0).expand(input_ids.shape[0], t)
+        out = self.model(input_ids=input_ids, position_ids=positions, cache_position=positions[0], past_key_values=past,
+                         use_cache=True)
+        return (out.logits, *[x for layer in layers for x in (layer.keys, layer.values)])
+
+
+def _named(module: StepModule) -> nn.Module:
+    """StepModule with every input named in forward's signature, as torch.export and the engines want."""
+    names = ["input_ids", "start", *module.spec.names()]
+    ns: dict[str, Any] = {}
+    exec(f"def forward(self, {', '.join(names)}):\n    return StepModule.forward(self, {', '.join(names)})\n",
+         {"StepModule": StepModule}, ns)
+    cls: Any = type("NamedStep", (StepModule,), {"forward": ns["forward"]})
+    named = cls.__new__(cls)
+    named.__dict__ = module.__dict__
+    return named
+
+
+@dataclass
+class GenerationPrograms:
+    spec: CacheSpec
+    module: nn.Module         # the step as the model's own code with transformers' cache layers: the reference
+    prefill: ExportedProgram  # input_ids [batch, T], T dynamic
+    decode: ExportedProgram   # input_ids [batch, 1]
+    input_names: list[str] = field(default_factory=list)
+    output_names: list[str] = field(default_factory=list)
+
+
+def capture_generation(bundle: ModelBundle, max_len: int, batch_range: tuple[int, int] = (1, 64),
+                       dtype: torch.dtype = torch.float32) -> GenerationPrograms:
+    """The prefill and decode steps of `bundle`'s causal LM (weights and cache in `dtype`), captured with torch.export."""
+    spec = dataclasses.replace(cache_spec(bundle, max_len), dtype=dtype)
+    hf: Any = bundle.module.model
+    step = _named(StepModule(copy.deepcopy(hf).to(dtype).eval(), spec)).eval()
+    names = ["input_ids", "start", *spec.names()]
+    batch = Dim("batch", min=batch_range[0], max=batch_range[1])
+    vocab = int(hf.config.vocab_size)
+
+    def example(t: int) -> dict[str, torch.Tensor]:
+        g = torch.Generator().manual_seed(0)
+        return {"input_ids": torch.randint(0, vocab, (2, t), generator=g), "start": torch.tensor(0 if t > 1 else 3),
+                **spec.empty(2)}
+
+    def shapes(seq: Any) -> dict[str, Any]:
+        return {"input_ids": {0: batch, **({1: seq} if seq is not None else {})}, "start": None,
+                **{n: {0: batch} for n in spec.names()}}
+
+    with torch.no_grad():
+        prefill = torch.export.export(step, (), example(4), dynamic_shapes=shapes(Dim("seq", min=1, max=max_len)))
+        decode = torch.export.export(step, (), example(1), dynamic_shapes=shapes(None))
+    return GenerationPrograms(spec, step, prefill, decode, names, ["logits", *spec.out_names()])
+
+
+@dataclass
+class GenerationEngine:
+    """A backend's compiled prefill and decode steps, and what every row of them should say."""
+
+    prefill: Step
+    decode: Step
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Generation:
+    """What one greedy generation did and took."""
+
+    tokens: torch.Tensor                # [batch, new_tokens]
+    step_logits: list[torch.Tensor]     # each step's last-position logits [batch, vocab]
+    prefill_ms: float
+    decode_ms: list[float]              # one per decoded token after the first
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        """Tokens per second over the decode steps, every row of the batch counted."""
+        total = sum(self.decode_ms)
+        return 1e3 * self.tokens.shape[0] * len(self.decode_ms) / total if total > 0 else float("nan")
+
+
+def greedy(prefill: Step, decode: Step, spec: CacheSpec, prompt: torch.Tensor, new_tokens: int,
+           sync: Callable[[], None] = lambda: None) -> Generation:
+    """Greedy decoding of `new_tokens` tokens after `prompt` [batch, S] with the given step engines."""
+    b, s = prompt.shape
+    if new_tokens < 1:
+        raise InputError(f"--new-tokens {new_tokens}: generate at least one token")
+    if s + new_tokens > spec.max_len:
+        raise InputError(f"a prompt of {s} tokens and {new_tokens} new ones need {s + new_tokens} cache positions; "
+                         f"the static cache holds {spec.max_len}")
+    cache = spec.empty(b, prompt.device)
+    t0 = time.perf_counter()
+    out = prefill({"input_ids": prompt, "start": torch.tensor(0, device=prompt.device), **cache})
+    sync()
+    prefill_ms = 1e3 * (time.perf_counter() - t0)
+    logits = [out["logits"][:, -1].float()]
+    token = logits[-1].argmax(-1, keepdim=True)
+    tokens, times = [token], []
+    for i in range(1, new_tokens):
+        cache = {n: out[o] for n, o in zip(spec.names(), spec.out_names())}
+        t0 = time.perf_counter()
+        out = decode({"input_ids": token, "start": torch.tensor(s + i - 1, device=prompt.device), **cache})
+        sync()
+        times.append(1e3 * (time.perf_counter() - t0))
+        logits.append(out["logits"][:, -1].float())
+        token = logits[-1].argmax(-1, keepdim=True)
+        tokens.append(token)
+    return Generation(torch.cat(tokens, 1), logits, prefill_ms, times)
+
+
+@dataclass
+class TokenAgreement:
+    first_divergence: int | None  # the first step where any row's token differs; None: never
+    agreement: float              # tokens equal over all steps and rows
+    max_logits_error: list[float]  # per step, against the reference's logits at that step
+
+    @property
+    def identical(self) -> bool:
+        return self.first_divergence is None
+
+
+def agreement(reference: Generation, candidate: Generation) -> TokenAgreement:
+    """Greedy tokens compared step by step. After a divergence the two continue from different
+    tokens, so later logits errors say little; they are reported as they are."""
+    same = reference.tokens == candidate.tokens
+    steps = (~same).any(0).nonzero()
+    errors = [float((c - r).abs().max()) for r, c in zip(reference.step_logits, candidate.step_logits)]
+    return TokenAgreement(int(steps[0]) if steps.numel() else None, float(same.double().mean()), errors)
+
+
+def program_step(program: ExportedProgram, names: list[str]) -> Step:
+    """A captured step run op by op (the eager reference of the captured function)."""
+    module = program.module()
+
+    def run(inputs: dict[str, torch.Tensor]) -> Tensors:
+        with torch.no_grad():
+            return dict(zip(names, module(**inputs)))
+
+    return run
+
+
+def module_step(module: nn.Module, names: list[str]) -> Step:
+    """The step module called as it is: the model's own code, op by op."""
+
+    def run(inputs: dict[str, torch.Tensor]) -> Tensors:
+        with torch.no_grad():
+            return dict(zip(names, module(**inputs)))
+
+    return run

@@ -1,0 +1,261 @@
+"""The generate job: every engine generates greedily from the same seeded prompts; tokens are
+compared with eager fp32 step by step, and prefill, per-token decode and end-to-end speed are
+measured in interleaved rounds, with the KV cache's size and each engine's peak memory."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .bench import MemoryWatch
+from .config import REFERENCE, RunConfig
+from .env import environment
+from .errors import InputError
+from .fsutil import atomic_write
+from .generate import CacheSpec, Generation, GenerationPrograms, Step, agreement, capture_generation, greedy, module_step
+from .inputs import Shape
+from .models import ModelBundle
+from .precision import Precision
+
+DEFAULT_NEW_TOKENS = 64
+GENERATE_ROUNDS = 3  # whole generations per engine and shape; every decode step is a sample
+AGREEMENT_MARGIN = 0.05  # below fp32, tokens may agree this much less than eager at that precision does
+
+
+@dataclass
+class GenRow:
+    backend: str
+    precision: str
+    shape: str
+    status: str                     # ok | mismatch | failed | unsupported | unavailable
+    reason: str = ""
+    new_tokens: int = 0
+    first_divergence: int | None = None
+    agreement: float | None = None
+    max_logits_error: float | None = None  # over the steps before the first divergence
+    prefill_ms: float | None = None        # time to first token, median over rounds
+    decode_ms: dict[str, float] | None = None  # per token: median, p90, p99 over every decode step of every round
+    decode_tokens_per_s: float | None = None   # batch / median decode step
+    e2e_tokens_per_s: float | None = None      # batch x new tokens / (prefill + decode), median round
+    decode_speedup: float | None = None         # decode tokens/s over eager fp32's, same shape, same run
+    cache_bytes: int | None = None
+    peak_host_mb: float | None = None
+    compile_s: float | None = None
+
+
+@dataclass
+class GenReport:
+    model: dict[str, Any]
+    environment: dict[str, Any]
+    config: dict[str, Any]
+    rows: list[GenRow] = field(default_factory=list)
+    created: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": "generate", "model": self.model, "environment": self.environment, "config": self.config,
+                "created": self.created, "rows": [asdict(r) for r in self.rows]}
+
+    def to_markdown(self) -> str:
+        m, c = self.model, self.config
+        head = (f"# Kiln generation report: {m.get('name')}\n\n{m.get('parameters', 0) / 1e6:.1f} M params "
+                f"({m.get('weight_mb', 0):.0f} MB of weights) · {c['new_tokens']} new tokens, greedy · static cache of "
+                f"{c['cache_len']} positions · {c['rounds']} rounds · device {self.environment.get('gpu') or self.environment.get('cpu')} · "
+                f"{self.environment.get('torch_threads')} threads · torch {self.environment.get('versions', {}).get('torch')}")
+        if c.get("bandwidth_gb_s"):
+            head += (f"\n\nmemory bandwidth {c['bandwidth_gb_s']:.1f} GB/s (a {c['bandwidth_probe_mb']} MB copy): reading every "
+                     f"weight once per token bounds batch-1 decoding at {c['ceiling_tokens_per_s']:.1f} tokens/s")
+        cols = ["backend", "precision", "shape", "status", "tokens", "agreement", "first divergence", "max logits err",
+                "prefill ms", "decode ms p50", "p90", "p99", "decode tok/s", "e2e tok/s", "decode speedup", "cache MB",
+                "peak MB", "compile s"]
+        lines = [head, "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+        f = lambda v, fmt: "–" if v is None else format(v, fmt)  # noqa: E731
+        for r in self.rows:
+            d = r.decode_ms or {}
+            lines.append("| " + " | ".join([
+                r.backend, r.precision, r.shape, r.status, str(r.new_tokens or "–"), f(r.agreement, ".0%"),
+                "none" if r.status == "ok" and r.first_divergence is None and r.agreement is not None else f(r.first_divergence, "d"),
+                f(r.max_logits_error, ".1e"), f(r.prefill_ms, ".2f"), f(d.get("median"), ".2f"), f(d.get("p90"), ".2f"),
+                f(d.get("p99"), ".2f"), f(r.decode_tokens_per_s, ".1f"), f(r.e2e_tokens_per_s, ".1f"),
+                f"{r.decode_speedup:.2f}x" if r.decode_speedup is not None else "–",
+                f(r.cache_bytes / 2**20 if r.cache_bytes is not None else None, ".1f"), f(r.peak_host_mb, ".0f"),
+                f(r.compile_s, ".1f")]) + " |")
+        reasons = [r for r in self.rows if r.reason]
+        if reasons:
+            lines += ["", "## Reasons", ""] + [f"- **{r.backend} {r.precision} {r.shape}** ({r.status}): {r.reason}" for r in reasons]
+        return "\n".join(lines) + "\n"
+
+    def save(self, out: Path) -> None:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write(out / "report.md", self.to_markdown())
+        atomic_write(out / "report.json", json.dumps(self.to_dict(), indent=2, allow_nan=False, default=str))
+
+
+def memory_bandwidth(mb: int = 512) -> float:
+    """GB/s of a large tensor copy (each byte read once and written once), best of five."""
+    src = torch.ones(mb * 2**20 // 4, dtype=torch.float32)
+    dst = torch.empty_like(src)
+    best = float("inf")
+    for _ in range(5):
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * src.numel() * 4 / best / 1e9
+
+
+def prompts(bundle: ModelBundle, shape: Shape) -> torch.Tensor:
+    """Seeded prompts of real tokens only (no padding): ids drawn over the vocabulary."""
+    g = torch.Generator().manual_seed(7919 + 31 * shape.batch + shape.seq)
+    return torch.randint(0, bundle.inputs["input_ids"].high, (shape.batch, shape.seq), generator=g)
+
+
+def _percentile(xs: Sequence[float], q: float) -> float:
+    s = sorted(xs)
+    return s[min(len(s) - 1, max(0, round(q * (len(s) - 1))))]
+
+
+def run_generation(bundle: ModelBundle, cfg: RunConfig, new_tokens: int = DEFAULT_NEW_TOKENS, cache_len: int | None = None,
+                   rounds: int = GENERATE_ROUNDS, say: Callable[[str], None] | None = None,
+                   bandwidth: bool = True) -> GenReport:
+    import backends as registry
+    from backends.base import GenerationUnsupported
+
+    say = say or (lambda _m: None)
+    if bundle.task != "causal-lm":
+        raise InputError(f"--mode generate needs a causal LM; {bundle.name} is {bundle.task}")
+    if new_tokens < 1:
+        raise InputError(f"--new-tokens {new_tokens}: generate at least one token")
+    longest = max(s.seq for s in cfg.shapes)
+    cache_len = cache_len or longest + new_tokens
+    limit = bundle.axis_ranges.get("seq", (1, cache_len))[1]
+    if cache_len > limit:
+        raise InputError(f"a static cache of {cache_len} positions is beyond {bundle.name}'s {limit}")
+    if longest + new_tokens > cache_len:
+        raise InputError(f"a prompt of {longest} tokens and {new_tokens} new ones need {longest + new_tokens} cache "
+                         f"positions; --cache-len is {cache_len}")
+    # the model's whole batch range: a range ending at the capture's example batch (2) makes TVM's
+    # importer lose shapes, and the steps serve any batch anyway
+    batch_range = bundle.axis_ranges.get("batch", (1, 64))
+    programs: dict[Precision, GenerationPrograms] = {}
+
+    def at(p: Precision) -> GenerationPrograms:
+        if p not in programs:
+            say(f"capturing the prefill and decode steps ({p}, static cache of {cache_len})")
+            programs[p] = capture_generation(bundle, cache_len, batch_range, p.dtype)
+        return programs[p]
+
+    fp32 = at(Precision.FP32)
+    inputs = {s: prompts(bundle, s) for s in cfg.shapes}
+    say("reference: eager fp32 generation with transformers' static cache")
+    ref_step = module_step(fp32.module, fp32.output_names)
+    refs = {s: greedy(ref_step, ref_step, fp32.spec, x, new_tokens) for s, x in inputs.items()}
+    eager_at: dict[Precision, dict[Shape, float]] = {}  # token agreement eager reaches at each lower precision
+
+    def rows_of(name: str, p: Precision, status: str, reason: str) -> list[GenRow]:
+        return [GenRow(name, p.value, str(s), status, reason) for s in cfg.shapes]
+
+    rows: list[GenRow] = []
+    engines: dict[tuple[str, Precision], tuple[Step, Step, CacheSpec]] = {}
+    by_key: dict[tuple[str, Precision, Shape], GenRow] = {}
+    for name in cfg.engines:  # the reference first, at every precision asked: the others are judged by it
+        backend = registry.get(name)
+        for p in cfg.precisions_of(name):
+            avail = backend.availability(cfg.device)
+            sup = backend.supports(p, cfg.device)
+            if not avail or not sup:
+                rows += rows_of(name, p, "unavailable" if not avail else "unsupported", (avail if not avail else sup).reason)
+                continue
+            try:
+                progs = at(p)
+                say(f"{name} {p}: compiling the prefill and decode steps")
+                with MemoryWatch(cfg.device) as watch:
+                    t0 = time.perf_counter()
+                    engine = backend.generation(progs, p, cfg.device, cfg.options[name])
+                    checks = {s: greedy(engine.prefill, engine.decode, progs.spec, x.to(cfg.device), new_tokens)
+                              for s, x in inputs.items()}
+                    compile_s = time.perf_counter() - t0
+            except Exception as e:  # a compiler may raise anything; it becomes a row
+                unsupported = isinstance(e, GenerationUnsupported)
+                reason = str(e) if unsupported else f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                rows += rows_of(name, p, "unsupported" if unsupported else "failed", reason)
+                if not unsupported:
+                    say(f"{name} {p}: failed: {reason}")
+                continue
+            engines[(name, p)] = (engine.prefill, engine.decode, progs.spec)
+            for s, g in checks.items():
+                row = _judge(name, p, s, g, refs[s], eager_at, new_tokens)
+                row.reason = "; ".join(x for x in (row.reason, *engine.notes) if x)
+                row.cache_bytes, row.peak_host_mb, row.compile_s = progs.spec.nbytes(s.batch), watch.peak_host_mb, compile_s
+                rows.append(row)
+                by_key[(name, p, s)] = row
+    _time(engines, by_key, inputs, new_tokens, rounds, say)
+    for s in cfg.shapes:
+        base = by_key.get((REFERENCE[0], REFERENCE[1], s))
+        for (name, p, shape), row in by_key.items():
+            if shape == s and base is not None and base.decode_tokens_per_s and row.decode_tokens_per_s:
+                row.decode_speedup = row.decode_tokens_per_s / base.decode_tokens_per_s
+    config: dict[str, Any] = {"backends": list(cfg.engines), "precisions": [p.value for p in cfg.precisions],
+                              "shapes": [str(s) for s in cfg.shapes], "new_tokens": new_tokens, "cache_len": cache_len,
+                              "rounds": rounds, "device": cfg.device}
+    weight_bytes = sum(t.numel() * t.element_size() for t in bundle.module.parameters())
+    if bandwidth and cfg.device == "cpu":
+        say("measuring memory bandwidth (a large tensor copy)")
+        bw = memory_bandwidth()
+        config.update(bandwidth_gb_s=bw, bandwidth_probe_mb=512, ceiling_tokens_per_s=bw * 1e9 / weight_bytes)
+    model = {**bundle.describe(), "weight_mb": weight_bytes / 2**20}
+    return GenReport(model, environment(cfg.device), config, rows, dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
+
+
+def _judge(name: str, p: Precision, s: Shape, g: Generation, ref: Generation, eager_at: dict[Precision, dict[Shape, float]],
+           new_tokens: int) -> GenRow:
+    """fp32: the same tokens as eager fp32 at every step, or a mismatch naming the step. Lower
+    precisions: token agreement at least what eager at that precision reaches, less a margin."""
+    a = agreement(ref, g)
+    upto = a.first_divergence if a.first_divergence is not None else len(a.max_logits_error)
+    row = GenRow(name, p.value, str(s), "ok", new_tokens=new_tokens, first_divergence=a.first_divergence,
+                 agreement=a.agreement, max_logits_error=max(a.max_logits_error[:max(upto, 1)]))
+    if name == REFERENCE[0] and p != Precision.FP32:
+        eager_at.setdefault(p, {})[s] = a.agreement
+    if p == Precision.FP32:
+        if not a.identical:
+            row.status = "mismatch"
+            row.reason = (f"greedy tokens diverge from eager fp32 at step {a.first_divergence} "
+                          f"(agreement {a.agreement:.1%} over {new_tokens} steps)")
+        return row
+    floor = eager_at.get(p, {}).get(s)
+    if floor is not None and a.agreement < floor - AGREEMENT_MARGIN:
+        row.status = "mismatch"
+        row.reason = f"token agreement {a.agreement:.1%} < {floor - AGREEMENT_MARGIN:.1%} (eager {p}: {floor:.1%})"
+    return row
+
+
+def _time(engines: dict[tuple[str, Precision], tuple[Step, Step, CacheSpec]], rows: dict[tuple[str, Precision, Shape], GenRow],
+          inputs: dict[Shape, torch.Tensor], new_tokens: int, rounds: int, say: Callable[[str], None]) -> None:
+    """Whole generations, interleaved: round r runs every engine once at a shape before round r+1."""
+    for s, x in inputs.items():
+        live = [k for k in engines if (k[0], k[1], s) in rows]
+        if not live:
+            continue
+        say(f"timing generation at {s}: {len(live)} engines, {rounds} interleaved rounds of {new_tokens} tokens")
+        runs: dict[tuple[str, Precision], list[Generation]] = {k: [] for k in live}
+        for _ in range(rounds):
+            for k in live:
+                prefill, decode, spec = engines[k]
+                runs[k].append(greedy(prefill, decode, spec, x, new_tokens))
+        for k, gens in runs.items():
+            row = rows[(k[0], k[1], s)]
+            steps = [ms for g in gens for ms in g.decode_ms]
+            row.prefill_ms = statistics.median(g.prefill_ms for g in gens)
+            if steps:
+                med = statistics.median(steps)
+                row.decode_ms = {"median": med, "p90": _percentile(steps, 0.9), "p99": _percentile(steps, 0.99)}
+                row.decode_tokens_per_s = 1e3 * s.batch / med
+            total = statistics.median(g.prefill_ms + sum(g.decode_ms) for g in gens)
+            row.e2e_tokens_per_s = 1e3 * s.batch * new_tokens / total

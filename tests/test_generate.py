@@ -1,0 +1,110 @@
+"""Generation with a static KV cache: the captured steps are the model's function, every backend
+that takes them produces eager fp32's greedy tokens, a divergence names its step, bad input is
+one line and exit 2."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+
+from pipeline.cli import main
+from pipeline.config import make_config
+from pipeline.errors import InputError
+from pipeline.generate import Generation, agreement, capture_generation, greedy, module_step, program_step
+from pipeline.genrun import _judge, run_generation
+from pipeline.inputs import Shape
+from pipeline.models import load_model
+from pipeline.precision import Precision
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("gen") / "tiny-llama"
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(transformers.LlamaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                                           num_key_value_heads=2, intermediate_size=64, vocab_size=500,
+                                                           max_position_embeddings=256)).save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("model", ["tiny-gpt2", "llama"])
+def test_the_captured_steps_generate_what_transformers_generates(model: str, llama_dir: Path) -> None:
+    bundle = load_model(str(llama_dir) if model == "llama" else model)
+    programs = capture_generation(bundle, 32)
+    prompt = torch.randint(0, bundle.inputs["input_ids"].high, (2, 10), generator=torch.Generator().manual_seed(3))
+    hf = bundle.module.model  # type: ignore[union-attr]
+    with torch.no_grad():
+        want = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=12, do_sample=False,
+                           pad_token_id=0)[:, 10:]
+        full = hf(input_ids=torch.cat([prompt, want], 1)).logits  # every step's logits, without a cache
+    ref = module_step(programs.module, programs.output_names)
+    for prefill, decode in ((ref, ref), (program_step(programs.prefill, programs.output_names),
+                                         program_step(programs.decode, programs.output_names))):
+        got = greedy(prefill, decode, programs.spec, prompt, 12)
+        assert torch.equal(got.tokens, want)
+        for i, logits in enumerate(got.step_logits):  # the cache holds what a full forward computes
+            assert torch.allclose(logits, full[:, 9 + i], atol=1e-4)
+    assert programs.spec.nbytes(2) == 2 * 2 * 2 * programs.spec.heads * 32 * programs.spec.head_dim * 4
+
+
+def test_every_backend_generates_eager_fp32s_tokens(cache_dir: Path) -> None:
+    pytest.importorskip("tvm")
+    bundle = load_model("tiny-gpt2")
+    cfg = make_config(backends="eager,inductor,onnxruntime,tvm", shapes="1x8,2x8", device="cpu")
+    report = run_generation(bundle, cfg, new_tokens=6, rounds=1, bandwidth=False)
+    rows = {(r.backend, r.shape): r for r in report.rows}
+    assert set(rows) == {(b, s) for b in ("eager", "inductor", "onnxruntime", "tvm") for s in ("1x8", "2x8")}
+    for (backend, shape), r in rows.items():
+        assert r.status == "ok", f"{backend} {shape}: {r.reason}"
+        assert r.first_divergence is None and r.agreement == 1.0 and r.max_logits_error is not None and r.max_logits_error < 1e-4
+        assert r.prefill_ms and r.decode_ms and r.decode_tokens_per_s and r.e2e_tokens_per_s and r.decode_speedup
+        batch = int(shape.split("x")[0])
+        assert r.cache_bytes == 2 * 2 * batch * 2 * 14 * 16 * 4  # k and v, 2 layers, 2 heads, 8 + 6 positions, 16 wide, fp32
+    assert "untuned" in rows[("tvm", "1x8")].reason
+    md = report.to_markdown()
+    assert "| inductor | fp32 | 2x8 | ok | 6 | 100% | none |" in md
+
+
+def test_a_divergence_is_a_mismatch_naming_its_step() -> None:
+    ref = Generation(torch.tensor([[5, 6, 7, 8]]), [torch.zeros(1, 10)] * 4, 1.0, [1.0] * 3)
+    off = Generation(torch.tensor([[5, 6, 9, 8]]), [torch.zeros(1, 10)] * 4, 1.0, [1.0] * 3)
+    a = agreement(ref, off)
+    assert a.first_divergence == 2 and a.agreement == 0.75
+    row = _judge("x", Precision.FP32, Shape(1, 4), off, ref, {}, 4)
+    assert row.status == "mismatch" and "diverge from eager fp32 at step 2" in row.reason
+    assert _judge("x", Precision.FP32, Shape(1, 4), ref, ref, {}, 4).status == "ok"
+    # below fp32 the bar is what eager reaches at that precision, less a margin
+    eager_at = {Precision.BF16: {Shape(1, 4): 1.0}}
+    assert _judge("x", Precision.BF16, Shape(1, 4), off, ref, eager_at, 4).status == "mismatch"
+    eager_at = {Precision.BF16: {Shape(1, 4): 0.75}}
+    assert _judge("x", Precision.BF16, Shape(1, 4), off, ref, eager_at, 4).status == "ok"
+
+
+def test_generate_from_the_command_line_and_its_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "run"
+    assert main(["run", "--model", "tiny-gpt2", "--mode", "generate", "--backends", "eager", "--shapes", "1x8",
+                 "--new-tokens", "4", "--rounds", "1", "--out", str(out), "--quiet"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["kind"] == "generate" and report["config"]["cache_len"] == 12 and report["rows"][0]["status"] == "ok"
+    assert "| eager | fp32 | 1x8 | ok | 4 |" in capsys.readouterr().out
+    for args, message in ((["--model", "tiny-bert"], "needs a causal LM; tiny-bert is encoder"),
+                          (["--new-tokens", "0"], "generate at least one token"),
+                          (["--cache-len", "10"], "need 12 cache positions; --cache-len is 10"),
+                          (["--cache-len", "300"], "beyond tiny-gpt2's 256")):
+        bad = tmp_path / "bad"
+        argv = ["run", "--model", "tiny-gpt2", "--mode", "generate", "--backends", "eager", "--shapes", "1x8",
+                "--new-tokens", "4", "--out", str(bad), "--quiet"]
+        for i in range(0, len(args), 2):
+            at = argv.index(args[i]) if args[i] in argv else None
+            if at is None:
+                argv += args[i:i + 2]
+            else:
+                argv[at + 1] = args[i + 1]
+        assert main(argv) == 2
+        assert message in capsys.readouterr().err and not bad.exists()
+    with pytest.raises(InputError, match="static cache of 1 positions"):
+        capture_generation(load_model("tiny-gpt2"), 1)
