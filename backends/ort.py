@@ -219,8 +219,7 @@ class OrtBackend(Backend):
         for kind, program in (("prefill", programs.prefill), ("decode", programs.decode)):
             for fuse in dict.fromkeys([opts.fuse, False]):
                 with tempfile.TemporaryDirectory(prefix=f"kiln-ort-{kind}-") as scratch:  # the session holds the model once made
-                    path = Path(scratch) / "model.onnx"
-                    _export_step(program, programs, path, kind == "prefill", fuse)
+                    path = _export_step(program, programs, Path(scratch) / "model.onnx", kind == "prefill", fuse)
                     try:
                         session = ort.InferenceSession(str(path), so, providers=_providers(device))
                         break
@@ -236,18 +235,22 @@ class OrtBackend(Backend):
 
 
 def _export_step(program: torch.export.ExportedProgram, programs: GenerationPrograms, path: Path, prefill: bool,
-                 fuse: bool) -> None:
+                 fuse: bool) -> Path:
+    """The step as ONNX at `path` (fused: beside it, as fused.onnx); returns the file to load."""
     import onnx_ir as ir
 
     spec = programs.spec
     example = {"input_ids": torch.zeros(2, 4 if prefill else 1, dtype=torch.int64), "start": torch.tensor(0), **spec.empty(2)}
     torch.onnx.export(program, (), kwargs=example, f=str(path), dynamo=True, input_names=programs.input_names,
                       output_names=programs.output_names, verbose=False)
-    if fuse:
-        from onnxscript.rewriter.ort_fusions import optimize_for_ort
+    if not fuse:
+        return path
+    from onnxscript.rewriter.ort_fusions import optimize_for_ort
 
-        model, _ = optimize_for_ort(ir.load(str(path)))
-        ir.save(model, str(path), external_data=DATA)
+    model, _ = optimize_for_ort(ir.load(str(path)))
+    fused = path.with_name("fused.onnx")  # never over the file whose external data the loaded model still reads
+    ir.save(model, str(fused), external_data="fused.onnx.data")
+    return fused
 
 
 def _bound_step(session: Any, names: list[str], device: str) -> Step:
