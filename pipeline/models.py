@@ -33,9 +33,9 @@ HEADS: dict[str, tuple[str, tuple[str, ...]]] = {
     "image-encoder": ("AutoModel", ("last_hidden_state",)),
 }
 VISION_TASKS = ("image-classification", "image-encoder")
-_ARCHITECTURE_TASKS = (("ForImageClassification", "image-classification"), ("ForSequenceClassification", "classification"), ("ForTokenClassification", "token-classification"),
-                       ("ForQuestionAnswering", "question-answering"), ("ForMaskedLM", "masked-lm"),
-                       ("ForCausalLM", "causal-lm"), ("LMHeadModel", "causal-lm"))
+_ARCHITECTURE_TASKS = (("ForImageClassification", "image-classification"), ("ForSequenceClassification", "classification"),
+                       ("ForTokenClassification", "token-classification"), ("ForQuestionAnswering", "question-answering"),
+                       ("ForMaskedLM", "masked-lm"), ("ForCausalLM", "causal-lm"), ("LMHeadModel", "causal-lm"))
 Axis = int | str  # a fixed size, or the name of a dynamic axis ("batch", "seq")
 
 
@@ -81,7 +81,7 @@ class ModelBundle:
 
     @property
     def padding_side(self) -> str:
-        """Where a real tokenizer for this model puts padding (decoders batched for generation pad left)."""
+        """Where this model's own tokenizer puts padding (some decoders' pad left); right without one."""
         return str(getattr(self.tokenizer, "padding_side", "right") or "right")
 
     @property

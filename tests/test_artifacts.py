@@ -494,6 +494,10 @@ def test_an_artifact_answers_text(built: Path, tmp_path: Path, cache_dir: Path, 
     assert [o.status for o in out] == ["built"]
     labels = Predictor.load(out[0].path).predict(texts)
     assert all(x["label"] in ("LABEL_0", "LABEL_1") and 0.5 <= x["score"] <= 1.0 for x in labels)
+    fresh = subprocess.run([sys.executable, "-m", "pipeline", "predict", str(out[0].path), *texts], capture_output=True,
+                           text=True, timeout=300)  # a fresh process: nothing of the model but the artifact
+    assert fresh.returncode == 0, fresh.stderr
+    assert [json.loads(x) for x in fresh.stdout.splitlines()] == labels
     # a changed tokenizer file is refused like any other file of the engine
     bad = _copy(built / "eager-fp32", tmp_path)
     (bad / "tokenizer_config.json").write_text("{}")
@@ -501,6 +505,12 @@ def test_an_artifact_answers_text(built: Path, tmp_path: Path, cache_dir: Path, 
         Predictor.load(bad)
     with pytest.raises(InputError, match="list of one or more strings"):
         Predictor.load(built / "eager-fp32").predict("not a list")
+    # text over the built sequence range is answered from its first tokens, and says so
+    long = " ".join(["guitar"] * 300)
+    (cut,) = Predictor.load(built / "onnxruntime-fp32").predict([long])
+    assert cut["truncated"] == {"tokens": 302, "kept": 256} and "truncated" not in answers[0]
+    assert main(["predict", str(built / "onnxruntime-fp32"), long]) == 0
+    assert "text 1 is 302 tokens and the engine takes at most 256: answered from its first 256" in capsys.readouterr().err
 
 
 def test_an_artifact_without_a_tokenizer_says_so(tmp_path: Path, cache_dir: Path) -> None:
