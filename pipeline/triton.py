@@ -8,13 +8,12 @@ sends strings and receives the engine's outputs.
 
 Every config.pbtxt is built as Triton's own ModelConfig protobuf (tritonclient's model_config_pb2)
 and printed in its text format, so what is written is what Triton parses. The models are written
-into a staging directory inside the repository and renamed into place one by one, each replacing
-an older model of its name only once it is complete.
+into a staging directory inside the repository and installed one by one as engines are
+(`store.install`: renamed into place under a lock, an older model of its name moved aside only then).
 """
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import tempfile
@@ -22,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import InputError
-from .store import check_artifact
+from .store import check_artifact, install
 
 _TYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "bfloat16": "TYPE_BF16", "int64": "TYPE_INT64",
           "int32": "TYPE_INT32", "bool": "TYPE_BOOL", "int8": "TYPE_INT8", "uint8": "TYPE_UINT8"}
@@ -221,18 +220,8 @@ def export_triton(artifact: str | Path, repo: str | Path, name: str | None = Non
                     (vdir / dst).write_text(src)
             (staging / model_name / "config.pbtxt").write_text(_text(cfg))
         for model_name in models:
-            _replace(staging / model_name, repo / model_name)
+            install(staging / model_name, repo / model_name)  # Triton lists subdirectories only: its lock file is ignored
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return repo / name
 
-
-def _replace(src: Path, target: Path) -> None:
-    """Rename a complete model directory into place; an older one is moved aside first, then removed."""
-    old = None
-    if target.exists():
-        old = target.with_name(f".kiln-old-{os.getpid()}-{target.name}")
-        os.replace(target, old)
-    os.replace(src, target)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
