@@ -284,9 +284,9 @@ class Backend(ABC):
         ...
 
     def generation(self, programs: GenerationPrograms, precision: Precision, device: str,
-                   options: BackendOptions) -> GenerationEngine:
+                   options: BackendOptions, shapes: Sequence[Shape] = ()) -> GenerationEngine:
         """Prefill and decode engines over the captured static-cache generation steps
-        (`kiln run --mode generate`). A backend that does not take them raises GenerationUnsupported:
+        (`kiln run --mode generate`), for calls at `shapes` (BATCHxPROMPT). A backend that does not take them raises GenerationUnsupported:
         an `unsupported` row that says so."""
         raise GenerationUnsupported(f"{self.name} does not run the static-cache generation steps yet")
 

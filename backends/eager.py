@@ -4,7 +4,7 @@ program run op by op: the int8 reference every int8 engine is also compared agai
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -79,7 +79,7 @@ class EagerBackend(Backend):
         return EagerModel(spec, module.eval(), captured.program_at(spec.precision))
 
     def generation(self, programs: GenerationPrograms, precision: Precision, device: str,
-                   options: BackendOptions) -> GenerationEngine:
+                   options: BackendOptions, shapes: Sequence[Shape] = ()) -> GenerationEngine:
         """The model's own code with transformers' (functional) static-cache layers, op by op: the reference."""
         if precision.quantized:
             raise GenerationUnsupported("int8 generation is not built yet: its reference would be PT2E's program of the step")

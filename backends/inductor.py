@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 import torch
@@ -128,7 +128,7 @@ class InductorBackend(Backend):
         return InductorModel(spec, fn, program, None)
 
     def generation(self, programs: GenerationPrograms, precision: Precision, device: str,
-                   options: BackendOptions) -> GenerationEngine:
+                   options: BackendOptions, shapes: Sequence[Shape] = ()) -> GenerationEngine:
         """torch.compile of both captured steps: prefill dynamic in the prompt length, decode
         specialized to one token (static shapes, so its kernels are the decode step's own)."""
         opts: InductorOptions = options  # type: ignore[assignment]

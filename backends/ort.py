@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+from collections.abc import Sequence
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -19,7 +20,7 @@ from pipeline.precision import Precision
 from pipeline.env import version
 from pipeline.fsutil import cache_entry, cached_dir
 
-from pipeline.generate import GenerationEngine, GenerationPrograms, Step
+from pipeline.generate import GenerationEngine, GenerationPrograms, Step, export_step_onnx
 
 from .base import Availability, Backend, BackendOptions, CompiledModel, EngineSpec, GenerationUnsupported, Tensors, runtime_option
 
@@ -201,7 +202,7 @@ class OrtBackend(Backend):
         return OrtModel(spec, directory / "model.onnx", {}, record_optimized=False)
 
     def generation(self, programs: GenerationPrograms, precision: Precision, device: str,
-                   options: BackendOptions) -> GenerationEngine:
+                   options: BackendOptions, shapes: Sequence[Shape] = ()) -> GenerationEngine:
         """Each captured step exported to ONNX (the cache as inputs and outputs), onnxscript's ORT
         fusions, one session each; run through IO binding, so the cache tensors one step returns
         are bound as the next step's inputs where they are, never copied."""
@@ -239,10 +240,7 @@ def _export_step(program: torch.export.ExportedProgram, programs: GenerationProg
     """The step as ONNX at `path` (fused: beside it, as fused.onnx); returns the file to load."""
     import onnx_ir as ir
 
-    spec = programs.spec
-    example = {"input_ids": torch.zeros(2, 4 if prefill else 1, dtype=torch.int64), "start": torch.tensor(0), **spec.empty(2)}
-    torch.onnx.export(program, (), kwargs=example, f=str(path), dynamo=True, input_names=programs.input_names,
-                      output_names=programs.output_names, verbose=False)
+    export_step_onnx(program, programs, path, prefill)
     if not fuse:
         return path
     from onnxscript.rewriter.ort_fusions import optimize_for_ort

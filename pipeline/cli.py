@@ -77,6 +77,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from .genrun import GENERATE_ROUNDS, run_generation
     from .models import load_model
 
+    if args.save_engines:
+        raise InputError("--save-engines is not built for --mode generate yet: the generation steps are timed and compared, not saved")
+    if args.rounds is not None and args.rounds < 1:
+        raise InputError(f"--rounds {args.rounds}: must be an integer >= 1")
     cfg = make_config(backends=args.backends, precisions=args.precisions, shapes=args.shapes or TEXT_SHAPES, device=args.device,
                       options=_parse_options(args.option))
     out = Path(args.out) if args.out else Path("artifacts/runs") / dt.datetime.now().strftime("%Y%m%d-%H%M%S")

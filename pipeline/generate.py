@@ -19,6 +19,7 @@ import dataclasses
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -263,3 +264,12 @@ def module_step(module: nn.Module, names: list[str]) -> Step:
             return dict(zip(names, module(**inputs)))
 
     return run
+
+
+def export_step_onnx(program: ExportedProgram, programs: GenerationPrograms, path: Path, prefill: bool) -> Path:
+    """A captured step as ONNX (the dynamo exporter), inputs and outputs named as the step's."""
+    example = {"input_ids": torch.zeros(2, 4 if prefill else 1, dtype=torch.int64), "start": torch.tensor(0),
+               **programs.spec.empty(2)}
+    torch.onnx.export(program, (), kwargs=example, f=str(path), dynamo=True, input_names=programs.input_names,
+                      output_names=programs.output_names, verbose=False)
+    return path

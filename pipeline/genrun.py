@@ -4,6 +4,7 @@ measured in interleaved rounds, with the KV cache's size and each engine's peak 
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import json
 import statistics
@@ -140,6 +141,7 @@ def run_generation(bundle: ModelBundle, cfg: RunConfig, new_tokens: int = DEFAUL
     if longest + new_tokens > cache_len:
         raise InputError(f"a prompt of {longest} tokens and {new_tokens} new ones need {longest + new_tokens} cache "
                          f"positions; --cache-len is {cache_len}")
+    _check_cache_memory(bundle, cache_len, max(s.batch for s in cfg.shapes), cfg.precisions)
     # the model's whole batch range: a range ending at the capture's example batch (2) makes TVM's
     # importer lose shapes, and the steps serve any batch anyway
     batch_range = bundle.axis_ranges.get("batch", (1, 64))
@@ -177,7 +179,7 @@ def run_generation(bundle: ModelBundle, cfg: RunConfig, new_tokens: int = DEFAUL
                 say(f"{name} {p}: compiling the prefill and decode steps")
                 with MemoryWatch(cfg.device) as watch:
                     t0 = time.perf_counter()
-                    engine = backend.generation(progs, p, cfg.device, cfg.options[name])
+                    engine = backend.generation(progs, p, cfg.device, cfg.options[name], cfg.shapes)
                     checks = {s: greedy(engine.prefill, engine.decode, progs.spec, x.to(cfg.device), new_tokens)
                               for s, x in inputs.items()}
                     compile_s = time.perf_counter() - t0
@@ -211,6 +213,21 @@ def run_generation(bundle: ModelBundle, cfg: RunConfig, new_tokens: int = DEFAUL
         config.update(bandwidth_gb_s=bw, bandwidth_probe_mb=512, ceiling_tokens_per_s=bw * 1e9 / weight_bytes)
     model = {**bundle.describe(), "weight_mb": weight_bytes / 2**20}
     return GenReport(model, environment(cfg.device), config, rows, dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
+
+
+def _check_cache_memory(bundle: ModelBundle, cache_len: int, batch: int, precisions: Sequence[Precision]) -> None:
+    """Refuses, before anything is captured, a static cache that cannot fit: a step holds the cache
+    it was given and the one it returns, and the reference's generation holds its own pair too."""
+    from .generate import cache_spec
+    from .references import available_memory
+
+    widest = max((p.dtype for p in precisions if not p.quantized), key=lambda d: torch.finfo(d).bits, default=torch.float32)
+    spec = dataclasses.replace(cache_spec(bundle, cache_len), dtype=widest)
+    need, have = 4 * spec.nbytes(batch), available_memory()
+    if have is not None and need > 0.8 * have:
+        raise InputError(f"a static cache of {cache_len} positions at batch {batch} is {spec.nbytes(batch) / 2**30:.1f} GiB "
+                         f"and generation holds about four ({need / 2**30:.1f} GiB); this machine has {have / 2**30:.1f} GiB "
+                         f"available: use a smaller --cache-len or batch")
 
 
 def _judge(name: str, p: Precision, s: Shape, g: Generation, ref: Generation, eager_at: dict[Precision, dict[Shape, float]],

@@ -84,7 +84,8 @@ def test_a_divergence_is_a_mismatch_naming_its_step() -> None:
     assert _judge("x", Precision.BF16, Shape(1, 4), off, ref, eager_at, 4).status == "ok"
 
 
-def test_generate_from_the_command_line_and_its_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_generate_from_the_command_line_and_its_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     out = tmp_path / "run"
     assert main(["run", "--model", "tiny-gpt2", "--mode", "generate", "--backends", "eager", "--shapes", "1x8",
                  "--new-tokens", "4", "--rounds", "1", "--out", str(out), "--quiet"]) == 0
@@ -106,5 +107,13 @@ def test_generate_from_the_command_line_and_its_bad_input(tmp_path: Path, capsys
                 argv[at + 1] = args[i + 1]
         assert main(argv) == 2
         assert message in capsys.readouterr().err and not bad.exists()
+    assert main(["run", "--model", "tiny-gpt2", "--mode", "generate", "--save-engines", "--out", str(tmp_path / "s")]) == 2
+    assert "--save-engines is not built for --mode generate" in capsys.readouterr().err and not (tmp_path / "s").exists()
+    # a cache that cannot fit is refused before anything is captured (gpt2: 12 layers x 768 wide, fp32)
+    monkeypatch.setattr("pipeline.references.available_memory", lambda: 16 * 2**30)
+    assert main(["run", "--model", "gpt2", "--mode", "generate", "--shapes", "64x1000", "--new-tokens", "24",
+                 "--out", str(tmp_path / "m")]) == 2
+    assert "a static cache of 1024 positions at batch 64 is 4.5 GiB and generation holds about four (18.0 GiB); " \
+           "this machine has 16.0 GiB available" in capsys.readouterr().err and not (tmp_path / "m").exists()
     with pytest.raises(InputError, match="static cache of 1 positions"):
         capture_generation(load_model("tiny-gpt2"), 1)

@@ -252,3 +252,20 @@ def test_a_run_reports_tensorrt_as_unavailable(tmp_path: Path, cache_dir: Path) 
         row = r.find(name, "fp32", "1x8")
         assert row is not None and row.status == "unavailable" and "CUDA" in row.reason
     assert "unavailable" in (tmp_path / "report.md").read_text()
+
+
+def test_generation_profiles_span_the_runs_batches_and_prompts_over_a_static_cache() -> None:
+    from backends.tensorrt.profile import step_profiles
+    from pipeline.errors import ShapeError
+    from pipeline.generate import CacheSpec
+    from pipeline.inputs import Shape
+
+    spec = CacheSpec(layers=2, heads=4, head_dim=16, max_len=192)
+    prefill, decode = step_profiles(spec, [Shape(1, 128), Shape(8, 64)])
+    assert prefill["input_ids"] == ((1, 64), (8, 64), (8, 128))  # opt: the largest shape's
+    assert decode["input_ids"] == ((1, 1), (8, 1), (8, 1)) and decode["start"] == ((), (), ())
+    for p in (prefill, decode):
+        assert set(p) == {"input_ids", "start", "k_0", "v_0", "k_1", "v_1"}
+        assert p["k_1"] == ((1, 4, 192, 16), (8, 4, 192, 16), (8, 4, 192, 16))  # positions static, batch varies
+    with pytest.raises(ShapeError, match="a prompt of 200 tokens does not fit the static cache of 192 positions"):
+        step_profiles(spec, [Shape(1, 200)])
