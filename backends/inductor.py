@@ -132,15 +132,24 @@ class InductorBackend(Backend):
         """torch.compile of both captured steps: prefill dynamic in the prompt length, decode
         specialized to one token (static shapes, so its kernels are the decode step's own)."""
         opts: InductorOptions = options  # type: ignore[assignment]
+        compiled: dict[str, Any] = {}
         if precision.quantized:
-            raise GenerationUnsupported("int8 generation is not built yet")
-        compiled = {}
-        for kind, program, dynamic in (("prefill", programs.prefill, opts.dynamic), ("decode", programs.decode, False)):
-            compiled[kind] = torch.compile(program.module().to(device), dynamic=dynamic, options=_inductor_options(opts))
+            # int8-dynamic: the torchao-quantized step module, compiled as it is (one compile per
+            # shape); its int8 weights are pre-packed as constants only with freezing on
+            if device.split(":")[0] != "cpu":
+                raise GenerationUnsupported("int8-dynamic generation runs on the CPU only so far")
+            if not opts.freezing:
+                raise BackendError("Inductor int8 needs freezing=true: its int8 weights are pre-packed as constants")
+            fn = torch.compile(programs.module, dynamic=False, options=_inductor_options(opts))
+            compiled = {"prefill": fn, "decode": fn}
+        else:
+            prefill, decode = programs.captured()
+            for kind, program, dynamic in (("prefill", prefill, opts.dynamic), ("decode", decode, False)):
+                compiled[kind] = torch.compile(program.module().to(device), dynamic=dynamic, options=_inductor_options(opts))
 
         def step(fn: Any) -> Step:
             def run(inputs: dict[str, torch.Tensor]) -> Tensors:
-                with torch.no_grad():
+                with torch.no_grad(), torch._inductor.config.patch(freezing=opts.freezing):
                     return dict(zip(programs.output_names, fn(**inputs)))
             return run
 

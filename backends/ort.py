@@ -217,7 +217,7 @@ class OrtBackend(Backend):
         so.add_session_config_entry("session.intra_op.allow_spinning", "1" if opts.spin else "0")
         so.log_severity_level = 3
         steps, notes = [], []
-        for kind, program in (("prefill", programs.prefill), ("decode", programs.decode)):
+        for kind, program in zip(("prefill", "decode"), programs.captured()):
             for fuse in dict.fromkeys([opts.fuse, False]):
                 with tempfile.TemporaryDirectory(prefix=f"kiln-ort-{kind}-") as scratch:  # the session holds the model once made
                     path = _export_step(program, programs, Path(scratch) / "model.onnx", kind == "prefill", fuse)

@@ -140,10 +140,48 @@ def _named(module: StepModule) -> nn.Module:
 class GenerationPrograms:
     spec: CacheSpec
     module: nn.Module         # the step as the model's own code with transformers' cache layers: the reference
-    prefill: ExportedProgram  # input_ids [batch, T], T dynamic
-    decode: ExportedProgram   # input_ids [batch, 1]
+    prefill: ExportedProgram | None  # input_ids [batch, T], T dynamic; None for int8 (the quantized module is not captured)
+    decode: ExportedProgram | None   # input_ids [batch, 1]
     input_names: list[str] = field(default_factory=list)
     output_names: list[str] = field(default_factory=list)
+
+    def captured(self) -> tuple[ExportedProgram, ExportedProgram]:
+        """The prefill and decode programs; int8 steps have none (only the quantized module)."""
+        if self.prefill is None or self.decode is None:
+            raise InputError("these generation steps were not captured (int8 runs the quantized module)")
+        return self.prefill, self.decode
+
+
+def _linear_from_conv1d(model: nn.Module) -> nn.Module:
+    """GPT-2's Conv1D layers (a linear layer with its weight transposed) as nn.Linear, so that
+    quantizers that take linear layers (torchao's) take them too. The same function: y = xW + b."""
+    from transformers.pytorch_utils import Conv1D
+
+    for name, child in list(model.named_children()):
+        if isinstance(child, Conv1D):
+            linear = nn.Linear(child.nx, child.nf, dtype=child.weight.dtype)
+            with torch.no_grad():
+                linear.weight.copy_(child.weight.T)
+                linear.bias.copy_(child.bias)
+            setattr(model, name, linear)
+        else:
+            _linear_from_conv1d(child)
+    return model
+
+
+def quantized_generation(bundle: ModelBundle, max_len: int) -> GenerationPrograms:
+    """int8-dynamic steps: every linear layer (GPT-2's Conv1D included) with int8 weights per
+    output channel and activations quantized per token at run time (torchao's
+    Int8DynamicActivationInt8WeightConfig). The quantized module is the int8 reference and what
+    Inductor compiles; it is not captured with torch.export (nothing else takes it)."""
+    from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
+
+    spec = cache_spec(bundle, max_len)
+    wrapper: Any = copy.deepcopy(bundle.module)
+    hf = _linear_from_conv1d(wrapper.model.eval())
+    quantize_(hf, Int8DynamicActivationInt8WeightConfig())
+    step = _named(StepModule(hf, spec)).eval()
+    return GenerationPrograms(spec, step, None, None, ["input_ids", "start", *spec.names()], ["logits", *spec.out_names()])
 
 
 def capture_generation(bundle: ModelBundle, max_len: int, batch_range: tuple[int, int] = (1, 64),
@@ -205,24 +243,26 @@ def greedy(prefill: Step, decode: Step, spec: CacheSpec, prompt: torch.Tensor, n
     if s + new_tokens > spec.max_len:
         raise InputError(f"a prompt of {s} tokens and {new_tokens} new ones need {s + new_tokens} cache positions; "
                          f"the static cache holds {spec.max_len}")
-    cache = spec.empty(b, prompt.device)
+    feeds = {"input_ids": prompt, "start": torch.tensor(0, device=prompt.device), **spec.empty(b, prompt.device)}
     t0 = time.perf_counter()
-    out = prefill({"input_ids": prompt, "start": torch.tensor(0, device=prompt.device), **cache})
+    out = prefill(feeds)
     sync()
     prefill_ms = 1e3 * (time.perf_counter() - t0)
-    logits = [out["logits"][:, -1].float()]
-    token = logits[-1].argmax(-1, keepdim=True)
-    tokens, times = [token], []
+    last = out["logits"][:, -1]
+    token = last.argmax(-1, keepdim=True)
+    logits, tokens, times = [last.float().cpu()], [token], []  # kept on the host, outside the timed region
     for i in range(1, new_tokens):
-        cache = {n: out[o] for n, o in zip(spec.names(), spec.out_names())}
+        feeds = {"input_ids": token, "start": torch.tensor(s + i - 1, device=prompt.device),
+                 **{n: out[o] for n, o in zip(spec.names(), spec.out_names())}}
         t0 = time.perf_counter()
-        out = decode({"input_ids": token, "start": torch.tensor(s + i - 1, device=prompt.device), **cache})
+        out = decode(feeds)
         sync()
         times.append(1e3 * (time.perf_counter() - t0))
-        logits.append(out["logits"][:, -1].float())
-        token = logits[-1].argmax(-1, keepdim=True)
+        last = out["logits"][:, -1]
+        token = last.argmax(-1, keepdim=True)
+        logits.append(last.float().cpu())
         tokens.append(token)
-    return Generation(torch.cat(tokens, 1), logits, prefill_ms, times)
+    return Generation(torch.cat(tokens, 1).cpu(), logits, prefill_ms, times)
 
 
 @dataclass

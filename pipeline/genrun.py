@@ -21,7 +21,8 @@ from .config import REFERENCE, RunConfig
 from .env import environment
 from .errors import InputError
 from .fsutil import atomic_write
-from .generate import CacheSpec, Generation, GenerationPrograms, Step, agreement, capture_generation, greedy, module_step
+from .generate import (CacheSpec, Generation, GenerationPrograms, Step, agreement, capture_generation, greedy, module_step,
+                       quantized_generation)
 from .inputs import Shape
 from .models import ModelBundle
 from .precision import Precision
@@ -149,8 +150,14 @@ def run_generation(bundle: ModelBundle, cfg: RunConfig, new_tokens: int = DEFAUL
 
     def at(p: Precision) -> GenerationPrograms:
         if p not in programs:
-            say(f"capturing the prefill and decode steps ({p}, static cache of {cache_len})")
-            programs[p] = capture_generation(bundle, cache_len, batch_range, p.dtype)
+            if p == Precision.INT8_DYNAMIC:
+                say(f"quantizing the step's linear layers (int8 weights, activations at run time; static cache of {cache_len})")
+                programs[p] = quantized_generation(bundle, cache_len)
+            elif p.quantized:
+                raise GenerationUnsupported(f"{p} generation is not built (int8-dynamic is: weights int8, activations at run time)")
+            else:
+                say(f"capturing the prefill and decode steps ({p}, static cache of {cache_len})")
+                programs[p] = capture_generation(bundle, cache_len, batch_range, p.dtype)
         return programs[p]
 
     fp32 = at(Precision.FP32)
@@ -197,7 +204,7 @@ def run_generation(bundle: ModelBundle, cfg: RunConfig, new_tokens: int = DEFAUL
                 row.cache_bytes, row.peak_host_mb, row.compile_s = progs.spec.nbytes(s.batch), watch.peak_host_mb, compile_s
                 rows.append(row)
                 by_key[(name, p, s)] = row
-    _time(engines, by_key, inputs, new_tokens, rounds, say)
+    _time(engines, by_key, {s: x.to(cfg.device) for s, x in inputs.items()}, new_tokens, rounds, say, cfg.device)
     for s in cfg.shapes:
         base = by_key.get((REFERENCE[0], REFERENCE[1], s))
         for (name, p, shape), row in by_key.items():
@@ -254,8 +261,10 @@ def _judge(name: str, p: Precision, s: Shape, g: Generation, ref: Generation, ea
 
 
 def _time(engines: dict[tuple[str, Precision], tuple[Step, Step, CacheSpec]], rows: dict[tuple[str, Precision, Shape], GenRow],
-          inputs: dict[Shape, torch.Tensor], new_tokens: int, rounds: int, say: Callable[[str], None]) -> None:
-    """Whole generations, interleaved: round r runs every engine once at a shape before round r+1."""
+          inputs: dict[Shape, torch.Tensor], new_tokens: int, rounds: int, say: Callable[[str], None], device: str) -> None:
+    """Whole generations, interleaved: round r runs every engine once at a shape before round r+1.
+    On a GPU every step is waited for before its time is taken."""
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     for s, x in inputs.items():
         live = [k for k in engines if (k[0], k[1], s) in rows]
         if not live:
@@ -265,7 +274,7 @@ def _time(engines: dict[tuple[str, Precision], tuple[Step, Step, CacheSpec]], ro
         for _ in range(rounds):
             for k in live:
                 prefill, decode, spec = engines[k]
-                runs[k].append(greedy(prefill, decode, spec, x, new_tokens))
+                runs[k].append(greedy(prefill, decode, spec, x, new_tokens, sync))
         for k, gens in runs.items():
             row = rows[(k[0], k[1], s)]
             steps = [ms for g in gens for ms in g.decode_ms]

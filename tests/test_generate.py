@@ -117,3 +117,31 @@ def test_generate_from_the_command_line_and_its_bad_input(tmp_path: Path, capsys
            "this machine has 16.0 GiB available" in capsys.readouterr().err and not (tmp_path / "m").exists()
     with pytest.raises(InputError, match="static cache of 1 positions"):
         capture_generation(load_model("tiny-gpt2"), 1)
+
+
+def test_int8_dynamic_generation_quantizes_every_linear_layer_and_inductor_keeps_its_tokens() -> None:
+    from torchao.utils import TorchAOBaseTensor
+    from transformers.pytorch_utils import Conv1D
+
+    from pipeline.generate import _linear_from_conv1d, quantized_generation
+
+    bundle = load_model("tiny-gpt2")
+    # GPT-2's Conv1D layers become nn.Linear computing the same function, so the quantizer takes them
+    import copy
+
+    hf = bundle.module.model  # type: ignore[union-attr]
+    linear = _linear_from_conv1d(copy.deepcopy(hf))
+    assert not any(isinstance(m, Conv1D) for m in linear.modules())
+    x = torch.randint(0, 1000, (2, 9))
+    with torch.no_grad():
+        assert torch.allclose(linear(input_ids=x).logits, hf(input_ids=x).logits, atol=1e-5)
+    programs = quantized_generation(bundle, 24)
+    quantized = [m for m in programs.module.modules() if isinstance(m, torch.nn.Linear)]
+    assert len(quantized) == 2 * 4 + 1 and all(isinstance(m.weight, TorchAOBaseTensor) for m in quantized)  # 4 per block + lm_head
+    cfg = make_config(backends="eager,inductor,onnxruntime", precisions="int8-dynamic", shapes="1x8", device="cpu")
+    report = run_generation(bundle, cfg, new_tokens=6, rounds=1, bandwidth=False)
+    rows = {(r.backend, r.precision): r for r in report.rows}
+    eager, inductor = rows[("eager", "int8-dynamic")], rows[("inductor", "int8-dynamic")]
+    assert eager.status == "ok" and eager.agreement is not None  # the int8 reference, against eager fp32
+    assert inductor.status == "ok" and inductor.agreement is not None and inductor.agreement >= eager.agreement - 0.05
+    assert rows[("onnxruntime", "int8-dynamic")].status == "unsupported"

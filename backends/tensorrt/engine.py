@@ -179,7 +179,7 @@ class TensorRTBackend(Backend):
             raise GenerationUnsupported("TensorRT generation needs the run's shapes for its profiles")
         profiles = dict(zip(("prefill", "decode"), step_profiles(programs.spec, shapes)))
         steps = []
-        for kind, program in (("prefill", programs.prefill), ("decode", programs.decode)):
+        for kind, program in zip(("prefill", "decode"), programs.captured()):
             with tempfile.TemporaryDirectory(prefix=f"kiln-trt-{kind}-") as scratch:
                 onnx = export_step_onnx(program, programs, Path(scratch) / "model.onnx", kind == "prefill")
                 engine = build_engine(onnx, profiles[kind], precision, opts, None)

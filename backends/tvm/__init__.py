@@ -118,7 +118,7 @@ class TvmBackend(Backend):
         if not device.startswith("cuda"):
             cpu_threads()  # before the VM first runs: TVM reads it once
         steps = []
-        for program in (programs.prefill, programs.decode):
+        for program in programs.captured():
             try:
                 mod = drop_upper_bounds(from_exported_program(program, unwrap_unit_return_tuple=True))
             except Exception as e:
