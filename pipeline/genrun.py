@@ -19,7 +19,7 @@ import torch
 from .bench import MemoryWatch
 from .config import REFERENCE, RunConfig
 from .env import environment
-from .errors import InputError
+from .errors import InputError, NumericsError
 from .fsutil import atomic_write
 from .generate import (CacheSpec, Generation, GenerationPrograms, Step, agreement, capture_generation, greedy, module_step,
                        quantized_generation)
@@ -165,6 +165,9 @@ def run_generation(bundle: ModelBundle, cfg: RunConfig, new_tokens: int = DEFAUL
     say("reference: eager fp32 generation with transformers' static cache")
     ref_step = module_step(fp32.module, fp32.output_names)
     refs = {s: greedy(ref_step, ref_step, fp32.spec, x, new_tokens) for s, x in inputs.items()}
+    for s, g in refs.items():
+        if not all(bool(torch.isfinite(x).all()) for x in g.step_logits):
+            raise NumericsError(f"eager fp32 itself gives NaN or Inf logits generating from {bundle.name} at {s}")
     eager_at: dict[Precision, dict[Shape, float]] = {}  # token agreement eager reaches at each lower precision
 
     def rows_of(name: str, p: Precision, status: str, reason: str) -> list[GenRow]:
@@ -245,6 +248,10 @@ def _judge(name: str, p: Precision, s: Shape, g: Generation, ref: Generation, ea
     upto = a.first_divergence if a.first_divergence is not None else len(a.max_logits_error)
     row = GenRow(name, p.value, str(s), "ok", new_tokens=new_tokens, first_divergence=a.first_divergence,
                  agreement=a.agreement, max_logits_error=max(a.max_logits_error[:max(upto, 1)]))
+    bad = next((i for i, x in enumerate(g.step_logits) if not bool(torch.isfinite(x).all())), None)
+    if bad is not None:  # a NaN's argmax is a token too: never a pass
+        row.status, row.reason, row.max_logits_error = "mismatch", f"NaN or Inf in the logits at step {bad}", None
+        return row
     if name == REFERENCE[0] and p != Precision.FP32:
         eager_at.setdefault(p, {})[s] = a.agreement
     if p == Precision.FP32:

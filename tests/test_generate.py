@@ -77,6 +77,9 @@ def test_a_divergence_is_a_mismatch_naming_its_step() -> None:
     row = _judge("x", Precision.FP32, Shape(1, 4), off, ref, {}, 4)
     assert row.status == "mismatch" and "diverge from eager fp32 at step 2" in row.reason
     assert _judge("x", Precision.FP32, Shape(1, 4), ref, ref, {}, 4).status == "ok"
+    nan = Generation(ref.tokens, [torch.zeros(1, 10)] * 2 + [torch.full((1, 10), float("nan"))] * 2, 1.0, [1.0] * 3)
+    row = _judge("x", Precision.FP32, Shape(1, 4), nan, ref, {}, 4)  # the same tokens, but from NaN
+    assert row.status == "mismatch" and row.reason == "NaN or Inf in the logits at step 2"
     # below fp32 the bar is what eager reaches at that precision, less a margin
     eager_at = {Precision.BF16: {Shape(1, 4): 1.0}}
     assert _judge("x", Precision.BF16, Shape(1, 4), off, ref, eager_at, 4).status == "mismatch"
