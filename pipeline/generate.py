@@ -227,12 +227,6 @@ class Generation:
     prefill_ms: float
     decode_ms: list[float]              # one per decoded token after the first
 
-    @property
-    def decode_tokens_per_s(self) -> float:
-        """Tokens per second over the decode steps, every row of the batch counted."""
-        total = sum(self.decode_ms)
-        return 1e3 * self.tokens.shape[0] * len(self.decode_ms) / total if total > 0 else float("nan")
-
 
 def greedy(prefill: Step, decode: Step, spec: CacheSpec, prompt: torch.Tensor, new_tokens: int,
            sync: Callable[[], None] = lambda: None) -> Generation:

@@ -21,11 +21,12 @@ from .config import REFERENCE, RunConfig
 from .env import environment
 from .errors import InputError, NumericsError
 from .fsutil import atomic_write
-from .generate import (CacheSpec, Generation, GenerationPrograms, Step, agreement, capture_generation, greedy, module_step,
-                       quantized_generation)
+from .generate import (CacheSpec, Generation, GenerationPrograms, Step, agreement, cache_spec, capture_generation, greedy,
+                       module_step, quantized_generation)
 from .inputs import Shape
 from .models import ModelBundle
 from .precision import Precision
+from .references import available_memory
 
 DEFAULT_NEW_TOKENS = 64
 GENERATE_ROUNDS = 3  # whole generations per engine and shape; every decode step is a sample
@@ -228,9 +229,6 @@ def run_generation(bundle: ModelBundle, cfg: RunConfig, new_tokens: int = DEFAUL
 def _check_cache_memory(bundle: ModelBundle, cache_len: int, batch: int, precisions: Sequence[Precision]) -> None:
     """Refuses, before anything is captured, a static cache that cannot fit: a step holds the cache
     it was given and the one it returns, and the reference's generation holds its own pair too."""
-    from .generate import cache_spec
-    from .references import available_memory
-
     widest = max((p.dtype for p in precisions if not p.quantized), key=lambda d: torch.finfo(d).bits, default=torch.float32)
     spec = dataclasses.replace(cache_spec(bundle, cache_len), dtype=widest)
     need, have = 4 * spec.nbytes(batch), available_memory()

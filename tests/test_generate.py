@@ -113,7 +113,7 @@ def test_generate_from_the_command_line_and_its_bad_input(tmp_path: Path, capsys
     assert main(["run", "--model", "tiny-gpt2", "--mode", "generate", "--save-engines", "--out", str(tmp_path / "s")]) == 2
     assert "--save-engines is not built for --mode generate" in capsys.readouterr().err and not (tmp_path / "s").exists()
     # a cache that cannot fit is refused before anything is captured (gpt2: 12 layers x 768 wide, fp32)
-    monkeypatch.setattr("pipeline.references.available_memory", lambda: 16 * 2**30)
+    monkeypatch.setattr("pipeline.genrun.available_memory", lambda: 16 * 2**30)
     assert main(["run", "--model", "gpt2", "--mode", "generate", "--shapes", "64x1000", "--new-tokens", "24",
                  "--out", str(tmp_path / "m")]) == 2
     assert "a static cache of 1024 positions at batch 64 is 4.5 GiB and generation holds about four (18.0 GiB); " \
