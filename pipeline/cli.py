@@ -230,7 +230,7 @@ class Lines:
 
 class Bar(Lines):
     """Progress on a terminal: every line kept above a live `rich` bar that shows the latest one,
-    the time since the start and, while TVM tunes, its trials measured of those planned."""
+    the time since the start and, while a backend autotunes, its trials measured of those planned."""
 
     _TRIALS = re.compile(r"(\d+)/(\d+) trials measured")
 

@@ -6,7 +6,7 @@ One causal LM becomes one step function, captured with torch.export:
 
 where every cache tensor is [B, heads, max_len, head_dim] and `start` is how many positions the
 cache already holds. The cache goes in and comes out as plain tensors (no buffer mutated in
-place), so ONNX, TVM and TensorRT see the same function Inductor does. Prefill is the step at
+place), so every backend, through ONNX or from the program itself, compiles the same function. Prefill is the step at
 T = prompt length from start 0; decoding is the step at T = 1, captured on its own so compilers
 specialize it. Greedy decoding, its timing and token-by-token equivalence live here too, and take
 any callable for the step: whichever engine compiled it.
@@ -173,7 +173,7 @@ def quantized_generation(bundle: ModelBundle, max_len: int) -> GenerationProgram
     """int8-dynamic steps: every linear layer (GPT-2's Conv1D included) with int8 weights per
     output channel and activations quantized per token at run time (torchao's
     Int8DynamicActivationInt8WeightConfig). The quantized module is the int8 reference and what
-    Inductor compiles; it is not captured with torch.export (nothing else takes it)."""
+    a backend compiles as it is; it is not captured with torch.export."""
     from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
 
     spec = cache_spec(bundle, max_len)
