@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import collections
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -44,6 +44,18 @@ def _level(name: str) -> Any:
 
     L = ort.GraphOptimizationLevel
     return {"disable": L.ORT_DISABLE_ALL, "basic": L.ORT_ENABLE_BASIC, "extended": L.ORT_ENABLE_EXTENDED, "all": L.ORT_ENABLE_ALL}[name]
+
+
+def _session_options(options: OrtOptions) -> Any:
+    """ORT's session options from Kiln's: optimization level, threads, no spinning, quiet."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = _level(options.graph_optimization)
+    so.intra_op_num_threads = options.intra_op_threads or torch.get_num_threads()
+    so.add_session_config_entry("session.intra_op.allow_spinning", "1" if options.spin else "0")
+    so.log_severity_level = 3
+    return so
 
 
 def _providers(device: str) -> list[Any]:
@@ -104,11 +116,7 @@ class OrtModel(CompiledModel):
         import onnxruntime as ort
 
         self.path, self.fusions, self.record_optimized = path, fusions, record_optimized
-        so = ort.SessionOptions()
-        so.graph_optimization_level = _level(self.options.graph_optimization)
-        so.intra_op_num_threads = self.options.intra_op_threads or torch.get_num_threads()
-        so.add_session_config_entry("session.intra_op.allow_spinning", "1" if self.options.spin else "0")
-        so.log_severity_level = 3
+        so = _session_options(self.options)
         # ORT's optimized graph, for describe(): in a directory of this engine's own, never beside
         # a cache entry or an artifact that other processes read
         self._scratch = tempfile.TemporaryDirectory(prefix="kiln-ort-")
@@ -129,16 +137,8 @@ class OrtModel(CompiledModel):
             outs = self.session.run(self.out_names, feeds)
             return {n: torch.from_numpy(np.asarray(o)) for n, o in zip(self.output_names, outs)}
         # CUDA: bind torch tensors in place, outputs allocated by ORT on the device.
-        binding = self.session.io_binding()
-        idx = torch.device(self.device).index or 0
-        for n, t in inputs.items():
-            t = t.contiguous()
-            binding.bind_input(n, "cuda", idx, _NP[t.dtype], list(t.shape), t.data_ptr())
-        for n in self.out_names:
-            binding.bind_output(n, "cuda", idx)
-        self.session.run_with_iobinding(binding)
-        return {n: torch.from_dlpack(v.to_dlpack()) if hasattr(v, "to_dlpack") else torch.from_numpy(v.numpy()).to(self.device)
-                for n, v in zip(self.output_names, binding.get_outputs())}
+        outs = _run_bound(self.session, inputs, self.out_names, self.device)
+        return dict(zip(self.output_names, outs.values()))
 
     def _save_files(self, directory: Path) -> list[Path]:
         files = []
@@ -211,11 +211,7 @@ class OrtBackend(Backend):
             raise GenerationUnsupported(f"onnxruntime generation runs fp32 only so far ({precision} is not built)")
         import onnxruntime as ort
 
-        so = ort.SessionOptions()
-        so.graph_optimization_level = _level(opts.graph_optimization)
-        so.intra_op_num_threads = opts.intra_op_threads or torch.get_num_threads()
-        so.add_session_config_entry("session.intra_op.allow_spinning", "1" if opts.spin else "0")
-        so.log_severity_level = 3
+        so = _session_options(opts)
         steps, notes = [], []
         for kind, program in zip(("prefill", "decode"), programs.captured()):
             for fuse in dict.fromkeys([opts.fuse, False]):
@@ -251,24 +247,26 @@ def _export_step(program: torch.export.ExportedProgram, programs: GenerationProg
     return fused
 
 
-def _bound_step(session: Any, names: list[str], device: str) -> Step:
+def _run_bound(session: Any, inputs: Mapping[str, torch.Tensor], names: list[str], device: str) -> dict[str, torch.Tensor]:
+    """One run through IO binding: torch tensors bound where they lie, outputs allocated by ORT on
+    the device and handed back as torch tensors without a copy."""
     cuda = device.startswith("cuda")
-    idx = torch.device(device).index or 0 if cuda else 0
-    wanted = {i.name for i in session.get_inputs()}  # the exporter drops inputs a step never reads
-
-    def run(inputs: dict[str, torch.Tensor]) -> Tensors:
-        binding = session.io_binding()
-        for n, t in inputs.items():
-            if n not in wanted:
-                continue
+    where, idx = ("cuda", torch.device(device).index or 0) if cuda else ("cpu", 0)
+    wanted = {i.name for i in session.get_inputs()}  # the exporter drops inputs a graph never reads
+    binding = session.io_binding()
+    for n, t in inputs.items():
+        if n in wanted:
             t = t.contiguous()
-            binding.bind_input(n, "cuda" if cuda else "cpu", idx, _NP[t.dtype], list(t.shape), t.data_ptr())
-        for n in names:
-            binding.bind_output(n, "cuda" if cuda else "cpu", idx)
-        session.run_with_iobinding(binding)
-        outs = binding.get_outputs()
-        if cuda:
-            return {n: torch.from_dlpack(v.to_dlpack()) for n, v in zip(names, outs)}
-        return {n: torch.from_numpy(v.numpy()) for n, v in zip(names, outs)}
+            binding.bind_input(n, where, idx, _NP[t.dtype], list(t.shape), t.data_ptr())
+    for n in names:
+        binding.bind_output(n, where, idx)
+    session.run_with_iobinding(binding)
+    outs = binding.get_outputs()
+    if cuda:
+        return {n: torch.from_dlpack(v.to_dlpack()) if hasattr(v, "to_dlpack") else torch.from_numpy(v.numpy()).to(device)
+                for n, v in zip(names, outs)}
+    return {n: torch.from_numpy(v.numpy()) for n, v in zip(names, outs)}
 
-    return run
+
+def _bound_step(session: Any, names: list[str], device: str) -> Step:
+    return lambda inputs: _run_bound(session, inputs, names, device)
