@@ -20,7 +20,7 @@ from pipeline.errors import ArtifactError, BackendError, InputError
 from pipeline.inputs import Shape, check_inputs
 from pipeline.models import InputSpec
 from pipeline.precision import Precision
-from pipeline.generate import GenerationEngine, GenerationPrograms, Step
+from pipeline.generate import GenerationEngine, GenerationPrograms, decode_shapes
 
 from .options import BackendOptions, runtime_option
 
@@ -179,6 +179,8 @@ class Backend(ABC):
     # How Triton Inference Server serves this backend's engines: its platform, and Kiln's files under Triton's names.
     serving_platform: ClassVar[str | None] = None
     serving_files: ClassVar[Mapping[str, str]] = {}
+    # Precisions `generation` compiles the captured static-cache steps at.
+    generation_precisions: ClassVar[tuple[Precision, ...]] = (Precision.FP32,)
 
     @final
     def availability(self, device: str = "cpu") -> Availability:
@@ -286,9 +288,20 @@ class Backend(ABC):
     def generation(self, programs: GenerationPrograms, precision: Precision, device: str,
                    options: BackendOptions, shapes: Sequence[Shape] = ()) -> GenerationEngine:
         """Prefill and decode engines over the captured static-cache generation steps
-        (`kiln run --mode generate`), for calls at `shapes` (BATCHxPROMPT). A backend that does not take them raises GenerationUnsupported:
-        an `unsupported` row that says so."""
-        raise GenerationUnsupported(f"{self.name} does not run the static-cache generation steps yet")
+        (`kiln run --mode generate`), for calls at `shapes` (BATCHxPROMPT). Each step is compiled
+        as a forward model is (so it saves and loads as one); the decode step's shapes are one
+        token at each batch asked. A backend that does not take them raises
+        GenerationUnsupported: an `unsupported` row that says so."""
+        if precision not in self.generation_precisions or programs.steps is None:
+            raise GenerationUnsupported(f"{self.name} generation runs {', '.join(p.value for p in self.generation_precisions) or 'nothing'} "
+                                        f"so far ({precision} is not built)")
+        prefill = self.compile(programs.steps[0], precision, device, self.step_options(options, "prefill"), list(shapes))
+        decode = self.compile(programs.steps[1], precision, device, self.step_options(options, "decode"), decode_shapes(shapes))
+        return GenerationEngine.of(prefill, decode)
+
+    def step_options(self, options: BackendOptions, step: Literal["prefill", "decode"]) -> BackendOptions:
+        """The options a generation step is compiled with (a backend may build its steps differently)."""
+        return options
 
     def serving(self, manifest: dict[str, Any]) -> ServingFormat | None:
         """How Triton serves one of this backend's engines; None where Triton has no backend for it."""

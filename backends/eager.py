@@ -18,7 +18,7 @@ from pipeline.errors import BackendError
 from pipeline.inputs import Shape
 from pipeline.precision import Precision
 
-from pipeline.generate import GenerationEngine, GenerationPrograms, Step, module_step
+from pipeline.generate import GenerationEngine, GenerationPrograms, module_step
 
 from .base import Backend, BackendOptions, CompiledModel, EngineSpec, GenerationUnsupported, Tensors
 from .quantize import PT2E_CPU_ONLY
@@ -66,6 +66,7 @@ class EagerBackend(Backend):
     precisions = (Precision.FP32, Precision.FP16, Precision.BF16, Precision.INT8, Precision.INT8_DYNAMIC)
     options_type = EagerOptions
     cpu_only = PT2E_CPU_ONLY
+    generation_precisions = (Precision.FP32, Precision.FP16, Precision.BF16)
 
     def _compile(self, captured: Captured, spec: EngineSpec, shapes: list[Shape]) -> CompiledModel:
         if spec.precision.quantized:
@@ -80,12 +81,14 @@ class EagerBackend(Backend):
 
     def generation(self, programs: GenerationPrograms, precision: Precision, device: str,
                    options: BackendOptions, shapes: Sequence[Shape] = ()) -> GenerationEngine:
-        """The model's own code with transformers' (functional) static-cache layers, op by op: the
-        reference (for int8-dynamic, the torchao-quantized module: the int8 reference)."""
-        if precision.quantized and device.split(":")[0] != "cpu":
+        """Each step as the model's own code with transformers' (functional) static-cache layers,
+        op by op, saved as its captured program; for int8-dynamic, the torchao-quantized module
+        (the int8 reference), which is not captured and so not saved."""
+        if not precision.quantized:
+            return super().generation(programs, precision, device, options, shapes)
+        if device.split(":")[0] != "cpu":
             raise GenerationUnsupported("int8-dynamic generation runs on the CPU only so far")
-        module = programs.module.to(device)
-        step = module_step(module, programs.output_names)
+        step = module_step(programs.module.to(device), programs.output_names)
         return GenerationEngine(step, step)
 
     def _load(self, directory: Path, spec: EngineSpec, manifest: dict[str, Any]) -> CompiledModel:

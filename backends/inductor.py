@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +16,7 @@ from pipeline.errors import BackendError
 from pipeline.inputs import Shape
 from pipeline.precision import Precision
 
-from pipeline.generate import GenerationEngine, GenerationPrograms, Step
+from pipeline.generate import GenerationEngine, GenerationPrograms
 
 from .base import Availability, Backend, BackendOptions, CompiledModel, EngineSpec, GenerationUnsupported, Tensors
 from .quantize import PT2E_CPU_ONLY
@@ -95,6 +96,7 @@ class InductorBackend(Backend):
     precisions = (Precision.FP32, Precision.FP16, Precision.BF16, Precision.INT8, Precision.INT8_DYNAMIC)
     options_type = InductorOptions
     cpu_only = PT2E_CPU_ONLY
+    generation_precisions = (Precision.FP32, Precision.FP16, Precision.BF16)
     requires = {"torch": "exact"}  # an AOTInductor package is compiled code for one torch build
 
     def _check(self, device: str) -> Availability:
@@ -129,31 +131,28 @@ class InductorBackend(Backend):
 
     def generation(self, programs: GenerationPrograms, precision: Precision, device: str,
                    options: BackendOptions, shapes: Sequence[Shape] = ()) -> GenerationEngine:
-        """torch.compile of both captured steps: prefill dynamic in the prompt length, decode
-        specialized to one token (static shapes, so its kernels are the decode step's own)."""
+        """torch.compile of both captured steps (saved as AOTInductor packages); for int8-dynamic,
+        of the torchao-quantized step module as it is (not captured, so not saved)."""
         opts: InductorOptions = options  # type: ignore[assignment]
-        compiled: dict[str, Any] = {}
-        if precision.quantized:
-            # int8-dynamic: the torchao-quantized step module, compiled as it is (one compile per
-            # shape); its int8 weights are pre-packed as constants only with freezing on
-            if device.split(":")[0] != "cpu":
-                raise GenerationUnsupported("int8-dynamic generation runs on the CPU only so far")
-            if not opts.freezing:
-                raise BackendError("Inductor int8 needs freezing=true: its int8 weights are pre-packed as constants")
-            fn = torch.compile(programs.module, dynamic=False, options=_inductor_options(opts))
-            compiled = {"prefill": fn, "decode": fn}
-        else:
-            prefill, decode = programs.captured()
-            for kind, program, dynamic in (("prefill", prefill, opts.dynamic), ("decode", decode, False)):
-                compiled[kind] = torch.compile(program.module().to(device), dynamic=dynamic, options=_inductor_options(opts))
+        if not precision.quantized:
+            return super().generation(programs, precision, device, options, shapes)
+        # its int8 weights are pre-packed as constants only with freezing on
+        if device.split(":")[0] != "cpu":
+            raise GenerationUnsupported("int8-dynamic generation runs on the CPU only so far")
+        if not opts.freezing:
+            raise BackendError("Inductor int8 needs freezing=true: its int8 weights are pre-packed as constants")
+        fn = torch.compile(programs.module, dynamic=False, options=_inductor_options(opts))
 
-        def step(fn: Any) -> Step:
-            def run(inputs: dict[str, torch.Tensor]) -> Tensors:
-                with torch.no_grad(), torch._inductor.config.patch(freezing=opts.freezing):
-                    return dict(zip(programs.output_names, fn(**inputs)))
-            return run
+        def run(inputs: dict[str, torch.Tensor]) -> Tensors:
+            with torch.no_grad(), torch._inductor.config.patch(freezing=True):
+                return dict(zip(programs.output_names, fn(**inputs)))
 
-        return GenerationEngine(step(compiled["prefill"]), step(compiled["decode"]))
+        return GenerationEngine(run, run)
+
+    def step_options(self, options: BackendOptions, step: Literal["prefill", "decode"]) -> BackendOptions:
+        """The decode step specialized per batch (static shapes: its kernels are the one-token step's own)."""
+        opts: InductorOptions = options  # type: ignore[assignment]
+        return dataclasses.replace(opts, dynamic=False) if step == "decode" else opts
 
     def _load(self, directory: Path, spec: EngineSpec, manifest: dict[str, Any]) -> CompiledModel:
         path = directory / "model.pt2"

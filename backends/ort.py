@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import dataclasses
 from collections.abc import Mapping, Sequence
 import shutil
 import tempfile
@@ -20,9 +21,7 @@ from pipeline.precision import Precision
 from pipeline.env import version
 from pipeline.fsutil import cache_entry, cached_dir
 
-from pipeline.generate import GenerationEngine, GenerationPrograms, Step, export_step_onnx
-
-from .base import Availability, Backend, BackendOptions, CompiledModel, EngineSpec, GenerationUnsupported, Tensors, runtime_option
+from .base import Availability, Backend, BackendOptions, CompiledModel, EngineSpec, Tensors, runtime_option
 
 Level = Literal["disable", "basic", "extended", "all"]
 DATA = "model.onnx.data"
@@ -116,6 +115,7 @@ class OrtModel(CompiledModel):
         import onnxruntime as ort
 
         self.path, self.fusions, self.record_optimized = path, fusions, record_optimized
+        self.fallback = ""  # how the build departed from the options asked for
         so = _session_options(self.options)
         # ORT's optimized graph, for describe(): in a directory of this engine's own, never beside
         # a cache entry or an artifact that other processes read
@@ -130,10 +130,11 @@ class OrtModel(CompiledModel):
             raise BackendError(f"onnxruntime could not load {path.name}: {str(e).splitlines()[0]}") from e
         self.providers = self.session.get_providers()
         self.out_names = [o.name for o in self.session.get_outputs()]
+        self.in_names = {i.name for i in self.session.get_inputs()}  # the exporter drops inputs a graph never reads
 
     def run(self, inputs: Tensors) -> Tensors:
         if self.device == "cpu":
-            feeds = {n: t.detach().cpu().numpy() for n, t in inputs.items()}
+            feeds = {n: t.detach().cpu().numpy() for n, t in inputs.items() if n in self.in_names}
             outs = self.session.run(self.out_names, feeds)
             return {n: torch.from_numpy(np.asarray(o)) for n, o in zip(self.output_names, outs)}
         # CUDA: bind torch tensors in place, outputs allocated by ORT on the device.
@@ -148,6 +149,9 @@ class OrtModel(CompiledModel):
                 (directory / name).chmod(0o644)  # onnxruntime's quantizer writes its data file owner-only
                 files.append(directory / name)
         return files
+
+    def notes(self) -> list[str]:
+        return [self.fallback] if self.fallback else []
 
     def describe(self) -> dict[str, Any]:
         info = super().describe()
@@ -196,55 +200,21 @@ class OrtBackend(Backend):
 
         cached_dir(final, make)
         fusions = {k: int(v) for k, v in (line.split() for line in (final / "fusions.txt").read_text().splitlines())}
-        return OrtModel(spec, final / "model.onnx", fusions)
+        try:
+            return OrtModel(spec, final / "model.onnx", fusions)
+        except BackendError as e:
+            if not options.fuse:
+                raise
+            # onnxscript's fusions, then ORT's own, can leave a graph ORT refuses (a Gemm fed rank
+            # 3 in GPT-2's generation steps, at some cache lengths): the unfused graph still runs,
+            # and the engine says so (its manifest records fuse=false)
+            model = self._compile(captured, dataclasses.replace(spec, options=dataclasses.replace(options, fuse=False)), shapes)
+            assert isinstance(model, OrtModel)
+            model.fallback = f"runs unfused: with onnxscript's fusions ORT refused the graph ({str(e)[:160]})"
+            return model
 
     def _load(self, directory: Path, spec: EngineSpec, manifest: dict[str, Any]) -> CompiledModel:
         return OrtModel(spec, directory / "model.onnx", {}, record_optimized=False)
-
-    def generation(self, programs: GenerationPrograms, precision: Precision, device: str,
-                   options: BackendOptions, shapes: Sequence[Shape] = ()) -> GenerationEngine:
-        """Each captured step exported to ONNX (the cache as inputs and outputs), onnxscript's ORT
-        fusions, one session each; run through IO binding, so the cache tensors one step returns
-        are bound as the next step's inputs where they are, never copied."""
-        opts: OrtOptions = options  # type: ignore[assignment]
-        if precision != Precision.FP32:
-            raise GenerationUnsupported(f"onnxruntime generation runs fp32 only so far ({precision} is not built)")
-        import onnxruntime as ort
-
-        so = _session_options(opts)
-        steps, notes = [], []
-        for kind, program in zip(("prefill", "decode"), programs.captured()):
-            for fuse in dict.fromkeys([opts.fuse, False]):
-                with tempfile.TemporaryDirectory(prefix=f"kiln-ort-{kind}-") as scratch:  # the session holds the model once made
-                    path = _export_step(program, programs, Path(scratch) / "model.onnx", kind == "prefill", fuse)
-                    try:
-                        session = ort.InferenceSession(str(path), so, providers=_providers(device))
-                        break
-                    except Exception as e:
-                        if not fuse:
-                            raise BackendError(f"onnxruntime could not load the {kind} step: {str(e).splitlines()[0]}") from e
-                        # onnxscript's fusions, then ORT's own, can leave a graph ORT refuses (a Gemm
-                        # fed rank 3, at some cache lengths of GPT-2): the unfused export still runs
-                        notes.append(f"the {kind} step runs unfused: with onnxscript's fusions ORT refused it "
-                                     f"({str(e).splitlines()[0][:120]})")
-            steps.append(_bound_step(session, programs.output_names, device))
-        return GenerationEngine(steps[0], steps[1], notes)
-
-
-def _export_step(program: torch.export.ExportedProgram, programs: GenerationPrograms, path: Path, prefill: bool,
-                 fuse: bool) -> Path:
-    """The step as ONNX at `path` (fused: beside it, as fused.onnx); returns the file to load."""
-    import onnx_ir as ir
-
-    export_step_onnx(program, programs, path, prefill)
-    if not fuse:
-        return path
-    from onnxscript.rewriter.ort_fusions import optimize_for_ort
-
-    model, _ = optimize_for_ort(ir.load(str(path)))
-    fused = path.with_name("fused.onnx")  # never over the file whose external data the loaded model still reads
-    ir.save(model, str(fused), external_data="fused.onnx.data")
-    return fused
 
 
 def _run_bound(session: Any, inputs: Mapping[str, torch.Tensor], names: list[str], device: str) -> dict[str, torch.Tensor]:
@@ -266,7 +236,3 @@ def _run_bound(session: Any, inputs: Mapping[str, torch.Tensor], names: list[str
         return {n: torch.from_dlpack(v.to_dlpack()) if hasattr(v, "to_dlpack") else torch.from_numpy(v.numpy()).to(device)
                 for n, v in zip(names, outs)}
     return {n: torch.from_numpy(v.numpy()) for n, v in zip(names, outs)}
-
-
-def _bound_step(session: Any, names: list[str], device: str) -> Step:
-    return lambda inputs: _run_bound(session, inputs, names, device)

@@ -17,17 +17,20 @@ from __future__ import annotations
 import copy
 import dataclasses
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
-from torch.export import Dim, ExportedProgram
+from torch.export import ExportedProgram
 
 from .errors import InputError
-from .models import ModelBundle
+from .inputs import Shape
+from .capture import Captured, capture
+from .models import InputSpec, ModelBundle
+from .precision import Precision
 
 Tensors = Mapping[str, torch.Tensor]
 Step = Callable[[dict[str, torch.Tensor]], Tensors]
@@ -140,16 +143,26 @@ def _named(module: StepModule) -> nn.Module:
 class GenerationPrograms:
     spec: CacheSpec
     module: nn.Module         # the step as the model's own code with transformers' cache layers: the reference
-    prefill: ExportedProgram | None  # input_ids [batch, T], T dynamic; None for int8 (the quantized module is not captured)
-    decode: ExportedProgram | None   # input_ids [batch, 1]
+    # the prefill (input_ids [batch, T], T dynamic) and decode (input_ids [batch, 1]) steps, each
+    # captured like a forward model, so every backend compiles, saves and loads them as it does a
+    # forward engine; None for int8-dynamic (the quantized module is not captured)
+    steps: tuple[Captured, Captured] | None
     input_names: list[str] = field(default_factory=list)
     output_names: list[str] = field(default_factory=list)
 
     def captured(self) -> tuple[ExportedProgram, ExportedProgram]:
         """The prefill and decode programs; int8 steps have none (only the quantized module)."""
-        if self.prefill is None or self.decode is None:
+        if self.steps is None:
             raise InputError("these generation steps were not captured (int8 runs the quantized module)")
-        return self.prefill, self.decode
+        return self.steps[0].program, self.steps[1].program
+
+    @property
+    def prefill(self) -> ExportedProgram:
+        return self.captured()[0]
+
+    @property
+    def decode(self) -> ExportedProgram:
+        return self.captured()[1]
 
 
 def _linear_from_conv1d(model: nn.Module) -> nn.Module:
@@ -178,44 +191,91 @@ def quantized_generation(bundle: ModelBundle, max_len: int) -> GenerationProgram
 
     spec = cache_spec(bundle, max_len)
     wrapper: Any = copy.deepcopy(bundle.module)
-    hf = _linear_from_conv1d(wrapper.model.eval())
+    hf = _linear_from_conv1d(_explicit_attention(wrapper.model).eval())
     quantize_(hf, Int8DynamicActivationInt8WeightConfig())
     step = _named(StepModule(hf, spec)).eval()
-    return GenerationPrograms(spec, step, None, None, ["input_ids", "start", *spec.names()], ["logits", *spec.out_names()])
+    return GenerationPrograms(spec, step, None, ["input_ids", "start", *spec.names()], ["logits", *spec.out_names()])
+
+
+def _explicit_attention(model: nn.Module) -> nn.Module:
+    """The steps use the model's explicit attention (softmax over a causal mask), not sdpa: with a
+    symbolic prompt length, GPT-2's sdpa program fails torch's own decomposition to core ATen (a
+    view of the transposed attention output), which importers that decompose (TVM's) run first.
+    sdpa is what forward runs ask for because a fully padded row is NaN in the explicit softmax;
+    a causal step over unpadded prompts never masks a whole row."""
+    setter = getattr(model, "set_attn_implementation", None)
+    if setter is not None and getattr(getattr(model, "config", None), "_attn_implementation", "eager") != "eager":
+        setter("eager")
+    return model
+
+
+def step_bundle(bundle: ModelBundle, spec: CacheSpec, step: nn.Module, prefill: bool,
+                batch_range: tuple[int, int] = (1, 64)) -> ModelBundle:
+    """One generation step as a model of its own: inputs `input_ids` ([batch, seq] for prefill,
+    [batch, 1] for decode; ids within the vocabulary), `start` (a 0-dim position within the
+    cache) and the cache tensors ([batch, heads, max_len, head_dim] in the cache's dtype)."""
+    vocab = int(bundle.inputs["input_ids"].high)
+    head = (spec.heads, spec.max_len, spec.head_dim)
+    inputs = {"input_ids": InputSpec(torch.int64, ("batch", "seq") if prefill else ("batch", 1), vocab, bounded=True),
+              "start": InputSpec(torch.int64, (), spec.max_len, bounded=True),
+              **{n: InputSpec(spec.dtype, ("batch", *head)) for n in spec.names()}}
+    g = torch.Generator().manual_seed(0)
+    # batch 2 and a 4-token prompt keep both axes dynamic (a size-1 example would be specialized)
+    t = 4 if prefill else 1
+    example = {"input_ids": torch.randint(0, vocab, (2, t), generator=g), "start": torch.tensor(0 if prefill else 3),
+               **spec.empty(2)}
+    ranges = {"batch": batch_range, **({"seq": (1, spec.max_len)} if prefill else {})}
+    return ModelBundle(name=f"{bundle.name}-{'prefill' if prefill else 'decode'}", module=step, inputs=inputs,
+                       output_names=("logits", *spec.out_names()), task="generic", source=bundle.source,
+                       axis_ranges=ranges, example=example)
 
 
 def capture_generation(bundle: ModelBundle, max_len: int, batch_range: tuple[int, int] = (1, 64),
-                       dtype: torch.dtype = torch.float32) -> GenerationPrograms:
-    """The prefill and decode steps of `bundle`'s causal LM (weights and cache in `dtype`), captured with torch.export."""
+                       dtype: torch.dtype = torch.float32, cache_dir: Path | str | None = None) -> GenerationPrograms:
+    """The prefill and decode steps of `bundle`'s causal LM (weights and cache in `dtype`), each
+    captured with torch.export as a model of its own (`step_bundle`)."""
     spec = dataclasses.replace(cache_spec(bundle, max_len), dtype=dtype)
-    hf: Any = bundle.module.model
-    step = _named(StepModule(copy.deepcopy(hf).to(dtype).eval(), spec)).eval()
-    names = ["input_ids", "start", *spec.names()]
-    batch = Dim("batch", min=batch_range[0], max=batch_range[1])
-    vocab = int(hf.config.vocab_size)
+    wrapper: Any = bundle.module
+    hf: Any = _explicit_attention(copy.deepcopy(wrapper.model))
+    step = _named(StepModule(hf.to(dtype).eval(), spec)).eval()
+    steps = []
+    for prefill in (True, False):
+        captured = capture(step_bundle(bundle, spec, step, prefill, batch_range), cache_dir)
+        lower = {torch.float16: Precision.FP16, torch.bfloat16: Precision.BF16}.get(dtype)
+        if lower is not None:  # captured in its own dtype already: backends asking for that precision's program get it
+            captured._programs[lower] = captured.program
+        steps.append(captured)
+    return GenerationPrograms(spec, step, (steps[0], steps[1]), ["input_ids", "start", *spec.names()],
+                              ["logits", *spec.out_names()])
 
-    def example(t: int) -> dict[str, torch.Tensor]:
-        g = torch.Generator().manual_seed(0)
-        return {"input_ids": torch.randint(0, vocab, (2, t), generator=g), "start": torch.tensor(0 if t > 1 else 3),
-                **spec.empty(2)}
 
-    def shapes(seq: Any) -> dict[str, Any]:
-        return {"input_ids": {0: batch, **({1: seq} if seq is not None else {})}, "start": None,
-                **{n: {0: batch} for n in spec.names()}}
-
-    with torch.no_grad():
-        prefill = torch.export.export(step, (), example(4), dynamic_shapes=shapes(Dim("seq", min=1, max=max_len)))
-        decode = torch.export.export(step, (), example(1), dynamic_shapes=shapes(None))
-    return GenerationPrograms(spec, step, prefill, decode, names, ["logits", *spec.out_names()])
+def decode_shapes(shapes: Sequence[Shape]) -> list[Shape]:
+    """The decode step's calls for prompts at `shapes`: one token at each batch."""
+    return [Shape(b, 1) for b in sorted({s.batch for s in shapes})]
 
 
 @dataclass
 class GenerationEngine:
-    """A backend's compiled prefill and decode steps, and what every row of them should say."""
+    """A backend's compiled prefill and decode steps, and what every row of them should say.
+    `models`: the two steps as engines that save and load (None where they are not)."""
 
     prefill: Step
     decode: Step
     notes: list[str] = field(default_factory=list)
+    models: tuple[Any, Any] | None = None  # (CompiledModel, CompiledModel)
+
+    @classmethod
+    def of(cls, prefill: Any, decode: Any) -> GenerationEngine:
+        """From two compiled step engines (CompiledModel): their notes, said once."""
+        notes = [f"{kind}: {n}" for kind, m in (("prefill", prefill), ("decode", decode)) for n in m.notes()]
+        return cls(engine_step(prefill), engine_step(decode), notes, (prefill, decode))
+
+
+def engine_step(model: Any) -> Step:
+    """A compiled step engine as a Step (its inputs in the order it takes them, no door check: the
+    step's feeds are made by `greedy`, which checks the prompt and the cache length)."""
+    names = tuple(model.input_names)
+    return lambda feeds: model.run({n: feeds[n] for n in names})
 
 
 @dataclass
@@ -298,12 +358,3 @@ def module_step(module: nn.Module, names: list[str]) -> Step:
             return dict(zip(names, module(**inputs)))
 
     return run
-
-
-def export_step_onnx(program: ExportedProgram, programs: GenerationPrograms, path: Path, prefill: bool) -> Path:
-    """A captured step as ONNX (the dynamo exporter), inputs and outputs named as the step's."""
-    example = {"input_ids": torch.zeros(2, 4 if prefill else 1, dtype=torch.int64), "start": torch.tensor(0),
-               **programs.spec.empty(2)}
-    torch.onnx.export(program, (), kwargs=example, f=str(path), dynamo=True, input_names=programs.input_names,
-                      output_names=programs.output_names, verbose=False)
-    return path

@@ -124,13 +124,9 @@ def _percentile(xs: Sequence[float], q: float) -> float:
     return s[min(len(s) - 1, max(0, round(q * (len(s) - 1))))]
 
 
-def run_generation(bundle: ModelBundle, cfg: RunConfig, new_tokens: int = DEFAULT_NEW_TOKENS, cache_len: int | None = None,
-                   rounds: int = GENERATE_ROUNDS, say: Callable[[str], None] | None = None,
-                   bandwidth: bool = True) -> GenReport:
-    import backends as registry
-    from backends.base import GenerationUnsupported
-
-    say = say or (lambda _m: None)
+def plan_cache(bundle: ModelBundle, cfg: RunConfig, new_tokens: int, cache_len: int | None) -> int:
+    """The static cache's length (default: the longest prompt and the new tokens), refused before
+    anything is captured when it cannot hold them, exceeds the model's positions or this machine's memory."""
     if bundle.task != "causal-lm":
         raise InputError(f"--mode generate needs a causal LM; {bundle.name} is {bundle.task}")
     if new_tokens < 1:
@@ -144,31 +140,59 @@ def run_generation(bundle: ModelBundle, cfg: RunConfig, new_tokens: int = DEFAUL
         raise InputError(f"a prompt of {longest} tokens and {new_tokens} new ones need {longest + new_tokens} cache "
                          f"positions; --cache-len is {cache_len}")
     _check_cache_memory(bundle, cache_len, max(s.batch for s in cfg.shapes), cfg.precisions)
-    # the model's whole batch range: a range ending at the capture's example batch (2) makes TVM's
-    # importer lose shapes, and the steps serve any batch anyway
-    batch_range = bundle.axis_ranges.get("batch", (1, 64))
-    programs: dict[Precision, GenerationPrograms] = {}
+    return cache_len
 
-    def at(p: Precision) -> GenerationPrograms:
-        if p not in programs:
+
+class Steps:
+    """The generation steps at each precision, made once: captured (fp32, fp16, bf16) or
+    quantized (int8-dynamic: the torchao module, not captured)."""
+
+    def __init__(self, bundle: ModelBundle, cache_len: int, say: Callable[[str], None], cache_dir: Path | str | None) -> None:
+        self.bundle, self.cache_len, self.say, self.cache_dir = bundle, cache_len, say, cache_dir
+        self.made: dict[Precision, GenerationPrograms] = {}
+
+    def __call__(self, p: Precision) -> GenerationPrograms:
+        from backends.base import GenerationUnsupported
+
+        if p not in self.made:
             if p == Precision.INT8_DYNAMIC:
-                say(f"quantizing the step's linear layers (int8 weights, activations at run time; static cache of {cache_len})")
-                programs[p] = quantized_generation(bundle, cache_len)
+                self.say(f"quantizing the step's linear layers (int8 weights, activations at run time; static cache of {self.cache_len})")
+                self.made[p] = quantized_generation(self.bundle, self.cache_len)
             elif p.quantized:
                 raise GenerationUnsupported(f"{p} generation is not built (int8-dynamic is: weights int8, activations at run time)")
             else:
-                say(f"capturing the prefill and decode steps ({p}, static cache of {cache_len})")
-                programs[p] = capture_generation(bundle, cache_len, batch_range, p.dtype)
-        return programs[p]
+                self.say(f"capturing the prefill and decode steps ({p}, static cache of {self.cache_len})")
+                # the model's whole batch range: a range ending at the capture's example batch (2)
+                # makes TVM's importer lose shapes, and the steps serve any batch anyway
+                self.made[p] = capture_generation(self.bundle, self.cache_len, self.bundle.axis_ranges.get("batch", (1, 64)),
+                                                  p.dtype, self.cache_dir)
+        return self.made[p]
 
-    fp32 = at(Precision.FP32)
-    inputs = {s: prompts(bundle, s) for s in cfg.shapes}
+
+def references(fp32: GenerationPrograms, inputs: dict[Shape, torch.Tensor], new_tokens: int, name: str,
+               say: Callable[[str], None]) -> dict[Shape, Generation]:
+    """Eager fp32's greedy generation from every prompt: what every engine is judged by."""
     say("reference: eager fp32 generation with transformers' static cache")
     ref_step = module_step(fp32.module, fp32.output_names)
     refs = {s: greedy(ref_step, ref_step, fp32.spec, x, new_tokens) for s, x in inputs.items()}
     for s, g in refs.items():
         if not all(bool(torch.isfinite(x).all()) for x in g.step_logits):
-            raise NumericsError(f"eager fp32 itself gives NaN or Inf logits generating from {bundle.name} at {s}")
+            raise NumericsError(f"eager fp32 itself gives NaN or Inf logits generating from {name} at {s}")
+    return refs
+
+
+def run_generation(bundle: ModelBundle, cfg: RunConfig, new_tokens: int = DEFAULT_NEW_TOKENS, cache_len: int | None = None,
+                   rounds: int = GENERATE_ROUNDS, say: Callable[[str], None] | None = None,
+                   bandwidth: bool = True, cache_dir: Path | str | None = None) -> GenReport:
+    import backends as registry
+    from backends.base import GenerationUnsupported
+
+    say = say or (lambda _m: None)
+    cache_len = plan_cache(bundle, cfg, new_tokens, cache_len)
+    at = Steps(bundle, cache_len, say, cache_dir)
+    fp32 = at(Precision.FP32)
+    inputs = {s: prompts(bundle, s) for s in cfg.shapes}
+    refs = references(fp32, inputs, new_tokens, bundle.name, say)
     eager_at: dict[Precision, dict[Shape, float]] = {}  # token agreement eager reaches at each lower precision
 
     def rows_of(name: str, p: Precision, status: str, reason: str) -> list[GenRow]:

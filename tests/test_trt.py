@@ -255,17 +255,25 @@ def test_a_run_reports_tensorrt_as_unavailable(tmp_path: Path, cache_dir: Path) 
 
 
 def test_generation_profiles_span_the_runs_batches_and_prompts_over_a_static_cache() -> None:
-    from backends.tensorrt.profile import step_profiles
+    """The generation steps are models of their own: the forward profile code spans batch (and,
+    for prefill, the prompt) and keeps the cache's positions static."""
+    from torch import nn
+
+    from backends.tensorrt.profile import ProfileOptions, input_profile, profile_shapes
     from pipeline.errors import ShapeError
-    from pipeline.generate import CacheSpec
+    from pipeline.generate import CacheSpec, decode_shapes, step_bundle
     from pipeline.inputs import Shape
+    from pipeline.models import load_model
 
     spec = CacheSpec(layers=2, heads=4, head_dim=16, max_len=192)
-    prefill, decode = step_profiles(spec, [Shape(1, 128), Shape(8, 64)])
+    bundle = load_model("tiny-gpt2")
+    steps = [step_bundle(bundle, spec, nn.Identity(), prefill) for prefill in (True, False)]
+    shapes = [Shape(1, 128), Shape(8, 64)]
+    prefill, decode = (input_profile(b, profile_shapes(b, s, ProfileOptions())) for b, s in zip(steps, (shapes, decode_shapes(shapes))))
     assert prefill["input_ids"] == ((1, 64), (8, 64), (8, 128))  # opt: the largest shape's
     assert decode["input_ids"] == ((1, 1), (8, 1), (8, 1)) and decode["start"] == ((), (), ())
     for p in (prefill, decode):
         assert set(p) == {"input_ids", "start", "k_0", "v_0", "k_1", "v_1"}
         assert p["k_1"] == ((1, 4, 192, 16), (8, 4, 192, 16), (8, 4, 192, 16))  # positions static, batch varies
-    with pytest.raises(ShapeError, match="a prompt of 200 tokens does not fit the static cache of 192 positions"):
-        step_profiles(spec, [Shape(1, 200)])
+    with pytest.raises(ShapeError, match=r"seq \[1, 192\]"):
+        profile_shapes(steps[0], [Shape(1, 200)], ProfileOptions())

@@ -17,13 +17,10 @@ from pipeline.fsutil import cache_entry, cached_dir, lock
 from pipeline.inputs import Shape
 from pipeline.precision import Precision
 
-from pipeline.generate import GenerationEngine, GenerationPrograms, export_step_onnx
-
-from ..base import Availability, Backend, BackendOptions, CompiledModel, EngineSpec, GenerationUnsupported, Tensors
+from ..base import Availability, Backend, BackendOptions, CompiledModel, EngineSpec, Tensors
 from ..quantize import qdq_onnx_cached
 from .builder import TrtOptions, build_engine, logger
-from .profile import (Profile, check_shapes, input_profile, max_batch, profile_from_json, profile_shapes, profile_to_json,
-                      step_profiles)
+from .profile import Profile, check_shapes, input_profile, max_batch, profile_from_json, profile_shapes, profile_to_json
 
 ENGINE_FILE = "model.engine"
 
@@ -132,6 +129,7 @@ class TrtModel(CompiledModel):
 class TensorRTBackend(Backend):
     name = "tensorrt"
     precisions = (Precision.FP32, Precision.FP16, Precision.BF16, Precision.INT8)
+    generation_precisions = (Precision.FP32, Precision.FP16, Precision.BF16)
     refused = {Precision.INT8_DYNAMIC: "TensorRT quantizes int8 activations with scales fixed at build (explicit Q/DQ); "
                                        "its run-time quantization is for FP8/FP4 only: use int8"}
     devices = ("cuda",)
@@ -166,27 +164,6 @@ class TensorRTBackend(Backend):
 
         cached_dir(final, make)
         return TrtModel(spec, (final / ENGINE_FILE).read_bytes(), profile)
-
-    def generation(self, programs: GenerationPrograms, precision: Precision, device: str,
-                   options: BackendOptions, shapes: Sequence[Shape] = ()) -> GenerationEngine:
-        """One engine per step, each from the step's ONNX with a profile over batch (and, for
-        prefill, the prompt length); the cache's positions are static. Built per run (no engine
-        cache yet); written against TensorRT's API, never run on a machine of ours."""
-        opts: TrtOptions = options  # type: ignore[assignment]
-        if precision.quantized:
-            raise GenerationUnsupported("int8 generation is not built yet")
-        if not shapes:
-            raise GenerationUnsupported("TensorRT generation needs the run's shapes for its profiles")
-        profiles = dict(zip(("prefill", "decode"), step_profiles(programs.spec, shapes)))
-        steps = []
-        for kind, program in zip(("prefill", "decode"), programs.captured()):
-            with tempfile.TemporaryDirectory(prefix=f"kiln-trt-{kind}-") as scratch:
-                onnx = export_step_onnx(program, programs, Path(scratch) / "model.onnx", kind == "prefill")
-                engine = build_engine(onnx, profiles[kind], precision, opts, None)
-            spec = EngineSpec(self.name, precision, device, tuple(programs.input_names), tuple(programs.output_names), opts,
-                              {}, {}, self.pinned())
-            steps.append(TrtModel(spec, engine, profiles[kind]).run)
-        return GenerationEngine(steps[0], steps[1])
 
     def _load(self, directory: Path, spec: EngineSpec, manifest: dict[str, Any]) -> CompiledModel:
         import tensorrt as trt

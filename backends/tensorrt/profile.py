@@ -9,7 +9,6 @@ from typing import Any
 
 from pipeline.errors import InputError, ShapeError
 from pipeline.inputs import Shape
-from pipeline.generate import CacheSpec
 from pipeline.models import ModelBundle
 
 from ..base import BackendOptions
@@ -87,25 +86,3 @@ def profile_from_json(raw: Any) -> Profile:
 def max_batch(profile: Profile) -> int:
     """The largest batch every input's profile admits (the leading dim of each max shape)."""
     return min(int(mx[0]) for _, _, mx in profile.values())
-
-
-def step_profiles(spec: CacheSpec, shapes: Sequence[Shape]) -> tuple[Profile, Profile]:
-    """The (prefill, decode) profiles of the static-cache generation steps: batch from the run's
-    shapes (min, the largest, max), the prompt length likewise for prefill, one token for decode;
-    the cache's positions are static, so its tensors vary in batch only; `start` is a scalar."""
-    if not shapes:
-        raise InputError("the generation profiles need the run's shapes")
-    b = (min(s.batch for s in shapes), max(shapes, key=lambda s: s.batch * s.seq).batch, max(s.batch for s in shapes))
-    t = (min(s.seq for s in shapes), max(shapes, key=lambda s: s.batch * s.seq).seq, max(s.seq for s in shapes))
-    if t[2] > spec.max_len:
-        raise ShapeError(f"a prompt of {t[2]} tokens does not fit the static cache of {spec.max_len} positions")
-
-    def cache(i: int) -> tuple[int, ...]:
-        return (b[i], spec.heads, spec.max_len, spec.head_dim)
-
-    def profile(seq: tuple[int, int, int]) -> Profile:
-        out: Profile = {"input_ids": ((b[0], seq[0]), (b[1], seq[1]), (b[2], seq[2])), "start": ((), (), ())}
-        out.update({n: (cache(0), cache(1), cache(2)) for n in spec.names()})
-        return out
-
-    return profile(t), profile((1, 1, 1))

@@ -11,12 +11,13 @@ the result.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pipeline.capture import Captured
 from pipeline.env import version
@@ -25,11 +26,9 @@ from pipeline.fsutil import cache_entry, lock
 from pipeline.inputs import Shape
 from pipeline.precision import Precision
 
-from pipeline.generate import GenerationEngine, GenerationPrograms, Step
-
-from ..base import Availability, Backend, BackendOptions, CompiledModel, EngineSpec, GenerationUnsupported
+from ..base import Availability, Backend, BackendOptions, CompiledModel, EngineSpec
 from .engine import TvmModel, library_shape
-from .lower import bind_shape, drop_upper_bounds, import_program, kernels, lower, target_for
+from .lower import bind_shape, import_program, kernels, lower, target_for
 from .tune import apply_database, tune
 
 UNTUNED = "untuned TVM build (tvm.trials_per_task=0): expect it far slower than eager (no schedules: naive loops)"
@@ -95,37 +94,12 @@ class TvmBackend(Backend):
         info["tvm_build_s"] = round(time.monotonic() - t0, 1)
         return TvmModel(spec, libs, info)
 
-    def generation(self, programs: GenerationPrograms, precision: Precision, device: str,
-                   options: BackendOptions, shapes: Sequence[Shape] = ()) -> GenerationEngine:
-        """The prefill and decode steps as two Relax libraries, the cache as explicit tensors in
-        and out; dynamic shapes, built with the default schedules (dlight on CUDA, none on the CPU):
-        tuning the steps per shape is not built yet, and the rows say so (GENERATION_UNTUNED)."""
-        import tvm
-        from tvm import relax
-
-        from .engine import cpu_threads
-
+    def step_options(self, options: BackendOptions, step: Literal["prefill", "decode"]) -> BackendOptions:
+        """The decode step is tuned like a forward model (static shapes: one token at each batch
+        asked); the prefill step runs once per prompt, of any length, so it is built dynamic with
+        the default schedules (untuned: its rows say so)."""
         opts: TvmOptions = options  # type: ignore[assignment]
-        if precision != Precision.FP32:
-            # the fp16-cast step reaches TVM 0.27's importer with fp16 and fp32 operands in one add
-            # (GPT-2's attention bias), which it refuses; the forward path's ToMixedPrecision over the
-            # fp32 program is not built for the steps yet
-            raise GenerationUnsupported(f"TVM generation runs fp32 only so far ({precision} is not built)")
-        from tvm.relax.frontend.torch import from_exported_program
-
-        target = target_for(device, opts.arch)
-        dev = tvm.cuda(int(device.split(":")[1]) if ":" in device else 0) if device.startswith("cuda") else tvm.cpu()
-        if not device.startswith("cuda"):
-            cpu_threads()  # before the VM first runs: TVM reads it once
-        steps = []
-        for program in programs.captured():
-            try:
-                mod = drop_upper_bounds(from_exported_program(program, unwrap_unit_return_tuple=True))
-            except Exception as e:
-                raise BackendError(f"TVM could not import the generation step: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
-            vm = relax.VirtualMachine(tvm.compile(lower(mod, target, precision, opts.fast_math), target=target), dev)
-            steps.append(_vm_step(vm, programs.input_names, programs.output_names, dev, device))
-        return GenerationEngine(steps[0], steps[1], [GENERATION_UNTUNED])
+        return dataclasses.replace(opts, trials_per_task=0) if step == "prefill" else opts
 
     def _tuned(self, captured: Captured, imported: Any, target: Any, precision: Precision, options: TvmOptions,
                shapes: list[Shape], info: dict[str, Any]) -> dict[Shape | None, Any]:
@@ -174,18 +148,3 @@ class TvmBackend(Backend):
                 if name.endswith(".so")}
         axes = {n: list(d) for n, d in manifest["engine"].get("axes", {}).items()}
         return TvmModel(spec, libs, {"loaded_from": str(directory), "axes": axes})
-
-
-GENERATION_UNTUNED = "the generation steps are built with TVM's default schedules, untuned"
-
-
-def _vm_step(vm: Any, inputs: list[str], outputs: list[str], dev: Any, device: str) -> Step:
-    import numpy as np
-    import torch
-    import tvm
-
-    def run(feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        out = vm["main"](*[tvm.runtime.tensor(feeds[n].detach().cpu().numpy(), dev) for n in inputs])
-        return {n: torch.from_numpy(np.asarray(o.numpy())).to(device) for n, o in zip(outputs, out)}
-
-    return run
