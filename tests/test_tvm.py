@@ -220,3 +220,21 @@ def test_a_tuning_killed_mid_way_leaves_a_database_the_next_build_can_use(tmp_pa
     x = make_inputs(bundle, Shape(4, 1))
     with torch.no_grad():
         assert torch.allclose(model(x)["output"], bundle.module(**x)[0], atol=1e-4)
+
+
+def test_an_embedding_table_keeps_its_layout_when_tuning_may_rewrite_weights(cache_dir: Path) -> None:
+    """MetaSchedule rewrote GPT-2's embedding tables for the one-token decode step into a buffer
+    indexed by `id % 2` (wrong keys from the first layer on); a gather's table is never offered
+    for layout rewrite, the matmuls' weights still are."""
+    from backends.tvm.lower import bind_shape, import_program, lower, target_for
+    from pipeline.generate import capture_generation
+    from pipeline.models import load_model
+
+    decode = capture_generation(load_model("tiny-gpt2"), 14, cache_dir=cache_dir).steps[1]  # type: ignore[index]
+    dims = {n: s.dims for n, s in decode.bundle.inputs.items()}
+    mod = lower(bind_shape(import_program(decode), Shape(1, 1), dims), target_for("cpu", None), Precision.FP32, True, prepack=True)
+    free = {str(g.name_hint): f.attrs is not None and "layout_free_buffers" in f.attrs
+            for g, f in mod.functions.items() if isinstance(f, tvm.tirx.PrimFunc)}
+    takes = [n for n in free if n.startswith("take")]
+    assert len(takes) == 2 and not any(free[n] for n in takes)  # token and position embeddings
+    assert any(v for n, v in free.items() if "matmul" in n)

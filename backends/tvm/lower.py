@@ -78,7 +78,25 @@ def lower(mod: Any, target: Any, precision: Precision, fast_math: bool, prepack:
     if prepack:
         passes.append(relax.transform.AttachAttrLayoutFreeBuffers())
     with target:
-        return tvm.transform.Sequential(passes)(mod)
+        mod = tvm.transform.Sequential(passes)(mod)
+    return _no_gather_prepack(mod) if prepack else mod
+
+
+_OPAQUE = 8  # relax's OpPatternKind kOpaque: what AnnotateTIROpPattern gives a gather (take)
+
+
+def _no_gather_prepack(mod: Any) -> Any:
+    """A table read at data-dependent rows (an embedding's `take`) keeps its layout: MetaSchedule
+    rewrote GPT-2's embedding tables for the one-token decode step into a 64-element buffer
+    indexed by `id % 2` (its layout rewrite takes the gather's index for an affine one), and
+    the tuned step computed wrong keys from the first layer on. Untuned, the same static module is exact."""
+    import tvm
+
+    for gv, func in list(mod.functions.items()):
+        if (isinstance(func, tvm.tirx.PrimFunc) and func.attrs is not None and "layout_free_buffers" in func.attrs
+                and int(func.attrs.get("op_pattern", 0)) >= _OPAQUE):
+            mod[gv] = func.without_attr("layout_free_buffers")
+    return mod
 
 
 def kernels(mod: Any) -> int:
