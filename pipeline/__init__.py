@@ -24,6 +24,7 @@ from .references import References
 from .report import Report, Result
 from .store import load, verify
 from .predict import Predictor
+from .genbuild import GenerationArtifact, build_generation, load_generation, verify_generation
 
 
 def predictor(artifact: str, device: str | None = None) -> Predictor:
@@ -46,7 +47,7 @@ def compile(captured: Captured, backend: str, precision: str | Precision = "fp32
     return registry.get(backend).compile(captured, Precision.parse(precision), device, options)
 
 
-__all__ = ["ArtifactError", "BackendError", "Captured", "Comparison", "InputError", "KilnError", "ModelBundle", "NumericsError",
+__all__ = ["ArtifactError", "BackendError", "Captured", "Comparison", "GenerationArtifact", "build_generation", "load_generation", "verify_generation", "InputError", "KilnError", "ModelBundle", "NumericsError",
            "Precision", "Predictor", "References", "Report", "Result", "Shape", "ShapeError", "Speedup", "Timing", "Tolerance", "UnknownChoiceError", "benchmark",
            "build", "capture", "compare", "compile", "list_backends", "load", "load_model", "make_inputs", "predictor", "run", "speedup",
            "verify"]

@@ -78,7 +78,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from .models import load_model
 
     if args.save_engines:
-        raise InputError("--save-engines is not built for --mode generate yet: the generation steps are timed and compared, not saved")
+        raise InputError("--save-engines is for forward runs; deployable generation engines: kiln build --mode generate")
     if args.rounds is not None and args.rounds < 1:
         raise InputError(f"--rounds {args.rounds}: must be an integer >= 1")
     cfg = make_config(backends=args.backends, precisions=args.precisions, shapes=args.shapes or TEXT_SHAPES, device=args.device,
@@ -88,7 +88,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if say:
         say(f"loading model {args.model}")
     bundle = load_model(args.model, args.task)
-    report = run_generation(bundle, cfg, args.new_tokens, args.cache_len, args.rounds or GENERATE_ROUNDS, say)
+    report = run_generation(bundle, cfg, args.new_tokens, args.cache_len, args.rounds or GENERATE_ROUNDS, say, cache_dir=args.cache_dir)
     report.save(out)
     _close_progress()
     print(json.dumps(report.to_dict(), indent=2, default=str) if args.json else report.to_markdown())
@@ -122,10 +122,21 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_build(args: argparse.Namespace) -> int:
     from .build import build
 
-    outcomes = build(args.model, args.backends, args.precisions, args.shapes, root=args.root, device=args.device,
-                     options=_parse_options(args.option), progress=None if args.quiet else _progress(),
-                     cache_dir=args.cache_dir, warmup=args.warmup, rounds=args.rounds, isolation=args.isolation,
-                     quant=_quant(args), task=args.task)
+    if args.mode == "generate":
+        from .genbuild import build_generation
+        from .genrun import GENERATE_ROUNDS
+
+        outcomes = build_generation(args.model, args.backends, args.precisions, args.shapes, root=args.root, device=args.device,
+                                    options=_parse_options(args.option), new_tokens=args.new_tokens, cache_len=args.cache_len,
+                                    rounds=args.rounds or GENERATE_ROUNDS, progress=None if args.quiet else _progress(),
+                                    cache_dir=args.cache_dir, task=args.task)
+    else:
+        if args.cache_len is not None:
+            raise InputError("--cache-len is for --mode generate")
+        outcomes = build(args.model, args.backends, args.precisions, args.shapes, root=args.root, device=args.device,
+                         options=_parse_options(args.option), progress=None if args.quiet else _progress(),
+                         cache_dir=args.cache_dir, warmup=args.warmup, rounds=args.rounds or 10, isolation=args.isolation,
+                         quant=_quant(args), task=args.task)
     _close_progress()
     for o in outcomes:
         size = f"  {o.size_mb:.1f} MB" if o.size_mb is not None else ""
@@ -134,8 +145,11 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 
 def cmd_load(args: argparse.Namespace) -> int:
+    from .genbuild import is_generation
     from .store import load, read_manifest, read_reference
 
+    if is_generation(args.artifact):
+        return _check_generation(args, "loaded")
     model = load(args.artifact, args.device, allow_failed=args.allow_failed, public_key=_public_key(args))
     meta = read_manifest(args.artifact)
     ref = read_reference(args.artifact)
@@ -150,17 +164,46 @@ def cmd_load(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_generation(args: argparse.Namespace, verb: str) -> int:
+    """A generation artifact loaded (checked first) and run on its build's prompts, tokens against eager fp32's."""
+    from .genbuild import verify_generation
+
+    if getattr(args, "allow_failed", False):
+        raise InputError("--allow-failed is for forward engines; a generation artifact that failed its build was never installed")
+    c = verify_generation(args.artifact, args.device, public_key=_public_key(args))
+    meta = json.loads((Path(args.artifact) / "manifest.json").read_text())
+    print(f"{verb} {meta['backend']} {meta['precision']} generation artifact of {meta['model']['name']} "
+          f"(static cache of {meta['generation']['cache']['max_len']} positions)")
+    print(f"{'PASS' if c.passed else 'FAIL'}: {c.reason}")
+    return 0 if c.passed else 1
+
+
 def cmd_verify(args: argparse.Namespace) -> int:
+    from .genbuild import is_generation
     from .store import verify
 
+    if is_generation(args.artifact):
+        return _check_generation(args, "verified")
     c = verify(args.artifact, args.device, public_key=_public_key(args))
     print(f"{'PASS' if c.passed else 'FAIL'}: {c.reason}")
     return 0 if c.passed else 1
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
+    from .genbuild import is_generation, load_generation
     from .predict import Predictor
 
+    if is_generation(args.artifact):
+        art = load_generation(args.artifact, args.device, allow_failed=args.allow_failed, public_key=_public_key(args))
+        for i, answer in enumerate(art.generate_text(args.texts, args.new_tokens)):
+            cut = answer.get("truncated")
+            if cut:
+                print(f"kiln: prompt {i + 1} is {cut['tokens']} tokens and the cache leaves room for {cut['kept']} beside "
+                      f"{args.new_tokens} new ones: generated from its last {cut['kept']}", file=sys.stderr)
+            print(json.dumps(answer))
+        return 0
+    if args.new_tokens != 32:
+        raise InputError("--new-tokens is for generation artifacts (kiln build --mode generate)")
     predictor = Predictor.load(args.artifact, args.device, allow_failed=args.allow_failed, public_key=_public_key(args))
     for i, answer in enumerate(predictor.predict(args.texts)):
         cut = answer.get("truncated")
@@ -316,7 +359,12 @@ def build_parser() -> argparse.ArgumentParser:
     bd.add_argument("--root", default="artifacts", help="where engines go (default artifacts)")
     bd.add_argument("--option", action="append", default=[], metavar="BACKEND.KEY=VALUE")
     bd.add_argument("--warmup", type=int, default=3)
-    bd.add_argument("--rounds", type=int, default=10)
+    bd.add_argument("--rounds", type=int, help="interleaved timed rounds (default 10; whole generations with --mode generate: 3)")
+    bd.add_argument("--mode", default="forward", choices=("forward", "generate"),
+                    help="generate: a causal LM's prefill and decode steps with a static KV cache, ROOT/<model>/<backend>-<precision>-generate/")
+    bd.add_argument("--new-tokens", type=int, default=64, help="--mode generate: tokens generated from each prompt when checked and timed (default 64)")
+    bd.add_argument("--cache-len", type=int, help="--mode generate: the static cache's positions, the most a prompt and its "
+                                                  "continuation take (default longest prompt + new tokens)")
     bd.add_argument("--cache-dir")
     bd.add_argument("--isolation", default="process", choices=("process", "none"),
                     help="process (default): compile in a worker and check the saved engine in a fresh one; none: one process")
@@ -339,6 +387,7 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--require-signature", action="store_true", help="refuse it unless its signature verifies with --key")
         sp.add_argument("--key", help="the public key (PEM) the artifact was signed for")
     pr.add_argument("texts", nargs="+", metavar="TEXT")
+    pr.add_argument("--new-tokens", type=int, default=32, help="a generation artifact: tokens generated per prompt (default 32)")
 
     sg = sub.add_parser("sign", help="sign an engine directory (OpenSSF model-signing, a private EC key, offline)")
     sg.add_argument("artifact")

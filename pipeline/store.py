@@ -40,10 +40,14 @@ def _now() -> str:
 
 
 def _hashes(directory: Path) -> dict[str, str]:
-    links = [p.name for p in directory.iterdir() if p.is_symlink()]
+    """Every file under `directory` (a generation artifact holds its steps' engine directories) by
+    its relative path, but the manifest and signature at the top."""
+    found = sorted(directory.rglob("*"))
+    links = [p.relative_to(directory).as_posix() for p in found if p.is_symlink()]
     if links:
         raise ArtifactError(f"{directory}: {', '.join(links)} are symbolic links; an engine holds its own files")
-    return {p.name: sha256(p) for p in sorted(directory.iterdir()) if p.is_file() and p.name not in (MANIFEST, SIGNATURE)}
+    return {p.relative_to(directory).as_posix(): sha256(p) for p in found
+            if p.is_file() and p.relative_to(directory).as_posix() not in (MANIFEST, SIGNATURE)}
 
 
 def write_engine_manifest(directory: Path, backend: str, precision: Precision, device: str, requires: dict[str, str],
@@ -51,6 +55,16 @@ def write_engine_manifest(directory: Path, backend: str, precision: Precision, d
     """The manifest a backend's save writes: enough to load the engine, and the hash of every file."""
     meta = {"kind": KIND, "schema_version": SCHEMA, "created": _now(), "backend": backend, "precision": precision.value,
             "device": device_info(device), "requires": requires, "engine": engine}
+    return _write(directory, meta)
+
+
+def write_generation_manifest(directory: Path, backend: str, precision: Precision, device: str, requires: dict[str, str],
+                              sections: dict[str, Any]) -> Path:
+    """A generation artifact's manifest: its backend, precision, device and libraries like an
+    engine's, what `kiln build --mode generate` measured, and the hash of every file, the steps'
+    engine directories included."""
+    meta = {"kind": KIND, "schema_version": SCHEMA, "created": _now(), "backend": backend, "precision": precision.value,
+            "device": device_info(device), "requires": requires, **sections}
     return _write(directory, meta)
 
 
@@ -142,6 +156,9 @@ def load(directory: str | Path, device: str | None = None, allow_failed: bool = 
 
         check_signature(directory, public_key)
     meta = read_manifest(directory)
+    if meta.get("mode") == "generate":
+        raise ArtifactError(f"{directory} is a generation artifact (prefill and decode steps): load it with "
+                            f"pipeline.load_generation, answer with kiln predict")
     verdict = (meta.get("verdict") or {}).get("status", "pass")
     if verdict != "pass" and not allow_failed:
         raise ArtifactError(f"{directory}: its build verdict is {verdict!r} ({(meta.get('verdict') or {}).get('reason', '')}); "

@@ -14,6 +14,7 @@ import pytest
 import torch
 import transformers
 
+from helpers import word_tokenizer
 from pipeline.config import make_config
 from pipeline.inputs import Shape, make_inputs
 from pipeline.models import load_model
@@ -21,21 +22,6 @@ from pipeline.runner import Runner
 
 H = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
 DEC = dict(H, num_key_value_heads=1, vocab_size=1000)
-
-
-def _word_tokenizer(directory: Path, padding_side: str) -> None:
-    """A real (word-level) tokenizer saved beside the model, so text batches come from it."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    from pipeline.inputs import sentences
-
-    words = sorted({w for s in sentences() for w in s.lower().split()})
-    vocab = {"<pad>": 0, "<unk>": 1, "</s>": 2, **{w: i + 3 for i, w in enumerate(words[:990])}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="</s>",
-                                                padding_side=padding_side)  # no pad token: a GPT-style tokenizer
-    fast.save_pretrained(directory)
 
 
 # family: (config, class, what the run must also show)
@@ -84,7 +70,7 @@ def _save(family: str, root: Path) -> Path:
     path = root / family
     cls(config()).save_pretrained(path)
     if "tokenizer" in expect:
-        _word_tokenizer(path, expect["tokenizer"])
+        word_tokenizer(path, expect["tokenizer"])
     return path
 
 

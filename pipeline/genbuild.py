@@ -1,0 +1,335 @@
+"""`kiln build --mode generate`: deployable generation engines, and what loads and answers with them.
+
+A generation artifact is one directory, ROOT/<model>/<backend>-<precision>-generate/:
+
+    prefill/   the prefill step, an engine directory as `kiln build` writes one (files + manifest.json)
+    decode/    the decode step, likewise
+    reference.pt         the build's seeded prompts and eager fp32's greedy tokens from them, per shape
+    tokenizer files      when the model has a tokenizer
+    manifest.json        mode "generate": the cache's geometry, both steps, the verdict and the speed,
+                         and the sha256 of every file above, the steps' own manifests included
+
+What ships is what was checked and timed: both steps are saved, loaded back from their files,
+generate from every built shape's prompts with the tokens compared to eager fp32's step by step,
+and are timed against eager in interleaved rounds; only an artifact that passed is installed
+(staged, then renamed into place). Loading checks the manifest, every hash and the library
+versions before a backend opens a file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import store
+from .build import TEXT_SHAPES, BuildOutcome, artifact_mb, save_preprocessor
+from .config import make_config
+from .env import device_info, environment
+from .errors import ArtifactError, InputError
+from .fsutil import clean_stale, digest, safe_name
+from .generate import CacheSpec, Generation, agreement, engine_step, greedy, module_step
+from .genrun import DEFAULT_NEW_TOKENS, GENERATE_ROUNDS, GenRow, Steps, _judge, _time, plan_cache, prompts, references
+from .inputs import Shape
+from .models import ModelBundle, load_model
+from .precision import Precision
+from .runner import Progress
+
+MODE, STEPS, SUFFIX = "generate", ("prefill", "decode"), "-generate"
+
+
+def build_generation(model: str | Path | ModelBundle, backends: Sequence[str] | str, precisions: Sequence[str] | str = ("fp32",),
+                     shapes: Sequence[str] | str | None = None, root: str | Path = "artifacts", device: str | None = None,
+                     options: Mapping[str, Mapping[str, Any]] | None = None, new_tokens: int = DEFAULT_NEW_TOKENS,
+                     cache_len: int | None = None, rounds: int = GENERATE_ROUNDS, progress: Progress | None = None,
+                     cache_dir: str | Path | None = None, task: str | None = None) -> list[BuildOutcome]:
+    """Generation engines under root/<model>/<backend>-<precision>-generate/, each installed only
+    once its saved steps, loaded back, generated eager fp32's tokens (at fp32; at lower precisions,
+    agreement as `kiln run --mode generate` judges it) from every built shape's prompts."""
+    import backends as registry
+
+    say = progress or (lambda _m: None)
+    if not [b for b in (backends.split(",") if isinstance(backends, str) else backends) if b.strip()]:
+        raise InputError(f"name the engines to build: --backends with one or more of {', '.join(registry.names())}")
+    if rounds < 1:
+        raise InputError(f"--rounds {rounds}: must be an integer >= 1")
+    cfg = make_config(backends=backends, precisions=precisions, shapes=shapes or TEXT_SHAPES, device=device, options=options)
+    bundle = model if isinstance(model, ModelBundle) else load_model(model, task)
+    cache_len = plan_cache(bundle, cfg, new_tokens, cache_len)
+    steps = Steps(bundle, cache_len, say, cache_dir)
+    fp32 = steps(Precision.FP32)
+    inputs = {s: prompts(bundle, s) for s in cfg.shapes}
+    refs = references(fp32, inputs, new_tokens, bundle.name, say)
+    home = Path(root) / safe_name(bundle.name)
+    home.mkdir(parents=True, exist_ok=True)
+    clean_stale(home, ".staging-")
+    staging = Path(tempfile.mkdtemp(prefix=f".staging-{os.getpid()}-", dir=home))
+    outcomes = []
+    try:
+        for name in cfg.backends:
+            backend = registry.get(name)
+            for p in cfg.precisions:
+                target = home / f"{name}-{p.value}{SUFFIX}"
+                check = backend.availability(cfg.device) and backend.supports(p, cfg.device)
+                if not check:
+                    status = "unavailable" if not backend.availability(cfg.device) else "unsupported"
+                    outcomes.append(BuildOutcome(name, p.value, target, status, check.reason))
+                    continue
+                job = _Job(bundle, name, p, cfg.device, cfg.options[name], list(cfg.shapes), new_tokens, rounds, target,
+                           staging / target.name, say)
+                outcomes.append(job.ship(steps, refs, inputs))
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return outcomes
+
+
+@dataclass
+class _Job:
+    bundle: ModelBundle
+    backend: str
+    precision: Precision
+    device: str
+    options: Any
+    shapes: list[Shape]
+    new_tokens: int
+    rounds: int
+    target: Path
+    src: Path
+    say: Progress
+
+    def key(self, steps: Steps) -> str:
+        """Everything that changes the artifact: both steps' graphs, backend, precision, options,
+        device, libraries, shapes, cache length and tokens generated at build."""
+        import backends as registry
+
+        programs = steps(self.precision)
+        graphs = [c.graph_hash for c in programs.steps] if programs.steps else []
+        return digest({"graphs": graphs, "backend": self.backend, "precision": self.precision.value,
+                       "options": self.options.build_options(), "device": device_info(self.device),
+                       "requires": registry.get(self.backend).pinned(), "shapes": [str(s) for s in self.shapes],
+                       "cache_len": steps.cache_len, "new_tokens": self.new_tokens}, 20)
+
+    def outcome(self, status: str, reason: str = "", size: float | None = None) -> BuildOutcome:
+        if status not in ("built", "reused"):
+            self.say(f"{self.backend} {self.precision}: {status}, not installed ({reason})")
+        return BuildOutcome(self.backend, self.precision.value, self.target, status, reason, size)
+
+    def ship(self, steps: Steps, refs: dict[Shape, Generation], inputs: dict[Shape, torch.Tensor]) -> BuildOutcome:
+        import backends as registry
+        from backends.base import GenerationUnsupported
+
+        backend = registry.get(self.backend)
+        try:
+            programs = steps(self.precision)
+            key = self.key(steps)
+            if store.is_current(self.target, key):
+                self.say(f"{self.backend} {self.precision}: reusing {self.target} (same steps, options, device and libraries; passed)")
+                return self.outcome("reused", f"cache key {key}")
+            self.say(f"{self.backend} {self.precision}: compiling the prefill and decode steps")
+            engine = backend.generation(programs, self.precision, self.device, self.options, self.shapes)
+            if engine.models is None:
+                raise GenerationUnsupported(f"{self.backend} {self.precision} generation runs a module that is not captured, "
+                                            f"so it has no files to ship (kiln run --mode generate measures it)")
+            size = 0.0
+            for kind, model in zip(STEPS, engine.models):
+                size += artifact_mb(model.save(self.src / kind))
+            self.say(f"{self.backend} {self.precision}: checking the saved steps, loaded back from their files")
+            loaded = [backend.load(self.src / kind, self.device) for kind in STEPS]
+        except GenerationUnsupported as e:
+            return self.outcome("unsupported", str(e))
+        except Exception as e:  # a compiler may raise anything; the build goes on with the next engine
+            return self.outcome("failed", f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+        prefill, decode = (engine_step(m) for m in loaded)
+        rows: dict[tuple[str, Precision, Shape], GenRow] = {}
+        for s, x in inputs.items():
+            got = greedy(prefill, decode, programs.spec, x.to(self.device), self.new_tokens)
+            rows[(self.backend, self.precision, s)] = row = _judge(self.backend, self.precision, s, got, refs[s], {}, self.new_tokens)
+            if row.status != "ok":
+                return self.outcome("mismatch", f"the saved steps, loaded back, at {s}: {row.reason}")
+        fp32 = steps(Precision.FP32)
+        ref_step = module_step(fp32.module, fp32.output_names)
+        # the reference under a name of its own: an eager artifact (its captured program) is timed beside it
+        ref = ("eager fp32 reference", Precision.FP32)
+        for s in inputs:
+            rows[(*ref, s)] = GenRow(ref[0], "fp32", str(s), "ok")
+        _time({(self.backend, self.precision): (prefill, decode, programs.spec), ref: (ref_step, ref_step, fp32.spec)},
+              rows, {s: x.to(self.device) for s, x in inputs.items()}, self.new_tokens, self.rounds, self.say, self.device)
+        shapes = {}
+        for s in inputs:
+            row, base = rows[(self.backend, self.precision, s)], rows[(*ref, s)]
+            speedup = row.decode_tokens_per_s / base.decode_tokens_per_s if row.decode_tokens_per_s and base.decode_tokens_per_s else None
+            shapes[str(s)] = {"agreement": row.agreement, "first_divergence": row.first_divergence,
+                              "max_logits_error": row.max_logits_error, "prefill_ms": row.prefill_ms, "decode_ms": row.decode_ms,
+                              "decode_tokens_per_s": row.decode_tokens_per_s, "e2e_tokens_per_s": row.e2e_tokens_per_s,
+                              "decode_speedup": speedup, "eager_fp32_decode_tokens_per_s": base.decode_tokens_per_s}
+        torch.save({"shapes": {str(s): {"prompt": x, "tokens": refs[s].tokens} for s, x in inputs.items()},
+                    "new_tokens": self.new_tokens}, self.src / store.REFERENCE)
+        pre_key, pre_files = save_preprocessor(self.bundle, self.src)
+        spec, first = programs.spec, loaded[0]
+        notes = [*self.bundle.notes, *engine.notes]
+        store.write_generation_manifest(self.src, self.backend, self.precision, self.device, dict(first.spec.requires), {
+            "mode": MODE,
+            "model": {"name": self.bundle.name, "task": self.bundle.task, "source": self.bundle.source,
+                      "graph_hash": {kind: c.graph_hash for kind, c in zip(STEPS, programs.steps or ())}},
+            "generation": {"steps": {kind: kind for kind in STEPS},
+                           "cache": {"layers": spec.layers, "heads": spec.heads, "head_dim": spec.head_dim,
+                                     "max_len": spec.max_len, "dtype": str(spec.dtype).removeprefix("torch.")},
+                           "vocab": int(self.bundle.inputs["input_ids"].high), "batch": list(first.spec.axis_ranges["batch"]),
+                           "eos_token_id": _eos(self.bundle), "decoding": "greedy"},
+            "verdict": {"status": "pass", "engine": "the saved steps, loaded back from their files in the build's process",
+                        "reason": "greedy tokens identical to eager fp32's" if self.precision == Precision.FP32
+                        else "token agreement at least eager's at this precision, less the margin",
+                        "new_tokens": self.new_tokens, "shapes": shapes},
+            "environment": environment(self.device), "build_options": self.options.build_options(), "cache_key": key,
+            "artifact_mb": round(size, 2), "notes": notes, pre_key: pre_files})
+        store.install(self.src, self.target)
+        self.say(f"{self.backend} {self.precision}: built {self.target}")
+        return self.outcome("built", "", round(size, 2))
+
+
+def _eos(bundle: ModelBundle) -> int | None:
+    eos = getattr(getattr(bundle.module, "model", None), "config", None)
+    value = getattr(eos, "eos_token_id", None)
+    return int(value) if isinstance(value, int) else None
+
+
+def is_generation(directory: str | Path) -> bool:
+    """Whether `directory` holds a generation artifact (its manifest says mode "generate")."""
+    try:
+        return store.read_manifest(directory).get("mode") == MODE
+    except ArtifactError:
+        return False
+
+
+@dataclass
+class GenerationArtifact:
+    """A built generation engine, loaded: `generate(prompt_ids, n)` greedy tokens, `generate_text`
+    answers with the tokenizer it carries."""
+
+    directory: Path
+    meta: dict[str, Any]
+    prefill: Any  # CompiledModel
+    decode: Any
+    spec: CacheSpec
+    tokenizer: Any = None
+
+    @property
+    def device(self) -> str:
+        return str(self.prefill.device)
+
+    def generate(self, prompt: torch.Tensor, new_tokens: int) -> Generation:
+        """Greedy tokens after `prompt` [batch, S]; every call passes the engines' door checks."""
+        return greedy(self.prefill, self.decode, self.spec, prompt.to(self.device), new_tokens,
+                      sync=self.decode.synchronize)
+
+    def generate_text(self, texts: Sequence[str], new_tokens: int = 32) -> list[dict[str, Any]]:
+        """One continuation per prompt (each generated alone: the steps take no padding mask), cut at
+        the end-of-text token. A prompt longer than the cache leaves room for is cut from the left,
+        and the answer says so."""
+        if isinstance(texts, str) or not texts or not all(isinstance(t, str) for t in texts):
+            raise InputError("predict takes a list of one or more strings")
+        if self.tokenizer is None:
+            raise ArtifactError(f"{self.directory} carries no tokenizer: generate from token ids with GenerationArtifact.generate")
+        if not 1 <= new_tokens < self.spec.max_len:
+            raise InputError(f"--new-tokens {new_tokens}: the static cache holds {self.spec.max_len} positions; "
+                             f"generate 1 to {self.spec.max_len - 1}")
+        room = self.spec.max_len - new_tokens
+        eos = self.meta["generation"].get("eos_token_id")
+        lo_b = int(self.meta["generation"]["batch"][0])
+        out = []
+        for text in texts:
+            ids = self.tokenizer(text, return_tensors="pt")["input_ids"].to(torch.int64)
+            if ids.shape[1] == 0:
+                raise InputError("an empty prompt: a generation needs at least one token to start from")
+            answer: dict[str, Any] = {"text": text}
+            if ids.shape[1] > room:
+                answer["truncated"] = {"tokens": int(ids.shape[1]), "kept": room}
+                ids = ids[:, -room:]
+            g = self.generate(ids.expand(lo_b, -1) if lo_b > 1 else ids, new_tokens)
+            if not all(bool(torch.isfinite(x).all()) for x in g.step_logits):
+                raise ArtifactError("the engine returned NaN or Inf logits: no answer is better than a wrong one")
+            tokens = g.tokens[0].tolist()
+            if eos is not None and eos in tokens:
+                tokens = tokens[:tokens.index(eos)]
+            answer.update(generated=self.tokenizer.decode(tokens), token_ids=tokens)
+            out.append(answer)
+        return out
+
+
+def load_generation(directory: str | Path, device: str | None = None, allow_failed: bool = False,
+                    public_key: str | Path | None = None) -> GenerationArtifact:
+    """A generation artifact, checked (signature when a key is given, manifest, every file's
+    hash, library versions) before either step is opened."""
+    import backends as registry
+
+    directory = Path(directory)
+    if public_key is not None:
+        from .signing import check_signature
+
+        check_signature(directory, public_key)
+    meta = store.read_manifest(directory)
+    if meta.get("mode") != MODE:
+        raise ArtifactError(f"{directory} is a forward engine, not a generation artifact: load it with kiln load")
+    verdict = meta.get("verdict") or {}
+    if verdict.get("status") != "pass" and not allow_failed:
+        raise ArtifactError(f"{directory}: its build verdict is {verdict.get('status')!r}; load it anyway with allow_failed=True")
+    store.check_files(directory, meta)
+    backend = registry.get(meta["backend"])
+    store.check_requires(directory, meta, backend.pinned())
+    gen = meta["generation"]
+    cache = gen["cache"]
+    dtype = getattr(torch, str(cache["dtype"]), None)
+    if not isinstance(dtype, torch.dtype):
+        raise ArtifactError(f"{directory}: unknown cache dtype {cache['dtype']!r}")
+    spec = CacheSpec(int(cache["layers"]), int(cache["heads"]), int(cache["head_dim"]), int(cache["max_len"]), dtype)
+    prefill, decode = (backend.load(directory / gen["steps"][kind], device) for kind in STEPS)
+    tokenizer = None
+    if meta.get("tokenizer"):
+        import transformers
+
+        tokenizer = transformers.AutoTokenizer.from_pretrained(directory, local_files_only=True, trust_remote_code=False)
+    return GenerationArtifact(directory, meta, prefill, decode, spec, tokenizer)
+
+
+@dataclass
+class GenerationCheck:
+    """A generation artifact re-run on its build's prompts, per shape: tokens against eager fp32's."""
+
+    shapes: dict[str, dict[str, Any]]
+    precision: Precision
+
+    @property
+    def passed(self) -> bool:
+        return bool(self.shapes) and all(v["passed"] for v in self.shapes.values())
+
+    @property
+    def reason(self) -> str:
+        return "; ".join(f"at {s}: {v['reason']}" for s, v in self.shapes.items())
+
+
+def verify_generation(directory: str | Path, device: str | None = None, public_key: str | Path | None = None) -> GenerationCheck:
+    """Load the artifact and generate again from every built shape's prompts: at fp32 the tokens
+    must be eager fp32's; below, agreement at least what the build recorded, less the margin."""
+    from .genrun import AGREEMENT_MARGIN
+
+    art = load_generation(directory, device, allow_failed=True, public_key=public_key)
+    data = torch.load(art.directory / store.REFERENCE, weights_only=True)
+    recorded = art.meta["verdict"].get("shapes") or {}
+    precision = Precision(art.meta["precision"])
+    out = {}
+    for s, ref in data["shapes"].items():
+        got = art.generate(ref["prompt"], int(data["new_tokens"]))
+        a = agreement(Generation(ref["tokens"], [], 0.0, []), dataclasses.replace(got, step_logits=[]))
+        floor = 1.0 if precision == Precision.FP32 else float(recorded.get(s, {}).get("agreement") or 0.0) - AGREEMENT_MARGIN
+        ok = a.agreement >= floor and all(bool(torch.isfinite(x).all()) for x in got.step_logits)
+        out[s] = {"passed": ok, "agreement": a.agreement, "first_divergence": a.first_divergence,
+                  "reason": (f"{a.agreement:.0%} of {ref['tokens'].numel()} tokens as eager fp32's"
+                             + (f", first divergence at step {a.first_divergence}" if a.first_divergence is not None else ""))}
+    return GenerationCheck(out, precision)

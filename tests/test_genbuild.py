@@ -1,0 +1,141 @@
+"""`kiln build --mode generate`: both steps shipped, loaded back and checked before install;
+`kiln predict` generates the text transformers generates, in a fresh process; reuse, tampering
+and bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import transformers
+
+from helpers import word_tokenizer
+from pipeline import store
+from pipeline.cli import main
+from pipeline.errors import ArtifactError, InputError
+from pipeline.genbuild import build_generation, load_generation, verify_generation
+
+BACKENDS = ("eager", "inductor", "onnxruntime", "tvm")
+PROMPT = "the model reads the sentence and"
+
+
+@pytest.fixture(scope="module")
+def gpt2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny GPT-2 saved with save_pretrained, with a real (word-level) tokenizer beside it."""
+    path = tmp_path_factory.mktemp("genbuild") / "tiny-gpt2-text"
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=1000, n_positions=128, bos_token_id=2,
+                                     eos_token_id=2)
+    transformers.GPT2LMHeadModel(config).save_pretrained(path)
+    word_tokenizer(path, "left")
+    return path
+
+
+@pytest.fixture(scope="module")
+def built(gpt2_dir: Path, tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> tuple[Path, list[Any]]:
+    pytest.importorskip("tvm")
+    root = tmp_path_factory.mktemp("gen-artifacts")
+    outcomes = build_generation(str(gpt2_dir), ",".join(BACKENDS), shapes="1x8,2x8", root=root, new_tokens=6, rounds=1,
+                                options={"tvm": {"trials_per_task": 0}}, cache_dir=cache_dir)
+    return root / "tiny-gpt2-text", outcomes
+
+
+def test_a_generation_build_ships_both_steps_checked_and_timed(built: tuple[Path, list[Any]]) -> None:
+    home, outcomes = built
+    assert [(o.backend, o.status) for o in outcomes] == [(b, "built") for b in BACKENDS], [o.reason for o in outcomes]
+    for o in outcomes:
+        assert o.path == home / f"{o.backend}-fp32-generate"
+        meta = store.read_manifest(o.path)
+        assert meta["mode"] == "generate" and meta["generation"]["cache"]["max_len"] == 14  # 8 + 6
+        files = meta["files"]
+        assert {"prefill/manifest.json", "decode/manifest.json", "reference.pt", "tokenizer.json"} <= set(files)
+        assert set(meta["tokenizer"]) <= set(files)
+        for kind in ("prefill", "decode"):  # each step is an engine directory of its own
+            step = store.read_manifest(o.path / kind)
+            assert step["backend"] == o.backend and step["engine"]["inputs"][:2] == ["input_ids", "start"]
+        assert step["engine"]["input_specs"]["input_ids"]["dims"] == ["batch", 1]  # decode: one token
+        verdict = meta["verdict"]
+        assert verdict["status"] == "pass"
+        for shape in ("1x8", "2x8"):
+            v = verdict["shapes"][shape]
+            assert v["agreement"] == 1.0 and v["first_divergence"] is None and v["max_logits_error"] < 1e-4
+            assert v["decode_tokens_per_s"] > 0 and v["decode_speedup"] > 0 and v["eager_fp32_decode_tokens_per_s"] > 0
+    tvm = store.read_manifest(home / "tvm-fp32-generate")
+    assert any("untuned" in n for n in tvm["notes"])
+
+
+def test_predict_generates_what_transformers_generates_in_a_fresh_process(built: tuple[Path, list[Any]], gpt2_dir: Path) -> None:
+    home, _ = built
+    tok = transformers.AutoTokenizer.from_pretrained(gpt2_dir)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(gpt2_dir).eval()
+    ids = tok(PROMPT, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        want = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=5, do_sample=False, pad_token_id=0)
+    want_ids = want[0, ids.shape[1]:].tolist()
+    if 2 in want_ids:  # the answer stops at the end-of-text token
+        want_ids = want_ids[:want_ids.index(2)]
+    for backend in ("inductor", "onnxruntime", "tvm"):
+        done = subprocess.run([sys.executable, "-m", "pipeline", "predict", str(home / f"{backend}-fp32-generate"), PROMPT,
+                               "--new-tokens", "5"], capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-2000:]
+        answer = json.loads(done.stdout.strip().splitlines()[-1])
+        assert answer["text"] == PROMPT and answer["token_ids"] == want_ids, backend
+        assert answer["generated"] == tok.decode(want_ids)
+
+
+def test_kiln_load_and_verify_generate_the_builds_tokens_again(built: tuple[Path, list[Any]], capsys: pytest.CaptureFixture[str]) -> None:
+    home, _ = built
+    art = home / "onnxruntime-fp32-generate"
+    assert main(["verify", str(art)]) == 0
+    out = capsys.readouterr().out
+    assert "PASS: at 1x8: 100% of 6 tokens as eager fp32's; at 2x8: 100% of 12 tokens" in out
+    assert main(["load", str(art)]) == 0 and "loaded onnxruntime fp32 generation artifact" in capsys.readouterr().out
+    with pytest.raises(ArtifactError, match="load it with pipeline.load_generation"):
+        store.load(art)  # a forward loader never takes it for an engine
+
+
+def test_reuse_tampering_and_a_prompt_over_the_cache(built: tuple[Path, list[Any]], gpt2_dir: Path, cache_dir: Path,
+                                                     tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    home, _ = built
+    again = build_generation(str(gpt2_dir), "eager", shapes="1x8,2x8", root=home.parent, new_tokens=6, rounds=1,
+                             cache_dir=cache_dir)
+    assert [o.status for o in again] == ["reused"]
+    art = load_generation(home / "eager-fp32-generate")
+    long = " ".join(["the"] * 20)  # 20 tokens; the cache of 14 leaves room for 10 beside 4 new ones
+    answer = art.generate_text([long], new_tokens=4)[0]
+    assert answer["truncated"] == {"tokens": 20, "kept": 10} and len(answer["token_ids"]) <= 4
+    with pytest.raises(InputError, match="generate 1 to 13"):
+        art.generate_text(["the"], new_tokens=14)
+    # one byte of the decode step changed: refused before the backend opens it, and nothing else changes
+    victim = home / "eager-fp32-generate"
+    data = victim / "decode" / "program.pt2"
+    raw = bytearray(data.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    data.write_bytes(bytes(raw))
+    with pytest.raises(ArtifactError, match="decode/program.pt2 does not match its sha256"):
+        load_generation(victim)
+    assert main(["predict", str(victim), "the"]) == 2
+    assert "does not match its sha256" in capsys.readouterr().err
+    with pytest.raises(ArtifactError):
+        verify_generation(victim)
+
+
+def test_generation_build_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture[str], cache_dir: Path) -> None:
+    root = tmp_path / "root"
+    with pytest.raises(InputError, match="needs a causal LM; tiny-bert is encoder"):
+        build_generation("tiny-bert", "eager", shapes="1x8", root=root, new_tokens=4)
+    with pytest.raises(InputError, match="need 12 cache positions; --cache-len is 10"):
+        build_generation("tiny-gpt2", "eager", shapes="1x8", root=root, new_tokens=4, cache_len=10)
+    assert not root.exists()  # nothing written
+    # int8-dynamic runs a module that is not captured: nothing to ship, said as unsupported
+    out = build_generation("tiny-gpt2", "eager", precisions="int8-dynamic", shapes="1x8", root=root, new_tokens=4, rounds=1,
+                           cache_dir=cache_dir)
+    assert [o.status for o in out] == ["unsupported"] and "not captured" in out[0].reason
+    assert not (root / "tiny-gpt2" / "eager-int8-dynamic-generate").exists()
+    assert main(["build", "--model", "tiny-gpt2", "--backends", "eager", "--cache-len", "20", "--root", str(root)]) == 2
+    assert "--cache-len is for --mode generate" in capsys.readouterr().err
