@@ -18,7 +18,7 @@ from pipeline.capture import Captured
 from pipeline.env import version
 from pipeline.errors import ArtifactError, BackendError, InputError
 from pipeline.inputs import Shape, check_inputs
-from pipeline.models import InputSpec
+from pipeline.models import InputSpec, ModelBundle
 from pipeline.precision import Precision
 from pipeline.generate import GenerationEngine, GenerationPrograms, decode_shapes
 
@@ -234,6 +234,12 @@ class Backend(ABC):
             calibration = calibrate(captured)
         return EngineSpec(self.name, precision, device, bundle.input_names, bundle.output_names, options,
                           dict(bundle.inputs), dict(bundle.axis_ranges), self.pinned(), quant, calibration)
+
+    def step_spec(self, bundle: ModelBundle, precision: Precision, device: str, options: BackendOptions) -> EngineSpec:
+        """The spec of a generation step that is not captured (int8-dynamic runs the quantized module)."""
+        quant = QuantSpec() if precision.quantized else None
+        return EngineSpec(self.name, precision, device, bundle.input_names, bundle.output_names, options, dict(bundle.inputs),
+                          dict(bundle.axis_ranges), self.pinned(), quant)
 
     @final
     def compile(self, captured: Captured, precision: Precision = Precision.FP32, device: str = "cpu",

@@ -16,9 +16,10 @@ from pipeline.capture import Captured, export
 from pipeline.env import quiet_import
 from pipeline.errors import BackendError
 from pipeline.inputs import Shape
+from pipeline.models import ModelBundle
 from pipeline.precision import Precision
 
-from pipeline.generate import GenerationEngine, GenerationPrograms, module_step
+from pipeline.generate import GenerationEngine, GenerationPrograms
 
 from .base import Backend, BackendOptions, CompiledModel, EngineSpec, GenerationUnsupported, Tensors
 from .quantize import PT2E_CPU_ONLY
@@ -61,6 +62,11 @@ class EagerModel(CompiledModel):
         return info
 
 
+def _capture(bundle: ModelBundle) -> Callable[[], torch.export.ExportedProgram]:
+    """A quantized step captured when its engine is saved (torch.export keeps torchao's int8 weights as they are)."""
+    return lambda: export(bundle)
+
+
 class EagerBackend(Backend):
     name = "eager"
     precisions = (Precision.FP32, Precision.FP16, Precision.BF16, Precision.INT8, Precision.INT8_DYNAMIC)
@@ -86,10 +92,10 @@ class EagerBackend(Backend):
         (the int8 reference), which is not captured and so not saved."""
         if not precision.quantized:
             return super().generation(programs, precision, device, options, shapes)
-        if device.split(":")[0] != "cpu":
+        if device.split(":")[0] != "cpu" or programs.bundles is None:
             raise GenerationUnsupported("int8-dynamic generation runs on the CPU only so far")
-        step = module_step(programs.module.to(device), programs.output_names)
-        return GenerationEngine(step, step)
+        models = [EagerModel(self.step_spec(b, precision, device, options), programs.module, None, _capture(b)) for b in programs.bundles]
+        return GenerationEngine.of(models[0], models[1])
 
     def _load(self, directory: Path, spec: EngineSpec, manifest: dict[str, Any]) -> CompiledModel:
         # the program's quantize/dequantize ops are torchao's, registered when it is imported

@@ -14,6 +14,7 @@ import torch
 from pipeline.capture import Captured, export
 from pipeline.errors import BackendError
 from pipeline.inputs import Shape
+from pipeline.models import ModelBundle
 from pipeline.precision import Precision
 
 from pipeline.generate import GenerationEngine, GenerationPrograms
@@ -91,6 +92,11 @@ class InductorModel(CompiledModel):
         return info
 
 
+def _capture(bundle: ModelBundle) -> Callable[[], torch.export.ExportedProgram]:
+    """A quantized step captured when its package is made (torch.export keeps torchao's int8 weights as they are)."""
+    return lambda: export(bundle)
+
+
 class InductorBackend(Backend):
     name = "inductor"
     precisions = (Precision.FP32, Precision.FP16, Precision.BF16, Precision.INT8, Precision.INT8_DYNAMIC)
@@ -137,17 +143,19 @@ class InductorBackend(Backend):
         if not precision.quantized:
             return super().generation(programs, precision, device, options, shapes)
         # its int8 weights are pre-packed as constants only with freezing on
-        if device.split(":")[0] != "cpu":
+        if device.split(":")[0] != "cpu" or programs.bundles is None:
             raise GenerationUnsupported("int8-dynamic generation runs on the CPU only so far")
         if not opts.freezing:
             raise BackendError("Inductor int8 needs freezing=true: its int8 weights are pre-packed as constants")
-        fn = torch.compile(programs.module, dynamic=False, options=_inductor_options(opts))
+        compiled = torch.compile(programs.module, dynamic=False, options=_inductor_options(opts))
 
-        def run(inputs: dict[str, torch.Tensor]) -> Tensors:
-            with torch.no_grad(), torch._inductor.config.patch(freezing=True):
-                return dict(zip(programs.output_names, fn(**inputs)))
+        def fn(**inputs: torch.Tensor) -> Any:
+            with torch._inductor.config.patch(freezing=True):
+                return compiled(**inputs)
 
-        return GenerationEngine(run, run)
+        # saved as AOTInductor packages of the quantized steps, captured then (with freezing)
+        models = [InductorModel(self.step_spec(b, precision, device, opts), fn, None, None, _capture(b)) for b in programs.bundles]
+        return GenerationEngine.of(models[0], models[1])
 
     def step_options(self, options: BackendOptions, step: Literal["prefill", "decode"]) -> BackendOptions:
         """The decode step specialized per batch (static shapes: its kernels are the one-token step's own)."""

@@ -195,21 +195,19 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     if is_generation(args.artifact):
         art = load_generation(args.artifact, args.device, allow_failed=args.allow_failed, public_key=_public_key(args))
-        for i, answer in enumerate(art.generate_text(args.texts, args.new_tokens)):
-            cut = answer.get("truncated")
-            if cut:
-                print(f"kiln: prompt {i + 1} is {cut['tokens']} tokens and the cache leaves room for {cut['kept']} beside "
-                      f"{args.new_tokens} new ones: generated from its last {cut['kept']}", file=sys.stderr)
-            print(json.dumps(answer))
-        return 0
-    if args.new_tokens != 32:
-        raise InputError("--new-tokens is for generation artifacts (kiln build --mode generate)")
-    predictor = Predictor.load(args.artifact, args.device, allow_failed=args.allow_failed, public_key=_public_key(args))
-    for i, answer in enumerate(predictor.predict(args.texts)):
+        answers = art.generate_text(args.texts, args.new_tokens)
+        cut_says = ("prompt {i} is {tokens} tokens and the cache leaves room for {kept} beside " f"{args.new_tokens} "
+                    "new ones: generated from its last {kept}")
+    else:
+        if args.new_tokens != 32:
+            raise InputError("--new-tokens is for generation artifacts (kiln build --mode generate)")
+        predictor = Predictor.load(args.artifact, args.device, allow_failed=args.allow_failed, public_key=_public_key(args))
+        answers = predictor.predict(args.texts)
+        cut_says = "text {i} is {tokens} tokens and the engine takes at most {kept}: answered from its first {kept}"
+    for i, answer in enumerate(answers):
         cut = answer.get("truncated")
         if cut:
-            print(f"kiln: text {i + 1} is {cut['tokens']} tokens and the engine takes at most {cut['kept']}: "
-                  f"answered from its first {cut['kept']}", file=sys.stderr)
+            print("kiln: " + cut_says.format(i=i + 1, **cut), file=sys.stderr)
         print(json.dumps(answer))
     return 0
 

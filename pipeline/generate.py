@@ -149,6 +149,9 @@ class GenerationPrograms:
     steps: tuple[Captured, Captured] | None
     input_names: list[str] = field(default_factory=list)
     output_names: list[str] = field(default_factory=list)
+    # the two steps as models (inputs, ranges, an example): the captured programs' bundles, or for
+    # int8-dynamic the quantized module's, captured only when an engine of it is saved
+    bundles: tuple[ModelBundle, ModelBundle] | None = None
 
     def captured(self) -> tuple[ExportedProgram, ExportedProgram]:
         """The prefill and decode programs; int8 steps have none (only the quantized module)."""
@@ -194,7 +197,9 @@ def quantized_generation(bundle: ModelBundle, max_len: int) -> GenerationProgram
     hf = _linear_from_conv1d(_explicit_attention(wrapper.model).eval())
     quantize_(hf, Int8DynamicActivationInt8WeightConfig())
     step = _named(StepModule(hf, spec)).eval()
-    return GenerationPrograms(spec, step, None, ["input_ids", "start", *spec.names()], ["logits", *spec.out_names()])
+    ranges = bundle.axis_ranges.get("batch", (1, 64))
+    return GenerationPrograms(spec, step, None, ["input_ids", "start", *spec.names()], ["logits", *spec.out_names()],
+                              (step_bundle(bundle, spec, step, True, ranges), step_bundle(bundle, spec, step, False, ranges)))
 
 
 def _explicit_attention(model: nn.Module) -> nn.Module:
@@ -246,7 +251,7 @@ def capture_generation(bundle: ModelBundle, max_len: int, batch_range: tuple[int
             captured._programs[lower] = captured.program
         steps.append(captured)
     return GenerationPrograms(spec, step, (steps[0], steps[1]), ["input_ids", "start", *spec.names()],
-                              ["logits", *spec.out_names()])
+                              ["logits", *spec.out_names()], (steps[0].bundle, steps[1].bundle))
 
 
 def decode_shapes(shapes: Sequence[Shape]) -> list[Shape]:

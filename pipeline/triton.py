@@ -183,6 +183,9 @@ def export_triton(artifact: str | Path, repo: str | Path, name: str | None = Non
 
     artifact = Path(artifact)
     meta = check_artifact(artifact)
+    if meta.get("mode") == "generate":
+        raise InputError(f"{artifact} is a generation artifact: serving its prefill and decode steps needs a decode loop "
+                         f"around them, which Kiln does not write for Triton; export a forward engine")
     serving = registry.get(meta["backend"]).serving(meta)
     if serving is None:
         servable = [n for n in registry.names() if registry.get(n).serving_platform]

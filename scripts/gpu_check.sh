@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # On a CUDA machine, one command: the conformance suite on cuda, then `kiln run` for MiniLM and
-# BERT-base at fp32 and fp16 on every backend available there. The reports and one Markdown file
+# BERT-base at fp32 and fp16 on every backend available there, and GPT-2's generation (static KV
+# cache) at fp32 and fp16, Inductor again with CUDA graphs (mode reduce-overhead). The reports and one Markdown file
 # with every table go to docs/gpu/<date>-<gpu>/ (commit what you measured).
 #
 # Machines without a network (the lent GPU machines) get missing packages as wheels in .whl/;
@@ -37,13 +38,17 @@ for model in minilm-l6 bert-base; do
     python -m pipeline run --model "$model" --precisions fp32,fp16 --shapes 1x128,8x128 --device cuda \
         --out "$out/$model" --quiet > /dev/null || status=1
 done
+python -m pipeline run --model gpt2 --mode generate --backends eager,inductor,onnxruntime,tensorrt --precisions fp32,fp16 \
+    --shapes 1x128,8x128 --device cuda --out "$out/gpt2-generate" --quiet > /dev/null || status=1
+python -m pipeline run --model gpt2 --mode generate --backends eager,inductor --option inductor.mode=reduce-overhead \
+    --shapes 1x128,8x128 --device cuda --out "$out/gpt2-generate-cudagraphs" --quiet > /dev/null || status=1
 
 python - "$out" <<'PY'
 import json, sys
 from pathlib import Path
 out = Path(sys.argv[1])
 parts = [f"# Kiln on {out.name}\n", "Made by `scripts/gpu_check.sh`; speedups are against eager fp32 in the same run.\n"]
-for model in ("minilm-l6", "bert-base"):
+for model in ("minilm-l6", "bert-base", "gpt2-generate", "gpt2-generate-cudagraphs"):
     md = out / model / "report.md"
     parts.append(md.read_text() if md.is_file() else f"## {model}\n\nno report (the run failed; see above)\n")
 (out / "README.md").write_text("\n".join(parts))

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import backends as registry
+from helpers import keys
 from backends.base import BackendOptions
 from backends.eager import EagerBackend, EagerModel
 from pipeline import store
@@ -408,21 +409,9 @@ def test_a_cache_entry_that_was_altered_is_made_again(tiny_captured: Any) -> Non
     assert again == onnx and again.read_bytes() == first
 
 
-def _keys(tmp_path: Path, name: str) -> tuple[Path, Path]:
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    private, public = tmp_path / f"{name}.pem", tmp_path / f"{name}.pub"
-    private.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                          serialization.NoEncryption()))
-    public.write_bytes(key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
-    return private, public
-
-
 def test_a_signed_engine_rewritten_with_its_manifest_is_refused(built: Path, tmp_path: Path,
                                                                capsys: pytest.CaptureFixture[str]) -> None:
-    private, public = _keys(tmp_path, "ours")
+    private, public = keys(tmp_path, "ours")
     eng = _copy(built / "eager-fp32", tmp_path / "signed")
     assert main(["sign", str(eng), "--key", str(private)]) == 0 and (eng / "model.sig").is_file()
     assert load(eng, public_key=public).backend == "eager" and verify(eng, public_key=public).passed
@@ -438,7 +427,7 @@ def test_a_signed_engine_rewritten_with_its_manifest_is_refused(built: Path, tmp
         load(eng, public_key=public)
     assert main(["load", str(eng), "--require-signature", "--key", str(public)]) == 2
     assert "signature does not verify" in capsys.readouterr().err
-    _, theirs = _keys(tmp_path, "theirs")
+    _, theirs = keys(tmp_path, "theirs")
     good = _copy(built / "eager-fp32", tmp_path / "good")
     main(["sign", str(good), "--key", str(private)])
     with pytest.raises(ArtifactError, match="signature does not verify"):

@@ -5,6 +5,7 @@ and bad input."""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +15,7 @@ import pytest
 import torch
 import transformers
 
-from helpers import word_tokenizer
+from helpers import keys, word_tokenizer
 from pipeline import store
 from pipeline.cli import main
 from pipeline.errors import ArtifactError, InputError
@@ -88,7 +89,8 @@ def test_predict_generates_what_transformers_generates_in_a_fresh_process(built:
         assert answer["generated"] == tok.decode(want_ids)
 
 
-def test_kiln_load_and_verify_generate_the_builds_tokens_again(built: tuple[Path, list[Any]], capsys: pytest.CaptureFixture[str]) -> None:
+def test_kiln_load_and_verify_generate_the_builds_tokens_again(built: tuple[Path, list[Any]], tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
     home, _ = built
     art = home / "onnxruntime-fp32-generate"
     assert main(["verify", str(art)]) == 0
@@ -97,6 +99,22 @@ def test_kiln_load_and_verify_generate_the_builds_tokens_again(built: tuple[Path
     assert main(["load", str(art)]) == 0 and "loaded onnxruntime fp32 generation artifact" in capsys.readouterr().out
     with pytest.raises(ArtifactError, match="load it with pipeline.load_generation"):
         store.load(art)  # a forward loader never takes it for an engine
+    assert main(["triton", str(art), "--repo", str(tmp_path / "repo")]) == 2
+    assert "is a generation artifact" in capsys.readouterr().err and not (tmp_path / "repo").exists()
+
+
+def test_a_signed_generation_artifact_loads_only_with_the_key_it_was_signed_for(built: tuple[Path, list[Any]],
+                                                                                 tmp_path: Path) -> None:
+    pytest.importorskip("model_signing")
+    home, _ = built
+    art = tmp_path / "signed"
+    shutil.copytree(home / "onnxruntime-fp32-generate", art)
+    private, public = keys(tmp_path, "ours")
+    assert main(["sign", str(art), "--key", str(private)]) == 0
+    assert load_generation(art, public_key=public).generate(torch.tensor([[5, 6, 7]]), 2).tokens.shape == (1, 2)
+    _, theirs = keys(tmp_path, "theirs")
+    with pytest.raises(ArtifactError, match="signature does not verify"):
+        load_generation(art, public_key=theirs)
 
 
 def test_reuse_tampering_and_a_prompt_over_the_cache(built: tuple[Path, list[Any]], gpt2_dir: Path, cache_dir: Path,
@@ -132,10 +150,19 @@ def test_generation_build_bad_input(tmp_path: Path, capsys: pytest.CaptureFixtur
     with pytest.raises(InputError, match="need 12 cache positions; --cache-len is 10"):
         build_generation("tiny-gpt2", "eager", shapes="1x8", root=root, new_tokens=4, cache_len=10)
     assert not root.exists()  # nothing written
-    # int8-dynamic runs a module that is not captured: nothing to ship, said as unsupported
-    out = build_generation("tiny-gpt2", "eager", precisions="int8-dynamic", shapes="1x8", root=root, new_tokens=4, rounds=1,
-                           cache_dir=cache_dir)
-    assert [o.status for o in out] == ["unsupported"] and "not captured" in out[0].reason
-    assert not (root / "tiny-gpt2" / "eager-int8-dynamic-generate").exists()
     assert main(["build", "--model", "tiny-gpt2", "--backends", "eager", "--cache-len", "20", "--root", str(root)]) == 2
     assert "--cache-len is for --mode generate" in capsys.readouterr().err
+
+
+def test_int8_dynamic_generation_ships_as_the_quantized_steps_captured_when_saved(tmp_path: Path, cache_dir: Path) -> None:
+    """The torchao-quantized step module, captured with torch.export when saved: an AOTInductor
+    package per step (and the eager archive), loaded back and judged against eager int8's own agreement."""
+    out = build_generation("tiny-gpt2", "eager,inductor", precisions="int8-dynamic", shapes="1x8", root=tmp_path, new_tokens=6,
+                           rounds=1, cache_dir=cache_dir)
+    assert [(o.backend, o.status) for o in out] == [("eager", "built"), ("inductor", "built")], [o.reason for o in out]
+    meta = store.read_manifest(out[1].path)
+    v = meta["verdict"]["shapes"]["1x8"]
+    assert meta["precision"] == "int8-dynamic" and "eager_agreement" in v and v["agreement"] >= v["eager_agreement"] - 0.05
+    assert (out[1].path / "decode" / "model.pt2").is_file()
+    done = subprocess.run([sys.executable, "-m", "pipeline", "verify", str(out[1].path)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0 and "PASS" in done.stdout, done.stderr[-2000:]

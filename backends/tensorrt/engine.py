@@ -4,8 +4,6 @@ execute_async_v3 on torch's CUDA tensors, saved as a serialized `.engine`."""
 from __future__ import annotations
 
 import importlib
-import tempfile
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +15,7 @@ from pipeline.fsutil import cache_entry, cached_dir, lock
 from pipeline.inputs import Shape
 from pipeline.precision import Precision
 
-from ..base import Availability, Backend, BackendOptions, CompiledModel, EngineSpec, Tensors
+from ..base import Availability, Backend, CompiledModel, EngineSpec, Tensors
 from ..quantize import qdq_onnx_cached
 from .builder import TrtOptions, build_engine, logger
 from .profile import Profile, check_shapes, input_profile, max_batch, profile_from_json, profile_shapes, profile_to_json

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Sequence
 import time
 from dataclasses import dataclass
 from pathlib import Path
