@@ -128,14 +128,14 @@ def cmd_build(args: argparse.Namespace) -> int:
 
         outcomes = build_generation(args.model, args.backends, args.precisions, args.shapes, root=args.root, device=args.device,
                                     options=_parse_options(args.option), new_tokens=args.new_tokens, cache_len=args.cache_len,
-                                    rounds=args.rounds or GENERATE_ROUNDS, progress=None if args.quiet else _progress(),
+                                    rounds=GENERATE_ROUNDS if args.rounds is None else args.rounds, progress=None if args.quiet else _progress(),
                                     cache_dir=args.cache_dir, task=args.task)
     else:
         if args.cache_len is not None:
             raise InputError("--cache-len is for --mode generate")
         outcomes = build(args.model, args.backends, args.precisions, args.shapes, root=args.root, device=args.device,
                          options=_parse_options(args.option), progress=None if args.quiet else _progress(),
-                         cache_dir=args.cache_dir, warmup=args.warmup, rounds=args.rounds or 10, isolation=args.isolation,
+                         cache_dir=args.cache_dir, warmup=args.warmup, rounds=10 if args.rounds is None else args.rounds, isolation=args.isolation,
                          quant=_quant(args), task=args.task)
     _close_progress()
     for o in outcomes:

@@ -32,7 +32,7 @@ import torch
 from . import store
 from .build import TEXT_SHAPES, BuildOutcome, artifact_mb, save_preprocessor
 from .config import make_config
-from .env import device_info, environment
+from .env import device_info, environment, version
 from .errors import ArtifactError, InputError
 from .fsutil import clean_stale, digest, safe_name
 from .generate import CacheSpec, Generation, agreement, engine_step, greedy, module_step
@@ -116,7 +116,8 @@ class _Job:
         return digest({"graphs": graphs, "backend": self.backend, "precision": self.precision.value,
                        "options": self.options.build_options(), "device": device_info(self.device),
                        "requires": registry.get(self.backend).pinned(), "shapes": [str(s) for s in self.shapes],
-                       "cache_len": steps.cache_len, "new_tokens": self.new_tokens}, 20)
+                       "cache_len": steps.cache_len, "new_tokens": self.new_tokens,
+                       **({"torchao": version("torchao")} if self.precision.quantized else {})}, 20)
 
     def outcome(self, status: str, reason: str = "", size: float | None = None) -> BuildOutcome:
         if status not in ("built", "reused"):

@@ -152,6 +152,10 @@ def test_generation_build_bad_input(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert not root.exists()  # nothing written
     assert main(["build", "--model", "tiny-gpt2", "--backends", "eager", "--cache-len", "20", "--root", str(root)]) == 2
     assert "--cache-len is for --mode generate" in capsys.readouterr().err
+    for mode in ("forward", "generate"):  # --rounds 0 is refused, not taken for the default
+        assert main(["build", "--model", "tiny-gpt2", "--backends", "eager", "--mode", mode, "--rounds", "0",
+                     "--root", str(root), "--quiet"]) == 2
+        assert "--rounds 0" in capsys.readouterr().err
 
 
 def test_int8_dynamic_generation_ships_as_the_quantized_steps_captured_when_saved(tmp_path: Path, cache_dir: Path) -> None:
