@@ -167,11 +167,12 @@ def cmd_load(args: argparse.Namespace) -> int:
 def _check_generation(args: argparse.Namespace, verb: str) -> int:
     """A generation artifact loaded (checked first) and run on its build's prompts, tokens against eager fp32's."""
     from .genbuild import verify_generation
+    from .store import read_manifest
 
     if getattr(args, "allow_failed", False):
         raise InputError("--allow-failed is for forward engines; a generation artifact that failed its build was never installed")
     c = verify_generation(args.artifact, args.device, public_key=_public_key(args))
-    meta = json.loads((Path(args.artifact) / "manifest.json").read_text())
+    meta = read_manifest(args.artifact)  # checked by verify_generation above
     print(f"{verb} {meta['backend']} {meta['precision']} generation artifact of {meta['model']['name']} "
           f"(static cache of {meta['generation']['cache']['max_len']} positions)")
     print(f"{'PASS' if c.passed else 'FAIL'}: {c.reason}")

@@ -105,15 +105,17 @@ class _Job:
     src: Path
     say: Progress
 
+    def graphs(self, steps: Steps) -> dict[str, str]:
+        """The steps' graph hashes; an int8-dynamic step is the fp32 step quantized (deterministically), so it is named by the fp32 graphs."""
+        captured = steps(self.precision).steps or steps(Precision.FP32).steps or ()
+        return {kind: c.graph_hash for kind, c in zip(STEPS, captured)}
+
     def key(self, steps: Steps) -> str:
         """Everything that changes the artifact: both steps' graphs, backend, precision, options,
         device, libraries, shapes, cache length and tokens generated at build."""
         import backends as registry
 
-        # an int8-dynamic step is the fp32 step quantized (deterministically): keyed by the fp32 graphs and the precision
-        captured = steps(self.precision).steps or steps(Precision.FP32).steps or ()
-        graphs = [c.graph_hash for c in captured]
-        return digest({"graphs": graphs, "backend": self.backend, "precision": self.precision.value,
+        return digest({"graphs": list(self.graphs(steps).values()), "backend": self.backend, "precision": self.precision.value,
                        "options": self.options.build_options(), "device": device_info(self.device),
                        "requires": registry.get(self.backend).pinned(), "shapes": [str(s) for s in self.shapes],
                        "cache_len": steps.cache_len, "new_tokens": self.new_tokens,
@@ -191,8 +193,7 @@ class _Job:
         store.write_generation_manifest(self.src, self.backend, self.precision, self.device, dict(first.spec.requires), {
             "mode": MODE,
             "model": {"name": self.bundle.name, "task": self.bundle.task, "source": self.bundle.source,
-                      "graph_hash": {kind: c.graph_hash for kind, c in zip(STEPS, (steps(self.precision).steps
-                                                                                   or steps(Precision.FP32).steps or ()))}},
+                      "graph_hash": self.graphs(steps)},
             "generation": {"steps": {kind: kind for kind in STEPS},
                            "cache": {"layers": spec.layers, "heads": spec.heads, "head_dim": spec.head_dim,
                                      "max_len": spec.max_len, "dtype": str(spec.dtype).removeprefix("torch.")},
