@@ -188,6 +188,27 @@ def _rss_bytes() -> int:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def peak_rss_bytes() -> int:
+    """This process's own peak RSS (VmHWM). Not ru_maxrss: a child keeps its parent's across fork
+    and exec, so a worker started by a 700 MB `kiln run` would read 700 MB as its own peak."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        return _rss_bytes()
+
+
+def reset_peak_rss() -> int:
+    """Sets the peak back to the present RSS where Linux allows it (clear_refs mode 5), so the next
+    peak_rss_bytes() measures only what follows; returns the present RSS, the baseline to subtract."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+    return _rss_bytes()
+
+
 @dataclass
 class MemoryWatch:
     """Peak host RSS above the start, sampled every `interval` s; peak device memory on CUDA."""

@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 import os
 import pickle
-import resource
 import shutil
 import signal
 import subprocess
@@ -30,6 +29,7 @@ import torch
 
 from . import errors, progress
 from .errors import BackendError, KilnError
+from .bench import peak_rss_bytes, reset_peak_rss, time_call
 from .precision import Precision
 
 HEARTBEAT_S = 60.0  # a worker silent this long while the caller waits gets a "still working" line
@@ -49,10 +49,6 @@ def _send(conn: Any, obj: Any) -> None:
 
 def _recv(conn: Any) -> Any:
     return pickle.loads(conn.recv_bytes())
-
-
-def _rss() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def _serve(conn: Any, threads: int) -> None:
@@ -98,13 +94,12 @@ def _op_compile(state: dict[str, Any], model_spec: str, cache_dir: str | None, g
     from .inputs import Shape
     from .models import load_model
 
-    start = _rss()
     captured = capture(load_model(model_spec, model_task), Path(cache_dir) if cache_dir else None, QuantSpec.from_dict(quant))
     if captured.graph_hash != graph_hash:
         raise BackendError(f"the worker captured graph {captured.graph_hash}, the run {graph_hash}: the model loaded differently")
     backend = _backend(name, cls_path)
+    state["rss0"] = reset_peak_rss()  # the engine's peak, as the in-process watch counts it: not the model's load
     state["engine"] = backend.compile(captured, Precision(precision), device, options, [Shape.parse(s) for s in shapes])
-    state["rss0"] = start
     return _facts(state)
 
 
@@ -112,7 +107,7 @@ def _op_load(state: dict[str, Any], directory: str, device: str, cls_path: tuple
     """The saved engine, by its backend's own load (hashes and versions checked); no model code is loaded."""
     from .store import read_manifest
 
-    state["rss0"] = _rss()
+    state["rss0"] = reset_peak_rss()
     state["engine"] = _backend(read_manifest(directory)["backend"], cls_path).load(directory, device)
     return _facts(state)
 
@@ -132,14 +127,12 @@ def _op_stage(state: dict[str, Any], key: int, inputs: Tensors) -> None:
 
 
 def _op_time(state: dict[str, Any], key: int, calls: int) -> list[float]:
-    from .bench import time_call
-
     return [time_call(state["engine"], state["inputs"][key]) for _ in range(calls)]
 
 
 def _op_info(state: dict[str, Any]) -> dict[str, Any]:
     e = state["engine"]
-    return {"describe": e.describe(), "notes": e.notes(), "peak_host_mb": (_rss() - state.get("rss0", 0)) / 2**20}
+    return {"describe": e.describe(), "notes": e.notes(), "peak_host_mb": (peak_rss_bytes() - state.get("rss0", 0)) / 2**20}
 
 
 def _op_save(state: dict[str, Any], directory: str) -> list[str]:

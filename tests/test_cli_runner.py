@@ -223,6 +223,42 @@ def test_a_crash_costs_one_row(crashing_backends: Any, tmp_path: Path, cache_dir
         assert row is not None and row.status == "ok" and row.speedup is not None
 
 
+class _Ballast(Backend):
+    """The eager engine holding 256 MiB it allocated while compiling: its worker's peak must show it."""
+
+    name = "ballast-for-test"
+    precisions = (Precision.FP32,)
+
+    def _compile(self, captured: Any, spec: Any, shapes: Any) -> CompiledModel:
+        model = EagerModel(spec, captured.bundle.module, captured.program)
+        model.ballast = torch.ones(64 * 2**20)  # type: ignore[attr-defined]  # float32, every page touched
+        return model
+
+    def _load(self, directory: Any, spec: Any, manifest: Any) -> CompiledModel:
+        raise NotImplementedError
+
+
+def test_a_worker_reports_its_own_peak_memory(tmp_path: Path, cache_dir: Path) -> None:
+    """Each worker row's peak is that worker's (VmHWM from its own start), not the parent's ru_maxrss
+    a child inherits across fork and exec, which read the same for every row (or 0 after subtracting)."""
+    from pipeline.config import make_config
+    from pipeline.models import load_model
+    from pipeline.runner import Runner
+
+    registry.register(_Ballast())
+    try:
+        cfg = make_config(backends="ballast-for-test,onnxruntime", shapes="1x8", device="cpu", rounds=1, warmup=0)
+        runner = Runner(load_model("tiny-bert"), cfg, cache_dir=cache_dir)
+        assert runner.isolated("ballast-for-test") and runner.isolated("onnxruntime")  # both in workers
+        report = runner.run()
+        runner.close()
+    finally:
+        registry.unregister("ballast-for-test")
+    ballast, ort = report.find("ballast-for-test", "fp32", "1x8"), report.find("onnxruntime", "fp32", "1x8")
+    assert 250 <= ballast.peak_host_mb < 600, ballast.peak_host_mb  # 256 MiB and what compiling tiny-bert adds
+    assert ort.peak_host_mb > 0 and ort.peak_host_mb < ballast.peak_host_mb - 200
+
+
 def test_the_report_is_written_after_every_backend(tmp_path: Path, cache_dir: Path) -> None:
     from pipeline.config import make_config
     from pipeline.models import load_model
