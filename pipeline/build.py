@@ -16,7 +16,8 @@ from typing import Any
 from . import store
 from .acceptance import accept
 from .capture import Captured, capture
-from .config import REFERENCE, RunConfig, make_config
+from .choices import DEFAULTS, IMAGE_SHAPES, TEXT_SHAPES
+from .config import REFERENCE, RunConfig, check_choices, make_config
 from .env import device_info, environment
 from .errors import ArtifactError, InputError
 from .inputs import Shape
@@ -45,9 +46,6 @@ def artifact_mb(files: Sequence[Path]) -> float:
     return round(sum(f.stat().st_size for f in files) / 2**20, 2)
 
 
-TEXT_SHAPES, IMAGE_SHAPES = ("1x128", "8x128"), ("1", "8")
-
-
 def _default_shapes(cfg: RunConfig, bundle: ModelBundle, asked: Any) -> RunConfig:
     """Shapes not given are the model kind's defaults: 1x128,8x128 for text, batches 1 and 8 for images."""
     if asked or not bundle.vision:
@@ -60,7 +58,7 @@ def run(model: str | Path | ModelBundle = DEFAULT_MODEL, *, out: str | Path | No
     """The main job as one call. Returns the Report; writes report.json/.md/.csv under `out` when given.
     `task`: the head to load a model directory with (default: the one its config names)."""
     shapes = config.pop("shapes", None)
-    cfg = make_config(shapes=shapes or TEXT_SHAPES, **config)
+    cfg = make_config(shapes=TEXT_SHAPES if shapes is None else shapes, **config)
     if progress:
         progress(f"loading model {model if not isinstance(model, ModelBundle) else model.name}")
     bundle = model if isinstance(model, ModelBundle) else load_model(model, task)
@@ -101,17 +99,14 @@ def cache_key(captured: Captured, cfg: RunConfig, backend: str, precision: Preci
 def build(model: str | Path | ModelBundle, backends: Sequence[str] | str, precisions: Sequence[str] | str = ("fp32",),
           shapes: Sequence[str] | str | None = None, root: str | Path = "artifacts", device: str | None = None,
           options: Mapping[str, Mapping[str, Any]] | None = None, progress: Progress | None = None,
-          cache_dir: str | Path | None = None, warmup: int = 3, rounds: int = 10,
+          cache_dir: str | Path | None = None, warmup: int = DEFAULTS["build"].warmup, rounds: int = DEFAULTS["build"].rounds,
           isolation: str = "process", quant: Mapping[str, Any] | None = None, task: str | None = None) -> list[BuildOutcome]:
     """Engines under root/<model>/<backend>-<precision>/, each installed only once its saved files,
     loaded back, passed at every shape; an engine that fails anywhere leaves the previous one as it was."""
     say = progress or (lambda _m: None)
-    if not [b for b in (backends.split(",") if isinstance(backends, str) else backends) if b.strip()]:
-        import backends as registry
-
-        raise InputError(f"name the engines to build: --backends with one or more of {', '.join(registry.names())}")
-    cfg = make_config(backends=backends, precisions=precisions, shapes=shapes or TEXT_SHAPES, device=device, options=options,
-                      warmup=warmup, rounds=rounds, isolation=isolation, **({"quant": quant} if quant else {}))
+    check_choices(backends, need_backends=True)
+    cfg = make_config(backends=backends, precisions=precisions, shapes=TEXT_SHAPES if shapes is None else shapes, device=device,
+                      options=options, warmup=warmup, rounds=rounds, isolation=isolation, **({"quant": quant} if quant else {}))
     bundle = model if isinstance(model, ModelBundle) else load_model(model, task)
     cfg = _default_shapes(cfg, bundle, shapes)
     say(f"capturing {bundle.name}")

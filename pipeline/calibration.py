@@ -16,45 +16,14 @@ from typing import Any
 
 import torch
 
+from .choices import CALIBRATION_BATCH, CALIBRATION_METHODS, QuantSpec
 from .errors import InputError, NumericsError
 from .inputs import Inputs, Shape, make_inputs
 from .models import ModelBundle
 
-METHODS = ("minmax", "percentile", "entropy", "histogram")
-BATCH = 8  # rows per calibration batch: a set smaller than one batch is refused
+METHODS, BATCH = CALIBRATION_METHODS, CALIBRATION_BATCH
 FILE = "calibration.json"
 SCHEMA = 1
-
-
-@dataclass(frozen=True)
-class QuantSpec:
-    """How int8 is calibrated. `per_channel`: one weight scale per output channel (else per tensor)."""
-
-    method: str = "minmax"
-    samples: int = 64
-    per_channel: bool = True
-    seq: int = 128  # calibration rows are padded or cut to this length (capped by the model's range)
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise InputError(f"unknown calibration method {self.method!r}; valid: {', '.join(METHODS)}")
-        if not isinstance(self.samples, int) or self.samples < BATCH:
-            raise InputError(f"a calibration set of {self.samples!r} samples is smaller than one batch ({BATCH}): "
-                             f"give --calibration-samples {BATCH} or more")
-        if not isinstance(self.seq, int) or self.seq < 1:
-            raise InputError(f"calibration seq {self.seq!r}: must be a positive integer")
-
-    @property
-    def label(self) -> str:
-        return f"{self.method}-{self.samples}-{'pc' if self.per_channel else 'pt'}-s{self.seq}-r{self.seed}"
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> QuantSpec:
-        return cls(**{k: d[k] for k in ("method", "samples", "per_channel", "seq", "seed") if k in d})
 
 
 def calibration_sentences() -> list[str]:

@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from .choices import CALIBRATION_METHODS, DEFAULT_MODEL, GATE_FLOOR, HEAD_NAMES, MODELS, TEXT_SHAPES, QuantSpec, defaults
 from .errors import InputError, KilnError
 
 
@@ -30,12 +31,23 @@ def _parse_options(pairs: Sequence[str]) -> dict[str, dict[str, Any]]:
 
 
 def cmd_backends(args: argparse.Namespace) -> int:
+    """From package metadata and device nodes, at once; --probe (or --options) imports each backend
+    and runs its own check (its libraries loaded, the device seen by them)."""
     import backends as registry
 
-    from .config import default_device
+    from .choices import check_device
 
-    device = args.device or default_device()
-    for name in registry.names():
+    check_device(args.device)
+    deep = args.probe or args.options
+    if deep:
+        from .config import default_device
+    device = args.device or (default_device() if deep else "cuda" if registry.cuda_present() else "cpu")
+    for name in registry.names() if deep else registry.known_names():
+        if not deep:
+            entry = registry.BUILTIN.get(name)
+            precisions = f"  [{', '.join(entry.precisions)}]" if entry else ""
+            print(f"{name:14s} {registry.quick_availability(name, device)}{precisions}")
+            continue
         b = registry.get(name)
         print(f"{name:14s} {b.availability(device)}  [{', '.join(p.value for p in b.precisions)}]")
         if args.options:
@@ -46,10 +58,9 @@ def cmd_backends(args: argparse.Namespace) -> int:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from .models import DEFAULT_MODEL, model_names
-
-    for name in model_names():
-        print(name + ("  (default)" if name == DEFAULT_MODEL else ""))
+    width = max(map(len, MODELS))
+    for name, what in MODELS.items():
+        print(f"{name:{width}s}  {what}" + ("  (default)" if name == DEFAULT_MODEL else ""))
     return 0
 
 
@@ -59,52 +70,68 @@ def _quant(args: argparse.Namespace) -> dict[str, Any]:
 
 def _add_job_args(p: argparse.ArgumentParser) -> None:
     """What run and build share beyond the basics: the head a directory is loaded with, int8's calibration."""
-    from .calibration import METHODS, QuantSpec
-    from .models import HEADS
-
     d = QuantSpec()
-    p.add_argument("--task", choices=list(HEADS), help="the head to load a model directory with (default: the one its config.json names)")
+    p.add_argument("--task", choices=HEAD_NAMES, help="the head to load a model directory with (default: the one its config.json names)")
     p.add_argument("--calibration", default=d.method, metavar="METHOD",
-                   help=f"int8 calibration: {', '.join(METHODS)} (default {d.method})")  # checked by QuantSpec: one line, exit 2
+                   help=f"int8 calibration: {', '.join(CALIBRATION_METHODS)} (default {d.method})")  # checked by QuantSpec: one line, exit 2
     p.add_argument("--calibration-samples", type=int, default=d.samples, metavar="N",
                    help=f"int8 calibration set size, disjoint from the evaluation batches (default {d.samples})")
     p.add_argument("--per-tensor-weights", action="store_true", help="int8 weights with one scale per tensor (default: per channel)")
 
 
+def _preflight(args: argparse.Namespace, verb: str) -> None:
+    """Every argument of a run or build checked before torch or any backend is imported, so a
+    mistake is one line and exit 2 at once: the model's name, backends, precisions, shapes, device,
+    timing, calibration and generation settings. The model's own ranges are checked once it loads."""
+    from .choices import model_source
+    from .config import check_choices
+
+    model_source(args.model)
+    if args.mode == "generate":
+        if args.save_engines if verb == "run" else False:
+            raise InputError("--save-engines is for forward runs; deployable generation engines: kiln build --mode generate")
+        for flag, value in (("--new-tokens", args.new_tokens), ("--cache-len", args.cache_len)):
+            if value is not None and value < 1:
+                raise InputError(f"{flag} {value}: must be an integer >= 1")
+    elif args.cache_len is not None:
+        raise InputError("--cache-len is for --mode generate")
+    timing = {"warmup": args.warmup, "rounds": args.rounds, **({"timeout_s": args.timeout} if verb == "run" else {})}
+    check_choices(args.backends, args.precisions, TEXT_SHAPES if args.shapes is None else args.shapes, args.device,
+                  need_backends=verb == "build", isolation=args.isolation, quant=_quant(args), **timing)
+
+
+def _out(args: argparse.Namespace) -> Path:
+    return Path(args.out) if args.out else Path("artifacts/runs") / dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
-    from .build import TEXT_SHAPES
     from .config import make_config
-    from .genrun import GENERATE_ROUNDS, run_generation
+    from .genrun import run_generation
     from .models import load_model
 
-    if args.save_engines:
-        raise InputError("--save-engines is for forward runs; deployable generation engines: kiln build --mode generate")
-    if args.rounds is not None and args.rounds < 1:
-        raise InputError(f"--rounds {args.rounds}: must be an integer >= 1")
-    cfg = make_config(backends=args.backends, precisions=args.precisions, shapes=args.shapes or TEXT_SHAPES, device=args.device,
-                      options=_parse_options(args.option))
-    out = Path(args.out) if args.out else Path("artifacts/runs") / dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    cfg = make_config(backends=args.backends, precisions=args.precisions, shapes=TEXT_SHAPES if args.shapes is None else args.shapes,
+                      device=args.device, options=_parse_options(args.option))
+    out = _out(args)
     say = None if args.quiet else _progress()
     if say:
         say(f"loading model {args.model}")
     bundle = load_model(args.model, args.task)
-    report = run_generation(bundle, cfg, args.new_tokens, args.cache_len, args.rounds or GENERATE_ROUNDS, say, cache_dir=args.cache_dir)
+    report = run_generation(bundle, cfg, args.new_tokens, args.cache_len, args.rounds, say, cache_dir=args.cache_dir)
     report.save(out)
     _close_progress()
     print(json.dumps(report.to_dict(), indent=2, default=str) if args.json else report.to_markdown())
-    print(f"wrote {out / 'report.json'} (and .md)", file=sys.stderr)
+    print(f"wrote {out / 'report.json'} (and .md, .csv)", file=sys.stderr)
     return 0
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from .build import run
-
+    _fill_defaults(args, "run")
+    _preflight(args, "run")
     if args.mode == "generate":
         return cmd_generate(args)
-    if args.rounds is None:
-        args.rounds = 20
+    from .build import run
 
-    out = Path(args.out) if args.out else Path("artifacts/runs") / dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    out = _out(args)
     report = run(args.model, out=out, progress=None if args.quiet else _progress(), cache_dir=args.cache_dir,
                  backends=args.backends, precisions=args.precisions, shapes=args.shapes, device=args.device,
                  options=_parse_options(args.option), warmup=args.warmup, rounds=args.rounds, isolation=args.isolation,
@@ -119,24 +146,29 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 1 if crashed else 0
 
 
-def cmd_build(args: argparse.Namespace) -> int:
-    from .build import build
+def _fill_defaults(args: argparse.Namespace, verb: str) -> None:
+    """The verb's defaults in the mode asked (pipeline.choices.DEFAULTS) for what was not given."""
+    d = defaults(verb, args.mode)
+    for key in ("warmup", "rounds", "new_tokens", "timeout"):
+        if getattr(args, key, "absent") is None:
+            setattr(args, key, getattr(d, "timeout_s" if key == "timeout" else key))
 
+
+def cmd_build(args: argparse.Namespace) -> int:
+    _fill_defaults(args, "build")
+    _preflight(args, "build")
+    common = dict(root=args.root, device=args.device, options=_parse_options(args.option), rounds=args.rounds,
+                  progress=None if args.quiet else _progress(), cache_dir=args.cache_dir, task=args.task)
     if args.mode == "generate":
         from .genbuild import build_generation
-        from .genrun import GENERATE_ROUNDS
 
-        outcomes = build_generation(args.model, args.backends, args.precisions, args.shapes, root=args.root, device=args.device,
-                                    options=_parse_options(args.option), new_tokens=args.new_tokens, cache_len=args.cache_len,
-                                    rounds=GENERATE_ROUNDS if args.rounds is None else args.rounds, progress=None if args.quiet else _progress(),
-                                    cache_dir=args.cache_dir, task=args.task)
+        outcomes = build_generation(args.model, args.backends, args.precisions, args.shapes, new_tokens=args.new_tokens,
+                                    cache_len=args.cache_len, **common)  # type: ignore[arg-type]
     else:
-        if args.cache_len is not None:
-            raise InputError("--cache-len is for --mode generate")
-        outcomes = build(args.model, args.backends, args.precisions, args.shapes, root=args.root, device=args.device,
-                         options=_parse_options(args.option), progress=None if args.quiet else _progress(),
-                         cache_dir=args.cache_dir, warmup=args.warmup, rounds=10 if args.rounds is None else args.rounds, isolation=args.isolation,
-                         quant=_quant(args), task=args.task)
+        from .build import build
+
+        outcomes = build(args.model, args.backends, args.precisions, args.shapes, warmup=args.warmup, isolation=args.isolation,
+                         quant=_quant(args), **common)  # type: ignore[arg-type]
     _close_progress()
     for o in outcomes:
         size = f"  {o.size_mb:.1f} MB" if o.size_mb is not None else ""
@@ -196,11 +228,14 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     if is_generation(args.artifact):
         art = load_generation(args.artifact, args.device, allow_failed=args.allow_failed, public_key=_public_key(args))
+        args.new_tokens = defaults("predict").new_tokens if args.new_tokens is None else args.new_tokens
+        if args.new_tokens < 1:
+            raise InputError(f"--new-tokens {args.new_tokens}: must be an integer >= 1")
         answers = art.generate_text(args.texts, args.new_tokens)
         cut_says = ("prompt {i} is {tokens} tokens and the cache leaves room for {kept} beside " f"{args.new_tokens} "
                     "new ones: generated from its last {kept}")
     else:
-        if args.new_tokens != 32:
+        if args.new_tokens is not None:
             raise InputError("--new-tokens is for generation artifacts (kiln build --mode generate)")
         predictor = Predictor.load(args.artifact, args.device, allow_failed=args.allow_failed, public_key=_public_key(args))
         answers = predictor.predict(args.texts)
@@ -313,62 +348,63 @@ def _progress() -> Lines:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .models import DEFAULT_MODEL
-
+    run_d = defaults("run")
     p = argparse.ArgumentParser(prog="kiln", description="Capture a Transformer once, compile it through several backends, "
                                 "check equivalence against eager, and benchmark.")
     sub = p.add_subparsers(dest="command", required=True)
     b = sub.add_parser("backends", help="list backends and whether they can run here")
-    b.add_argument("--device", help="cpu or cuda (default: cuda if present)")
-    b.add_argument("--options", action="store_true", help="also list each backend's options and their defaults")
+    b.add_argument("--device", help="cpu or cuda (default: cuda if a device is present)")
+    b.add_argument("--probe", action="store_true", help="import each backend and run its own check (default: package metadata "
+                                                        "and device nodes only, which answers at once)")
+    b.add_argument("--options", action="store_true", help="also list each backend's options and their defaults (imports them)")
     b.set_defaults(func=cmd_backends)
-    m = sub.add_parser("models", help="list the built-in models")
+    m = sub.add_parser("models", help="list the built-in models, one line each")
     m.set_defaults(func=cmd_models)
+
+    def job(sp: argparse.ArgumentParser, verb: str) -> None:
+        """What run and build share; each default comes from pipeline.choices.DEFAULTS."""
+        d, g = defaults(verb), defaults(verb, "generate")
+        sp.add_argument("--model", default=DEFAULT_MODEL, help=f"a built-in name (kiln models), a local Hugging Face "
+                                                               f"directory or a hub id in the local cache (default {DEFAULT_MODEL})")
+        sp.add_argument("--precisions", default="fp32", help="comma-separated from fp32,fp16,bf16,int8,int8-dynamic (default fp32)")
+        sp.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if present)")
+        sp.add_argument("--option", action="append", default=[], metavar="BACKEND.KEY=VALUE",
+                        help="a backend option, repeatable (kiln backends --options lists them)")
+        sp.add_argument("--warmup", type=int, help=f"untimed calls per engine and shape (default {d.warmup})")
+        sp.add_argument("--rounds", type=int, help=f"interleaved timed rounds (default {d.rounds}; whole generations with "
+                                                   f"--mode generate: {g.rounds})")
+        sp.add_argument("--new-tokens", type=int, help=f"--mode generate: tokens generated after each prompt (default {g.new_tokens})")
+        sp.add_argument("--cache-len", type=int, help="--mode generate: the static cache's positions, the most a prompt and its "
+                                                      "continuation take (default longest prompt + new tokens)")
+        sp.add_argument("--cache-dir", help="capture and build cache (default artifacts/cache or $KILN_CACHE)")
+        sp.add_argument("--quiet", action="store_true", help="no progress lines")
+        _add_job_args(sp)
+
     r = sub.add_parser("run", help="capture, compile, compare, benchmark, report")
-    r.add_argument("--model", default=DEFAULT_MODEL, help=f"a built-in name (kiln models) or a local HF directory (default {DEFAULT_MODEL})")
-    r.add_argument("--backends", default="", help="comma-separated (default: every available backend)")
-    r.add_argument("--precisions", default="fp32", help="comma-separated from fp32,fp16,bf16,int8,int8-dynamic (default fp32)")
+    job(r, "run")
+    r.add_argument("--backends", default="", help="comma-separated (default: every registered backend; those that cannot run "
+                                                  "here are rows that say why)")
     r.add_argument("--shapes", help="comma-separated BATCHxSEQ, or batch sizes for an image model (default 1x128,8x128; images 1,8)")
-    r.add_argument("--device", help="cpu or cuda (default: cuda if present)")
     r.add_argument("--out", help="output directory (default artifacts/runs/<timestamp>)")
-    r.add_argument("--option", action="append", default=[], metavar="BACKEND.KEY=VALUE", help="a backend option, repeatable")
-    r.add_argument("--warmup", type=int, default=5, help="untimed calls per engine and shape (default 5)")
-    r.add_argument("--rounds", type=int, help="interleaved timed rounds (default 20; whole generations with --mode generate: 3)")
     r.add_argument("--mode", default="forward", choices=("forward", "generate"),
                    help="forward: one pass per call (default); generate: greedy decoding with a static KV cache (causal LMs)")
-    r.add_argument("--new-tokens", type=int, default=64, help="--mode generate: tokens generated after each prompt (default 64)")
-    r.add_argument("--cache-len", type=int, help="--mode generate: the static cache's positions (default longest prompt + new tokens)")
     r.add_argument("--save-engines", action="store_true", help="also save every engine under OUT/engines/")
     r.add_argument("--isolation", default="process", choices=("process", "none"),
                    help="process (default): each backend in a worker process, so a crash costs one row; none: one process")
-    r.add_argument("--timeout", type=float, default=3600.0, help="seconds one worker request may take (default 3600)")
-    r.add_argument("--cache-dir", help="capture and build cache (default artifacts/cache or $KILN_CACHE)")
-    r.add_argument("--quiet", action="store_true", help="no progress lines")
+    r.add_argument("--timeout", type=float, help=f"seconds one worker request may take (default {run_d.timeout_s:.0f})")
     r.add_argument("--json", action="store_true", help="print the report as JSON (report.json's text) instead of the table")
-    _add_job_args(r)
     r.set_defaults(func=cmd_run)
 
     bd = sub.add_parser("build", help="build deployable engines under ROOT/<model>/<backend>-<precision>/ (reused when unchanged)")
-    bd.add_argument("--model", default=DEFAULT_MODEL)
+    job(bd, "build")
     bd.add_argument("--backends", required=True, help="comma-separated: the engines to build (kiln backends lists them)")
-    bd.add_argument("--precisions", default="fp32")
     bd.add_argument("--shapes", help="the shapes checked and timed at build; engines built for a shape range (profiles) span them "
                                      "(default 1x128,8x128; images 1,8)")
-    bd.add_argument("--device")
     bd.add_argument("--root", default="artifacts", help="where engines go (default artifacts)")
-    bd.add_argument("--option", action="append", default=[], metavar="BACKEND.KEY=VALUE")
-    bd.add_argument("--warmup", type=int, default=3)
-    bd.add_argument("--rounds", type=int, help="interleaved timed rounds (default 10; whole generations with --mode generate: 3)")
     bd.add_argument("--mode", default="forward", choices=("forward", "generate"),
                     help="generate: a causal LM's prefill and decode steps with a static KV cache, ROOT/<model>/<backend>-<precision>-generate/")
-    bd.add_argument("--new-tokens", type=int, default=64, help="--mode generate: tokens generated from each prompt when checked and timed (default 64)")
-    bd.add_argument("--cache-len", type=int, help="--mode generate: the static cache's positions, the most a prompt and its "
-                                                  "continuation take (default longest prompt + new tokens)")
-    bd.add_argument("--cache-dir")
     bd.add_argument("--isolation", default="process", choices=("process", "none"),
                     help="process (default): compile in a worker and check the saved engine in a fresh one; none: one process")
-    bd.add_argument("--quiet", action="store_true")
-    _add_job_args(bd)
     bd.set_defaults(func=cmd_build)
 
     ld = sub.add_parser("load", help="load an engine (signature, hashes and versions checked first) and run its reference inputs")
@@ -381,35 +417,39 @@ def build_parser() -> argparse.ArgumentParser:
     pr.set_defaults(func=cmd_predict)
     pr.add_argument("--allow-failed", action="store_true", help="answer even if its build verdict was not a pass")
     for sp in (ld, vf, pr):
-        sp.add_argument("artifact")
-        sp.add_argument("--device")
+        sp.add_argument("artifact", help="an engine directory kiln build installed")
+        sp.add_argument("--device", help="cpu, cuda or cuda:N (default: the engine's own)")
         sp.add_argument("--require-signature", action="store_true", help="refuse it unless its signature verifies with --key")
         sp.add_argument("--key", help="the public key (PEM) the artifact was signed for")
-    pr.add_argument("texts", nargs="+", metavar="TEXT")
-    pr.add_argument("--new-tokens", type=int, default=32, help="a generation artifact: tokens generated per prompt (default 32)")
+    pr.add_argument("texts", nargs="+", metavar="TEXT", help="the texts (or image files) to answer")
+    pr.add_argument("--new-tokens", type=int, help=f"a generation artifact: tokens generated per prompt (default "
+                                                   f"{defaults('predict').new_tokens})")
 
     sg = sub.add_parser("sign", help="sign an engine directory (OpenSSF model-signing, a private EC key, offline)")
-    sg.add_argument("artifact")
+    sg.add_argument("artifact", help="the engine directory to sign (every file, the manifest included)")
     sg.add_argument("--key", required=True, help="the private key (PEM)")
     sg.add_argument("--password", help="the private key's password, if it has one")
     sg.set_defaults(func=cmd_sign)
 
     tr = sub.add_parser("triton", help="export an engine to a Triton model repository (engines whose backend Triton serves)")
-    tr.add_argument("artifact")
-    tr.add_argument("--repo", required=True)
-    tr.add_argument("--name")
-    tr.add_argument("--version", type=int, default=1)
+    tr.add_argument("artifact", help="an engine directory kiln build installed")
+    tr.add_argument("--repo", required=True, help="the model repository (created if missing; other models kept)")
+    tr.add_argument("--name", help="the model's name in the repository (default the artifact's model and engine)")
+    tr.add_argument("--version", type=int, default=1, help="the version directory to write (default 1)")
     tr.add_argument("--text", action="store_true",
                     help="also the tokenizer as a Python-backend model and an ensemble, so the repository takes text")
     tr.set_defaults(func=cmd_triton)
 
     ck = sub.add_parser("check", help="CI gate: compare a report with a baseline (exit 0 pass, 1 regression, 2 bad input)")
-    ck.add_argument("report")
-    ck.add_argument("--baseline", required=True, help="a baseline file, or a directory of <host>.json baselines")
+    ck.add_argument("report", help="a report.json from kiln run")
+    ck.add_argument("--baseline", required=True, help="a baseline file, or a directory of <host>.json baselines "
+                                                      "(made from a report with --update-baseline)")
     ck.add_argument("--allow-different-model", action="store_true",
                     help="compare even if model, graph, device kind or precisions differ from the baseline's")
-    ck.add_argument("--update-baseline", action="store_true", help="write the report as the new baseline instead")
-    ck.add_argument("--floor", type=float, default=0.10, help="smallest allowed speedup drop, as a fraction (default 0.10)")
+    ck.add_argument("--update-baseline", action="store_true", help="write the report as the new baseline instead (into a "
+                                                                   "directory: this host kind's <host>.json)")
+    ck.add_argument("--floor", type=float, default=GATE_FLOOR,
+                    help=f"smallest allowed speedup drop, as a fraction (default {GATE_FLOOR:.2f})")
     ck.add_argument("--summary", help="also append the Markdown summary to this file (e.g. $GITHUB_STEP_SUMMARY)")
     ck.set_defaults(func=cmd_check)
     return p

@@ -7,11 +7,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-import torch
-
+from .choices import DEFAULTS, QuantSpec, Shape, check_device, parse_shapes
 from .errors import InputError
-from .inputs import Shape, parse_shapes
-from .calibration import QuantSpec
 from .precision import Precision, Tolerance, parse_precisions
 
 if TYPE_CHECKING:
@@ -21,6 +18,8 @@ REFERENCE = ("eager", Precision.FP32)  # every speedup is measured against it, i
 
 
 def default_device() -> str:
+    import torch
+
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
@@ -33,14 +32,14 @@ class RunConfig:
     shapes: tuple[Shape, ...]
     device: str
     options: Mapping[str, BackendOptions] = field(default_factory=dict)
-    warmup: int = 5
-    rounds: int = 20
+    warmup: int = DEFAULTS["run"].warmup
+    rounds: int = DEFAULTS["run"].rounds
     tolerances: Tolerance | Mapping[str, Tolerance] | None = None
     save_engines: Path | None = None
     # "process": every backend but the reference compiles, checks and runs in a worker process of
     # its own, so a native crash costs one row; "none": all in this process (for debugging).
     isolation: Literal["process", "none"] = "process"
-    timeout_s: float = 3600.0  # the longest one worker request may take (a compile with tuning included)
+    timeout_s: float = DEFAULTS["run"].timeout_s  # the longest one worker request may take (tuning included)
     quant: QuantSpec = field(default_factory=QuantSpec)  # how int8 precisions are calibrated
 
     @property
@@ -60,24 +59,29 @@ class RunConfig:
                 **({"quantization": self.quant.to_dict()} if any(p.quantized for p in self.precisions) else {})}
 
 
-def make_config(backends: Sequence[str] | str | None = None, precisions: Sequence[str | Precision] | str = ("fp32",),
-                shapes: Sequence[str | Shape] | str = ("1x128", "8x128"), device: str | None = None,
-                options: Mapping[str, Mapping[str, Any]] | None = None, **kw: Any) -> RunConfig:
-    """Turns user input into a RunConfig; unknown names raise an InputError listing the valid ones.
-    No backends named means every registered one: those that cannot run here become rows that say why."""
+def check_choices(backends: Sequence[str] | str | None = None, precisions: Sequence[str | Precision] | str = ("fp32",),
+                  shapes: Sequence[str | Shape] | str = ("1x128", "8x128"), device: str | None = None,
+                  need_backends: bool = False, **kw: Any) -> tuple[list[str], list[Precision], list[Shape]]:
+    """Every name and number a job is given, checked without importing torch or any backend (the CLI
+    calls it first, so argument errors answer at once): backend names, precisions, shapes, the
+    device, warmup, rounds, isolation, timeout and the calibration settings. An empty list is an
+    error; no backends named means all of them, unless `need_backends` (a build names its engines)."""
     import backends as registry
 
     names = backends.split(",") if isinstance(backends, str) else list(backends or [])
-    names = [n.strip() for n in names if n.strip()] or registry.names()
+    names = [n.strip() for n in names if n.strip()]
+    if need_backends and not names:
+        raise InputError(f"name the engines to build: --backends with one or more of {', '.join(registry.known_names())}")
     for n in names:
-        registry.get(n)
+        registry.check_name(n)
+    names = names or registry.known_names()
     precs = parse_precisions(precisions) if isinstance(precisions, str) else [Precision.parse(p) for p in precisions]
+    if not precs:
+        raise InputError(f"no precisions given ({precisions!r}): name at least one of {', '.join(p.value for p in Precision)}")
     shps = parse_shapes(shapes) if isinstance(shapes, str) else [s if isinstance(s, Shape) else Shape.parse(s) for s in shapes]
-    options = dict(options or {})
-    for n, values in options.items():  # every option given is checked, also for a backend not in this run
-        registry.get(n).options(values)
     if not shps:
         raise InputError(f"no shapes given ({shapes!r}): name at least one as BATCHxSEQ, e.g. 1x128,8x128")
+    check_device(device)
     for key, least in (("warmup", 0), ("rounds", 1)):
         if key in kw and (not isinstance(kw[key], int) or kw[key] < least):
             raise InputError(f"--{key} {kw[key]!r}: must be an integer >= {least}")
@@ -89,7 +93,22 @@ def make_config(backends: Sequence[str] | str | None = None, precisions: Sequenc
         unknown = set(kw["quant"]) - set(QuantSpec.__dataclass_fields__)
         if unknown:
             raise InputError(f"unknown quantization setting(s) {', '.join(sorted(unknown))}; valid: {', '.join(QuantSpec.__dataclass_fields__)}")
+        QuantSpec(**kw["quant"])
+    return list(dict.fromkeys(names)), precs, shps
+
+
+def make_config(backends: Sequence[str] | str | None = None, precisions: Sequence[str | Precision] | str = ("fp32",),
+                shapes: Sequence[str | Shape] | str = ("1x128", "8x128"), device: str | None = None,
+                options: Mapping[str, Mapping[str, Any]] | None = None, **kw: Any) -> RunConfig:
+    """Turns user input into a RunConfig; unknown names raise an InputError listing the valid ones.
+    No backends named means every registered one: those that cannot run here become rows that say why."""
+    import backends as registry
+
+    names, precs, shps = check_choices(backends, precisions, shapes, device, **kw)
+    options = dict(options or {})
+    for n, values in options.items():  # every option given is checked, also for a backend not in this run
+        registry.get(n).options(values)
+    if isinstance(kw.get("quant"), Mapping):
         kw["quant"] = QuantSpec(**kw["quant"])
-    asked = tuple(dict.fromkeys(names))
-    opts = {n: registry.get(n).options(options.get(n)) for n in dict.fromkeys([REFERENCE[0], *asked])}
-    return RunConfig(asked, tuple(precs or [Precision.FP32]), tuple(shps), device or default_device(), opts, **kw)
+    opts = {n: registry.get(n).options(options.get(n)) for n in dict.fromkeys([REFERENCE[0], *names])}
+    return RunConfig(tuple(names), tuple(precs), tuple(shps), device or default_device(), opts, **kw)

@@ -30,13 +30,14 @@ from typing import Any
 import torch
 
 from . import store
-from .build import TEXT_SHAPES, BuildOutcome, artifact_mb, save_preprocessor
-from .config import make_config
+from .build import BuildOutcome, artifact_mb, save_preprocessor
+from .choices import DEFAULTS, TEXT_SHAPES
+from .config import check_choices, make_config
 from .env import device_info, environment, version
 from .errors import ArtifactError, InputError
 from .fsutil import clean_stale, digest, safe_name
 from .generate import CacheSpec, Generation, agreement, engine_step, greedy, module_step
-from .genrun import AGREEMENT_MARGIN, DEFAULT_NEW_TOKENS, GENERATE_ROUNDS, GenRow, Steps, _judge, _time, plan_cache, prompts, references
+from .genrun import AGREEMENT_MARGIN, DEFAULT_NEW_TOKENS, GenRow, Steps, _judge, _time, plan_cache, prompts, references
 from .inputs import Shape
 from .models import ModelBundle, load_model
 from .precision import Precision
@@ -48,7 +49,7 @@ MODE, STEPS, SUFFIX = "generate", ("prefill", "decode"), "-generate"
 def build_generation(model: str | Path | ModelBundle, backends: Sequence[str] | str, precisions: Sequence[str] | str = ("fp32",),
                      shapes: Sequence[str] | str | None = None, root: str | Path = "artifacts", device: str | None = None,
                      options: Mapping[str, Mapping[str, Any]] | None = None, new_tokens: int = DEFAULT_NEW_TOKENS,
-                     cache_len: int | None = None, rounds: int = GENERATE_ROUNDS, progress: Progress | None = None,
+                     cache_len: int | None = None, rounds: int = DEFAULTS["build-generate"].rounds, progress: Progress | None = None,
                      cache_dir: str | Path | None = None, task: str | None = None) -> list[BuildOutcome]:
     """Generation engines under root/<model>/<backend>-<precision>-generate/, each installed only
     once its saved steps, loaded back, generated eager fp32's tokens (at fp32; at lower precisions,
@@ -56,11 +57,10 @@ def build_generation(model: str | Path | ModelBundle, backends: Sequence[str] | 
     import backends as registry
 
     say = progress or (lambda _m: None)
-    if not [b for b in (backends.split(",") if isinstance(backends, str) else backends) if b.strip()]:
-        raise InputError(f"name the engines to build: --backends with one or more of {', '.join(registry.names())}")
+    check_choices(backends, need_backends=True)
     if rounds < 1:
         raise InputError(f"--rounds {rounds}: must be an integer >= 1")
-    cfg = make_config(backends=backends, precisions=precisions, shapes=shapes or TEXT_SHAPES, device=device, options=options)
+    cfg = make_config(backends=backends, precisions=precisions, shapes=TEXT_SHAPES if shapes is None else shapes, device=device, options=options)
     bundle = model if isinstance(model, ModelBundle) else load_model(model, task)
     cache_len = plan_cache(bundle, cfg, new_tokens, cache_len)
     steps = Steps(bundle, cache_len, say, cache_dir)
@@ -245,7 +245,7 @@ class GenerationArtifact:
         return greedy(self.prefill, self.decode, self.spec, prompt.to(self.device), new_tokens,
                       sync=self.decode.synchronize)
 
-    def generate_text(self, texts: Sequence[str], new_tokens: int = 32) -> list[dict[str, Any]]:
+    def generate_text(self, texts: Sequence[str], new_tokens: int = DEFAULTS["predict"].new_tokens) -> list[dict[str, Any]]:
         """One continuation per prompt (each generated alone: the steps take no padding mask), cut at
         the end-of-text token. A prompt longer than the cache leaves room for is cut from the left,
         and the answer says so."""

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from .bench import MemoryWatch
+from .choices import DEFAULTS
 from .config import REFERENCE, RunConfig
 from .env import environment
 from .errors import InputError, NumericsError
@@ -28,8 +29,8 @@ from .models import ModelBundle
 from .precision import Precision
 from .references import available_memory
 
-DEFAULT_NEW_TOKENS = 64
-GENERATE_ROUNDS = 3  # whole generations per engine and shape; every decode step is a sample
+DEFAULT_NEW_TOKENS = DEFAULTS["run-generate"].new_tokens
+GENERATE_ROUNDS = DEFAULTS["run-generate"].rounds  # whole generations per engine and shape; every decode step a sample
 AGREEMENT_MARGIN = 0.05  # below fp32, tokens may agree this much less than eager at that precision does
 
 

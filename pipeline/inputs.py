@@ -2,41 +2,17 @@
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
-from dataclasses import dataclass
 from importlib import resources
 
 import torch
 
+from .choices import Shape, parse_shapes
 from .errors import InputError, ShapeError
 from .models import InputSpec, ModelBundle
 
 Inputs = dict[str, torch.Tensor]
 BATCH_KINDS = ("text", "random", "padded")
-
-
-@dataclass(frozen=True, order=True)
-class Shape:
-    """BATCHxSEQ for text; a bare BATCH (seq 0) for images, whose size the model fixes."""
-
-    batch: int
-    seq: int = 0
-
-    def __str__(self) -> str:
-        return f"{self.batch}x{self.seq}" if self.seq else str(self.batch)
-
-    @classmethod
-    def parse(cls, text: str) -> Shape:
-        m = re.fullmatch(r"\s*(\d+)\s*(?:[xX]\s*(\d+)\s*)?", text)
-        if not m or int(m[1]) < 1 or (m[2] is not None and int(m[2]) < 1):
-            raise ShapeError(f"malformed shape {text!r}: expected BATCHxSEQ with positive integers (e.g. 1x128,8x64), "
-                             f"or a batch size for image models (e.g. 1,8)")
-        return cls(int(m[1]), int(m[2] or 0))
-
-
-def parse_shapes(text: str) -> list[Shape]:
-    return list(dict.fromkeys(Shape.parse(s) for s in text.split(",") if s.strip()))
 
 
 def check_shape(bundle: ModelBundle, shape: Shape) -> None:

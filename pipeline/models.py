@@ -7,7 +7,6 @@ returns a tuple of tensors, with the names, dtypes and dynamic axes of its input
 from __future__ import annotations
 
 import inspect
-import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +15,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from .choices import DEFAULT_MODEL, model_source
 from .errors import InputError, UnknownChoiceError
 from .env import quiet_import
 
@@ -364,7 +364,6 @@ ZOO: dict[str, Callable[[str], ModelBundle]] = {
     "tiny-distilbert-sst2": _from_config("distilbert-cls", dim=32, n_layers=2, n_heads=2, hidden_dim=64, max_position_embeddings=256),
     "tiny-gpt2": _from_config("gpt2", vocab_size=1000, bos_token_id=0, eos_token_id=0, n_embd=32, n_layer=2, n_head=2, n_positions=256),
 }
-DEFAULT_MODEL = "minilm-l6"
 
 
 def load_hf_dir(path: str | Path, *, name: str | None = None, source: str | None = None, task: str | None = None) -> ModelBundle:
@@ -452,9 +451,6 @@ def _processor(path: Path) -> Any:
         return None
 
 
-_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
-
-
 def hub_cached(repo_id: str) -> Path:
     """The snapshot directory of a model in the local Hugging Face cache; never a download."""
     from huggingface_hub import constants, snapshot_download
@@ -473,17 +469,16 @@ def load_model(spec: str | Path, task: str | None = None) -> ModelBundle:
     """A zoo name or a local directory (`task`: which head to load it with, default the one its
     config names); anything else is an error naming the choices."""
     text = str(spec)
-    if text in ZOO:
+    source = model_source(text)
+    if source == "zoo":
         if task is not None:
             raise InputError(f"--task applies to a model directory; {text} is built with its head")
         bundle = ZOO[text](text)
-    elif Path(text).is_dir():
+    elif source == "dir":
         bundle = load_hf_dir(text, task=task)
         text = str(Path(text).resolve())
-    elif _HUB_ID.fullmatch(text):
-        bundle = load_hf_dir(hub_cached(text), name=text.rsplit("/", 1)[-1], source=f"hub cache:{text}", task=task)
     else:
-        raise UnknownChoiceError("model", text, [*ZOO, "<a local Hugging Face directory>", "<a hub id in the local cache>"])
+        bundle = load_hf_dir(hub_cached(text), name=text.rsplit("/", 1)[-1], source=f"hub cache:{text}", task=task)
     bundle.spec, bundle.load_task = text, task
     return bundle
 

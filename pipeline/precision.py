@@ -6,11 +6,12 @@ import enum
 import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from .errors import InputError, UnknownChoiceError
+
+if TYPE_CHECKING:  # torch is imported when a dtype is first asked for: the CLI parses precisions without it
+    import torch
 
 
 class Precision(str, enum.Enum):
@@ -23,7 +24,9 @@ class Precision(str, enum.Enum):
     @property
     def dtype(self) -> torch.dtype:
         """The dtype the engine's inputs, outputs and unquantized ops keep (fp32 for int8)."""
-        return _DTYPES[self]
+        import torch
+
+        return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(self.value, torch.float32)
 
     @property
     def quantized(self) -> bool:
@@ -40,10 +43,6 @@ class Precision(str, enum.Enum):
 
     def __str__(self) -> str:
         return self.value
-
-
-_DTYPES = {Precision.FP32: torch.float32, Precision.FP16: torch.float16, Precision.BF16: torch.bfloat16,
-           Precision.INT8: torch.float32, Precision.INT8_DYNAMIC: torch.float32}
 
 
 def parse_precisions(text: str) -> list[Precision]:

@@ -29,6 +29,24 @@ def test_duplicate_names_are_refused() -> None:
         registry.register(registry.get("eager").__class__())
 
 
+def test_the_catalog_agrees_with_each_backend_class(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`kiln backends` answers from BUILTIN without importing a backend: its devices and precisions
+    must be the classes' own, and its quick availability must agree with the deep check here."""
+    for name, entry in registry.BUILTIN.items():
+        b = registry.get(name)
+        assert entry.devices == tuple(b.devices), name
+        assert entry.precisions == tuple(p.value for p in b.precisions), name
+        for device in ("cpu", "cuda"):
+            quick, deep = registry.quick_availability(name, device), b.availability(device)
+            assert quick.startswith("available") == bool(deep), (name, device, quick, str(deep))
+    assert registry.known_names()[:len(registry.BUILTIN)] == list(registry.BUILTIN)
+    assert "exported-program" in registry.known_names()  # the test plugin, by its entry point, not imported
+    plugin = registry.get("exported-program")  # loaded: its own check
+    assert registry.quick_availability("exported-program", "cpu") == str(plugin.availability("cpu"))
+    monkeypatch.delitem(registry._REGISTRY, "exported-program")  # as a fresh `kiln backends` sees it: not imported
+    assert registry.quick_availability("exported-program", "cpu").startswith("a plugin (plugin_backend:")
+
+
 class _Broken(Backend):
     name = "broken-for-test"
     precisions = (Precision.FP32,)
