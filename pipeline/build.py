@@ -84,6 +84,47 @@ class BuildOutcome:
     status: str  # built | reused | failed | unavailable | unsupported | mismatch
     reason: str = ""
     size_mb: float | None = None  # the installed engine's files
+    # per shape, from the installed engine's manifest: the verdict, the tolerance it was held to, its speed
+    shapes: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "path": str(self.path)}
+
+
+def shipped(outcome: BuildOutcome) -> BuildOutcome:
+    """The outcome with what its installed (or reused) engine's manifest says of each shape it was
+    checked and timed at: what `kiln build` prints."""
+    if outcome.status not in ("built", "reused"):
+        return outcome
+    meta = store.read_manifest(outcome.path)
+    verdict, bench = meta.get("verdict", {}), meta.get("benchmark", {})
+    outcome.size_mb = outcome.size_mb if outcome.size_mb is not None else meta.get("artifact_mb")
+    for shape, v in (verdict.get("shapes") or {}).items():
+        if "tolerances" in v:  # a forward engine: its outputs' tolerances, timed against eager fp32
+            b = bench.get(shape) or {}
+            outcome.shapes[shape] = {"verdict": v.get("verdict"), "atol": max((t["atol"] for t in v["tolerances"].values()), default=None),
+                                     "median_ms": b.get("median_ms"), "speedup": b.get("speedup"), "speedup_ci": b.get("speedup_ci")}
+        else:  # a generation artifact: greedy tokens against eager fp32's, decoding speed
+            outcome.shapes[shape] = {"verdict": "pass", "agreement": v.get("agreement"),
+                                     "median_ms": (v.get("decode_ms") or {}).get("median"), "speedup": v.get("decode_speedup")}
+    return outcome
+
+
+def build_table(outcomes: Sequence[BuildOutcome]) -> str:
+    """One row per engine and shape: what was installed or reused, its verdict, tolerance and speed
+    (the saved engine's, loaded back), and why an engine was not installed."""
+    cols = ["backend", "precision", "status", "shape", "verdict", "tolerance", "median ms", "speedup (95% CI)", "MB", "artifact"]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    f = lambda v, fmt: "–" if v is None else format(v, fmt)  # noqa: E731
+    for o in outcomes:
+        for shape, s in (o.shapes or {"–": {}}).items():
+            ci = s.get("speedup_ci")
+            speed = "–" if s.get("speedup") is None else f"{s['speedup']:.2f}x" + (f" ({ci[0]:.2f}-{ci[1]:.2f})" if ci else "")
+            tol = f"atol {s['atol']:.1e}" if s.get("atol") is not None else (f"tokens {s['agreement']:.0%}" if s.get("agreement") is not None else "–")
+            lines.append("| " + " | ".join([o.backend, o.precision, o.status, shape, s.get("verdict") or "–", tol, f(s.get("median_ms"), ".2f"),
+                                            speed, f(o.size_mb, ".1f"), str(o.path) if o.shapes else "–"]) + " |")
+    why = [o for o in outcomes if o.status not in ("built", "reused") and o.reason]
+    return "\n".join(lines + ([""] + [f"- {o.backend} {o.precision} {o.status}: {o.reason}" for o in why] if why else [])) + "\n"
 
 
 def cache_key(captured: Captured, cfg: RunConfig, backend: str, precision: Precision) -> str:
@@ -122,7 +163,7 @@ def build(model: str | Path | ModelBundle, backends: Sequence[str] | str, precis
             else:
                 todo.append((b, p, key))
     if not todo:
-        return outcomes
+        return [shipped(o) for o in outcomes]
     home.mkdir(parents=True, exist_ok=True)
     clean_stale(home, ".staging-")  # left by builds that were killed; a build still running keeps its own
     staging = Path(tempfile.mkdtemp(prefix=f".staging-{os.getpid()}-", dir=home))
@@ -135,7 +176,7 @@ def build(model: str | Path | ModelBundle, backends: Sequence[str] | str, precis
     finally:
         runner.close()
         shutil.rmtree(staging, ignore_errors=True)
-    return outcomes
+    return [shipped(o) for o in outcomes]
 
 
 @dataclass

@@ -170,9 +170,9 @@ def cmd_build(args: argparse.Namespace) -> int:
         outcomes = build(args.model, args.backends, args.precisions, args.shapes, warmup=args.warmup, isolation=args.isolation,
                          quant=_quant(args), **common)  # type: ignore[arg-type]
     _close_progress()
-    for o in outcomes:
-        size = f"  {o.size_mb:.1f} MB" if o.size_mb is not None else ""
-        print(f"{o.backend:14s} {o.precision:12s} {o.status:11s} {o.path}{size}" + (f"  ({o.reason})" if o.reason and o.status != "built" else ""))
+    from .build import build_table
+
+    print(json.dumps([o.to_dict() for o in outcomes], indent=2) if args.json else build_table(outcomes))
     return 0 if all(o.status in ("built", "reused") for o in outcomes) else 1
 
 
@@ -405,6 +405,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="generate: a causal LM's prefill and decode steps with a static KV cache, ROOT/<model>/<backend>-<precision>-generate/")
     bd.add_argument("--isolation", default="process", choices=("process", "none"),
                     help="process (default): compile in a worker and check the saved engine in a fresh one; none: one process")
+    bd.add_argument("--json", action="store_true", help="print what was built as JSON (per engine: status, path, size, "
+                                                        "and per shape its verdict, tolerance and speed) instead of the table")
     bd.set_defaults(func=cmd_build)
 
     ld = sub.add_parser("load", help="load an engine (signature, hashes and versions checked first) and run its reference inputs")

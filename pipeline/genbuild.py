@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from . import store
-from .build import BuildOutcome, artifact_mb, save_preprocessor
+from .build import BuildOutcome, artifact_mb, save_preprocessor, shipped
 from .choices import DEFAULTS, TEXT_SHAPES
 from .config import check_choices, make_config
 from .env import device_info, environment, version
@@ -88,7 +88,7 @@ def build_generation(model: str | Path | ModelBundle, backends: Sequence[str] | 
                 outcomes.append(job.ship(steps, refs, inputs, floors))
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return outcomes
+    return [shipped(o) for o in outcomes]
 
 
 @dataclass

@@ -60,6 +60,26 @@ def test_manifest_records_what_a_deployment_needs(built: Path) -> None:
     assert meta["build_options"] == {"fuse": True, "graph_optimization": "all"}
 
 
+def test_kiln_build_prints_what_it_shipped(built: Path, cache_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Per engine and shape: status, verdict, the tolerance held to, the loaded engine's speed and
+    where it lies (reused here: read from its manifest), and why an engine was not installed."""
+    import re
+
+    argv = ["build", "--model", "tiny-bert", "--backends", "eager,tensorrt", "--shapes", "1x16,2x24", "--root", str(built.parent),
+            "--cache-dir", str(cache_dir), "--device", "cpu", "--warmup", "1", "--rounds", "2", "--quiet"]
+    assert main(argv) == 1  # tensorrt cannot be built here
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith("| eager ")]
+    assert [r.split(" | ")[3] for r in rows] == ["1x16", "2x24"], out
+    assert all("| reused |" in r and "| pass | atol " in r and str(built / "eager-fp32") in r for r in rows), out
+    assert all(re.search(r"\| \d+\.\d\dx \(\d+\.\d\d-\d+\.\d\d\) \|", r) for r in rows), out
+    assert "- tensorrt fp32 unavailable: " in out
+    assert main([*argv, "--json"]) == 1
+    eager = json.loads(capsys.readouterr().out)[0]
+    assert eager["status"] == "reused" and eager["path"] == str(built / "eager-fp32") and eager["size_mb"] > 0
+    assert eager["shapes"]["1x16"]["verdict"] == "pass" and eager["shapes"]["2x24"]["speedup"] > 0
+
+
 def test_second_build_reuses(built: Path, cache_dir: Path) -> None:
     out = build("tiny-bert", "onnxruntime", root=built.parent, cache_dir=cache_dir, **ROOT_ARGS)
     assert [o.status for o in out] == ["reused"]
