@@ -460,8 +460,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if os.environ.get("KILN_DEBUG"):  # tracebacks of backends that failed, for whoever debugs them
+    if os.environ.get("KILN_DEBUG"):  # tracebacks of backends that failed and every library's chatter, for whoever debugs
         logging.basicConfig(level=logging.DEBUG, format="%(name)s: %(message)s")
+    else:
+        _quiet_libraries()
     try:
         return int(args.func(args))
     except KilnError as e:
@@ -474,6 +476,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     finally:
         _close_progress()
+
+
+def _quiet_libraries() -> None:
+    """What libraries print that tells a Kiln user nothing goes to the debug log (KILN_DEBUG=1 shows
+    it): Python warnings (torchao's deprecations among them), torch's own log lines and the progress
+    bars of transformers and huggingface_hub ("Loading weights"). Set before they are imported, so
+    workers inherit it; a user's own settings of these variables win. Errors still print."""
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TORCH_LOGS", "-all")  # every torch logger at ERROR
+    logging.captureWarnings(True)
+    chatter = logging.getLogger("py.warnings")
+    chatter.addHandler(logging.NullHandler())
+    chatter.propagate = False
 
 
 def _close_progress() -> None:

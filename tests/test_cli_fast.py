@@ -3,8 +3,10 @@ printed without importing torch (or any backend library), each in a process of i
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -57,3 +59,18 @@ def test_answers_without_torch(argv: list[str], rc: int, says: str) -> None:
     assert "HEAVY:\n" in p.stderr, p.stderr.splitlines()[-1]
     if rc == 2 and not says.startswith("invalid choice"):
         assert p.stderr.count("\n") == 2 and p.stderr.startswith("kiln: error: ")  # one line, then the probe's own
+
+
+def test_a_run_prints_no_library_chatter(tmp_path: Path) -> None:
+    """The packaged model loads through from_pretrained (transformers' "Loading weights" bar) and
+    int8-dynamic imports torchao (torch's register_constant deprecation): neither reaches the user;
+    with KILN_DEBUG they do."""
+    argv = [sys.executable, "-m", "pipeline", "run", "--model", "minilm-l6", "--backends", "eager", "--precisions", "int8-dynamic",
+            "--shapes", "1x8", "--rounds", "1", "--warmup", "0", "--quiet", "--out", str(tmp_path / "run"),
+            "--cache-dir", str(tmp_path / "cache")]
+    env = {k: v for k, v in os.environ.items() if k not in ("KILN_DEBUG", "TORCH_LOGS", "HF_HUB_DISABLE_PROGRESS_BARS")}
+    p = subprocess.run(argv, capture_output=True, text=True, timeout=600, env=env)
+    assert p.returncode == 0, p.stderr
+    assert p.stderr.splitlines() == [f"wrote {tmp_path / 'run' / 'report.json'} (and .md, .csv)"], p.stderr
+    loud = subprocess.run(argv, capture_output=True, text=True, timeout=600, env={**env, "KILN_DEBUG": "1"})
+    assert loud.returncode == 0 and "Loading weights" in loud.stderr, loud.stderr[-2000:]
