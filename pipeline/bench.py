@@ -105,6 +105,13 @@ def speedup(reference: Timing, candidate: Timing, resamples: int = 1000, seed: i
     return Speedup(reference.median / candidate.median, _quantile(ratios, 0.025), _quantile(ratios, 0.975))
 
 
+def median_ci(samples: Sequence[float], resamples: int = 1000, seed: int = 0) -> tuple[float, float]:
+    """A 95% bootstrap interval of the median of `samples`."""
+    rng = random.Random(seed)
+    medians = sorted(statistics.median(rng.choices(samples, k=len(samples))) for _ in range(resamples))
+    return _quantile(medians, 0.025), _quantile(medians, 0.975)
+
+
 def time_call(model: Timeable, inputs: Mapping[str, torch.Tensor]) -> float:
     """One call in milliseconds, ended by the engine's own synchronize; CUDA events on a GPU.
     Python's garbage collector is held off during the call (as timeit does): a collection's cost

@@ -90,9 +90,10 @@ def _preflight(args: argparse.Namespace, verb: str) -> None:
     if args.mode == "generate":
         if args.save_engines if verb == "run" else False:
             raise InputError("--save-engines is for forward runs; deployable generation engines: kiln build --mode generate")
-        for flag, value in (("--new-tokens", args.new_tokens), ("--cache-len", args.cache_len)):
-            if value is not None and value < 1:
-                raise InputError(f"{flag} {value}: must be an integer >= 1")
+        if args.new_tokens < 1:
+            raise InputError(f"--new-tokens {args.new_tokens}: generate at least one token")
+        if args.cache_len is not None and args.cache_len < 1:
+            raise InputError(f"--cache-len {args.cache_len}: must be an integer >= 1")
     elif args.cache_len is not None:
         raise InputError("--cache-len is for --mode generate")
     timing = {"warmup": args.warmup, "rounds": args.rounds, **({"timeout_s": args.timeout} if verb == "run" else {})}

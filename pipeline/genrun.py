@@ -4,8 +4,10 @@ measured in interleaved rounds, with the KV cache's size and each engine's peak 
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import datetime as dt
+import io
 import json
 import statistics
 import time
@@ -16,7 +18,7 @@ from typing import Any
 
 import torch
 
-from .bench import MemoryWatch
+from .bench import MemoryWatch, median_ci
 from .choices import DEFAULTS
 from .config import REFERENCE, RunConfig
 from .env import environment
@@ -48,6 +50,7 @@ class GenRow:
     prefill_ms: float | None = None        # time to first token, median over rounds
     decode_ms: dict[str, float] | None = None  # per token: median, p90, p99 over every decode step of every round
     decode_tokens_per_s: float | None = None   # batch / median decode step
+    decode_tokens_per_s_ci: list[float] | None = None  # its 95% bootstrap interval over the decode steps
     e2e_tokens_per_s: float | None = None      # batch x new tokens / (prefill + decode), median round
     decode_speedup: float | None = None         # decode tokens/s over eager fp32's, same shape, same run
     cache_bytes: int | None = None
@@ -76,30 +79,66 @@ class GenReport:
         if c.get("bandwidth_gb_s"):
             head += (f"\n\nmemory bandwidth {c['bandwidth_gb_s']:.1f} GB/s (a {c['bandwidth_probe_mb']} MB copy): reading every "
                      f"weight once per token bounds batch-1 decoding at {c['ceiling_tokens_per_s']:.1f} tokens/s")
-        cols = ["backend", "precision", "shape", "status", "tokens", "agreement", "first divergence", "max logits err",
-                "prefill ms", "decode ms p50", "p90", "p99", "decode tok/s", "e2e tok/s", "decode speedup", "cache MB",
-                "peak MB", "compile s"]
-        lines = [head, "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-        f = lambda v, fmt: "–" if v is None else format(v, fmt)  # noqa: E731
-        for r in self.rows:
-            d = r.decode_ms or {}
-            lines.append("| " + " | ".join([
-                r.backend, r.precision, r.shape, r.status, str(r.new_tokens or "–"), f(r.agreement, ".0%"),
-                "none" if r.status == "ok" and r.first_divergence is None and r.agreement is not None else f(r.first_divergence, "d"),
-                f(r.max_logits_error, ".1e"), f(r.prefill_ms, ".2f"), f(d.get("median"), ".2f"), f(d.get("p90"), ".2f"),
-                f(d.get("p99"), ".2f"), f(r.decode_tokens_per_s, ".1f"), f(r.e2e_tokens_per_s, ".1f"),
-                f"{r.decode_speedup:.2f}x" if r.decode_speedup is not None else "–",
-                f(r.cache_bytes / 2**20 if r.cache_bytes is not None else None, ".1f"), f(r.peak_host_mb, ".0f"),
-                f(r.compile_s, ".1f")]) + " |")
+        lines = [head, "", "| " + " | ".join(h for h, _, _ in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+        lines += ["| " + " | ".join(_cell(get(r), fmt) for _, get, fmt in COLUMNS) + " |" for r in self.rows]
         reasons = [r for r in self.rows if r.reason]
         if reasons:
             lines += ["", "## Reasons", ""] + [f"- **{r.backend} {r.precision} {r.shape}** ({r.status}): {r.reason}" for r in reasons]
         return "\n".join(lines) + "\n"
 
+    def to_csv(self) -> str:
+        buf = io.StringIO()
+        w = csv.writer(buf)
+        w.writerow([h.replace(" ", "_").replace("/", "_per_") for h, _, _ in COLUMNS] + ["decode_tokens_per_s_ci_low",
+                                                                                      "decode_tokens_per_s_ci_high", "reason"])
+        for r in self.rows:
+            ci = r.decode_tokens_per_s_ci or [None, None]
+            w.writerow([get(r) for _, get, _ in COLUMNS] + [*ci, r.reason])
+        return buf.getvalue()
+
     def save(self, out: Path) -> None:
+        """report.md, report.csv, report.png (decode tokens/s per engine with its interval) and
+        report.json last, as the file of record; each replaced whole."""
+        from .plot import bars_png
+
         out.mkdir(parents=True, exist_ok=True)
-        atomic_write(out / "report.md", self.to_markdown())
+        timed = [r for r in self.rows if r.decode_tokens_per_s is not None and r.decode_tokens_per_s_ci]
+        png = bars_png([f"{r.backend} {r.precision} {r.shape}" for r in timed], [r.decode_tokens_per_s or 0.0 for r in timed],
+                       [r.decode_tokens_per_s_ci or [0.0, 0.0] for r in timed], [r.status == "ok" for r in timed],
+                       "decode tokens/s (bars: 95% interval; red: not a pass)", f"{self.model.get('name')} generation on "
+                       f"{self.environment.get('gpu') or self.environment.get('cpu')}")
+        if png:
+            atomic_write(out / "report.png", png)
+        atomic_write(out / "report.md", self.to_markdown() + ("\n![decode tokens/s with 95% intervals](report.png)\n" if png else ""))
+        atomic_write(out / "report.csv", self.to_csv())
         atomic_write(out / "report.json", json.dumps(self.to_dict(), indent=2, allow_nan=False, default=str))
+
+
+def _cell(value: Any, fmt: str) -> str:
+    if value is None:
+        return "–"
+    if fmt == "x":  # a ratio
+        return f"{value:.2f}x"
+    return value if isinstance(value, str) else format(value, fmt)
+
+
+def _divergence(r: GenRow) -> int | str | None:
+    return "none" if r.status == "ok" and r.first_divergence is None and r.agreement is not None else r.first_divergence
+
+
+# The generation report's columns, each (header, value of a row, format): report.md and report.csv
+# both iterate this list, so a column is added in one place.
+COLUMNS: list[tuple[str, Callable[[GenRow], Any], str]] = [
+    ("backend", lambda r: r.backend, "s"), ("precision", lambda r: r.precision, "s"), ("shape", lambda r: r.shape, "s"),
+    ("status", lambda r: r.status, "s"), ("tokens", lambda r: r.new_tokens or None, "d"), ("agreement", lambda r: r.agreement, ".0%"),
+    ("first divergence", _divergence, "d"), ("max logits err", lambda r: r.max_logits_error, ".1e"),
+    ("prefill ms", lambda r: r.prefill_ms, ".2f"), ("decode ms p50", lambda r: (r.decode_ms or {}).get("median"), ".2f"),
+    ("p90", lambda r: (r.decode_ms or {}).get("p90"), ".2f"), ("p99", lambda r: (r.decode_ms or {}).get("p99"), ".2f"),
+    ("decode tok/s", lambda r: r.decode_tokens_per_s, ".1f"), ("e2e tok/s", lambda r: r.e2e_tokens_per_s, ".1f"),
+    ("decode speedup", lambda r: r.decode_speedup, "x"),
+    ("cache MB", lambda r: r.cache_bytes / 2**20 if r.cache_bytes is not None else None, ".1f"),
+    ("peak MB", lambda r: r.peak_host_mb, ".0f"), ("compile s", lambda r: r.compile_s, ".1f"),
+]
 
 
 def memory_bandwidth(mb: int = 512) -> float:
@@ -313,5 +352,7 @@ def _time(engines: dict[tuple[str, Precision], tuple[Step, Step, CacheSpec]], ro
                 med = statistics.median(steps)
                 row.decode_ms = {"median": med, "p90": _percentile(steps, 0.9), "p99": _percentile(steps, 0.99)}
                 row.decode_tokens_per_s = 1e3 * s.batch / med
+                low_ms, high_ms = median_ci(steps)
+                row.decode_tokens_per_s_ci = [1e3 * s.batch / high_ms, 1e3 * s.batch / low_ms]
             total = statistics.median(g.prefill_ms + sum(g.decode_ms) for g in gens)
             row.e2e_tokens_per_s = 1e3 * s.batch * new_tokens / total

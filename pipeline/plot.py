@@ -1,8 +1,10 @@
-"""report.png: each timed row's speedup over eager fp32 with its 95% interval, headless."""
+"""report.png: one bar per timed row with its 95% interval, headless (forward reports: the speedup
+over eager fp32; generation reports: decode tokens/s)."""
 
 from __future__ import annotations
 
 import io
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -12,26 +14,33 @@ if TYPE_CHECKING:
 def speedup_png(report: Report) -> bytes | None:
     """The picture as PNG bytes; None when no row was timed against the reference."""
     rows = [r for r in report.results if r.speedup is not None and not (r.backend == "eager" and r.precision.value == "fp32")]
-    if not rows:
+    return bars_png([f"{r.backend} {r.precision.value} {r.shape}" for r in rows], [r.speedup.value for r in rows if r.speedup],
+                    [[r.speedup.ci_low, r.speedup.ci_high] for r in rows if r.speedup], [r.status == "ok" for r in rows],
+                    "speedup over eager fp32, same run (bars: 95% interval; red: not a pass)",
+                    f"{report.model.get('name')} on {report.environment.get('gpu') or report.environment.get('cpu')}", ref=1.0)
+
+
+def bars_png(labels: Sequence[str], values: Sequence[float], intervals: Sequence[Sequence[float]], passed: Sequence[bool],
+             xlabel: str, title: str, ref: float | None = None) -> bytes | None:
+    """Horizontal bars with their intervals as error bars, green where the row passed; None for no rows."""
+    if not labels:
         return None
     import matplotlib
 
     matplotlib.use("Agg")  # no display: CI machines and servers have none
     import matplotlib.pyplot as plt
 
-    labels = [f"{r.backend} {r.precision.value} {r.shape}" for r in rows]
-    values = [r.speedup.value for r in rows if r.speedup]
-    low = [r.speedup.value - r.speedup.ci_low for r in rows if r.speedup]
-    high = [r.speedup.ci_high - r.speedup.value for r in rows if r.speedup]
-    colors = ["#2a7" if r.status == "ok" else "#c44" for r in rows]
-    fig, ax = plt.subplots(figsize=(8, 0.35 * len(rows) + 1.4))
+    low = [max(0.0, v - ci[0]) for v, ci in zip(values, intervals)]
+    high = [max(0.0, ci[1] - v) for v, ci in zip(values, intervals)]
+    fig, ax = plt.subplots(figsize=(8, 0.35 * len(labels) + 1.4))
     try:
-        ax.barh(range(len(rows)), values, xerr=[low, high], color=colors, capsize=3)
-        ax.set_yticks(range(len(rows)), labels, fontsize=8)
+        ax.barh(range(len(labels)), values, xerr=[low, high], color=["#2a7" if ok else "#c44" for ok in passed], capsize=3)
+        ax.set_yticks(range(len(labels)), labels, fontsize=8)
         ax.invert_yaxis()
-        ax.axvline(1.0, color="black", linewidth=0.8)
-        ax.set_xlabel("speedup over eager fp32, same run (bars: 95% interval; red: not a pass)")
-        ax.set_title(f"{report.model.get('name')} on {report.environment.get('gpu') or report.environment.get('cpu')}", fontsize=9)
+        if ref is not None:
+            ax.axvline(ref, color="black", linewidth=0.8)
+        ax.set_xlabel(xlabel)
+        ax.set_title(title, fontsize=9)
         fig.tight_layout()
         buf = io.BytesIO()
         fig.savefig(buf, format="png", dpi=110)

@@ -4,6 +4,7 @@ one line and exit 2."""
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 
@@ -96,6 +97,11 @@ def test_generate_from_the_command_line_and_its_bad_input(tmp_path: Path, capsys
     report = json.loads((out / "report.json").read_text())
     assert report["kind"] == "generate" and report["config"]["cache_len"] == 12 and report["rows"][0]["status"] == "ok"
     assert "| eager | fp32 | 1x8 | ok | 4 |" in capsys.readouterr().out
+    rows = list(csv.DictReader((out / "report.csv").read_text().splitlines()))  # the markdown's columns, unformatted
+    assert [(r["backend"], r["shape"], r["status"], r["tokens"]) for r in rows] == [("eager", "1x8", "ok", "4")]
+    low, tps, high = (float(rows[0][k]) for k in ("decode_tokens_per_s_ci_low", "decode_tok_per_s", "decode_tokens_per_s_ci_high"))
+    assert 0 < low <= tps <= high
+    assert (out / "report.png").read_bytes().startswith(b"\x89PNG") and "(report.png)" in (out / "report.md").read_text()
     for args, message in ((["--model", "tiny-bert"], "needs a causal LM; tiny-bert is encoder"),
                           (["--new-tokens", "0"], "generate at least one token"),
                           (["--cache-len", "10"], "need 12 cache positions; --cache-len is 10"),
