@@ -69,9 +69,11 @@ def baseline_from(report: Report) -> dict[str, Any]:
 
 
 def baseline_path(where: str | Path, report: Report) -> Path:
-    """`where` itself, or, for a directory, the baseline of the report's host kind in it."""
+    """`where` itself, or, for a directory (one that exists, or a new path not ending in .json), the
+    baseline of the report's host kind in it."""
     p = Path(where)
-    return p / f"{report.environment.get('host') or 'unknown-host'}.json" if p.is_dir() else p
+    directory = p.is_dir() or (not p.exists() and p.suffix != ".json")
+    return p / f"{report.environment.get('host') or 'unknown-host'}.json" if directory else p
 
 
 def _read(path: Path) -> dict[str, Any]:
@@ -79,8 +81,11 @@ def _read(path: Path) -> dict[str, Any]:
         data = json.loads(path.read_text())
     except (OSError, ValueError) as e:
         raise InputError(f"cannot read baseline {path}: {e}") from e
+    if isinstance(data, dict) and "kind" not in data and isinstance(data.get("results"), list):
+        return baseline_from(Report.load(path))  # a report taken as the baseline, as --update-baseline would write it
     if not isinstance(data, dict) or data.get("kind") != BASELINE_KIND or not isinstance(data.get("entries"), dict):
-        raise InputError(f"{path} is not a Kiln baseline (write one with --update-baseline)")
+        raise InputError(f"{path} is neither a Kiln baseline nor a report (write a baseline with "
+                         f"kiln check REPORT --baseline DIR --update-baseline)")
     if data.get("schema_version") != BASELINE_SCHEMA:
         raise InputError(f"{path} has baseline schema {data.get('schema_version')!r}; this Kiln reads {BASELINE_SCHEMA}: "
                          f"write it again with --update-baseline")

@@ -62,7 +62,15 @@ def test_cli_exit_codes_and_update(tmp_path: Path, capsys: pytest.CaptureFixture
     assert main(["check", str(bad), "--baseline", str(base)]) == 1
     assert "**regression**" in capsys.readouterr().out
     assert main(["check", str(tmp_path / "missing.json"), "--baseline", str(base)]) == 2
-    assert main(["check", str(good), "--baseline", str(good)]) == 2  # a report is not a baseline
+    assert main(["check", str(bad), "--baseline", str(good)]) == 1  # a report is taken as the baseline it would write
+    assert main(["check", str(good), "--baseline", str(good)]) == 0
+    (tmp_path / "list.json").write_text("[]")
+    capsys.readouterr()
+    assert main(["check", str(good), "--baseline", str(tmp_path / "list.json")]) == 2
+    assert "neither a Kiln baseline nor a report" in capsys.readouterr().err
+    fresh = tmp_path / "new-baselines"  # a missing directory: created, and this host kind's file written in it
+    assert main(["check", str(good), "--baseline", str(fresh), "--update-baseline"]) == 0
+    assert [p.name for p in fresh.iterdir()] == ["unknown-host.json"]
 
 
 def _with(r: Report, **model: str) -> Report:
