@@ -79,7 +79,8 @@ def accept(directory: Path, refs: References, precision: Precision, device: str,
             for c in checks:
                 say(f"timing the loaded {directory.name} against eager at {c.shape}")
                 inputs = {k: v.to(device) for k, v in refs.batches[c.shape][0].items()}
-                t = benchmark({"reference": (reference, inputs), "engine": (engine, inputs)}, warmup=warmup, rounds=rounds)
+                t = benchmark({"reference": (reference, inputs), "engine": (engine, inputs)}, warmup=warmup, rounds=rounds,
+                              progress=lambda m, s=c.shape: say(f"timing the loaded {directory.name} at {s}: {m}"))
                 c.reference, c.engine = t["reference"], t["engine"]
         return Acceptance(label, checks)
     finally:

@@ -14,6 +14,8 @@ from typing import Any, Protocol, TypeVar
 
 import torch
 
+from .progress import throttled
+
 
 class Timeable(Protocol):
     device: str
@@ -174,14 +176,15 @@ def benchmark(entries: Mapping[K, tuple[Timeable, Mapping[str, torch.Tensor]]], 
         if keep:
             samples[k].extend(times)
 
+    tick = throttled(progress) if progress else None
     for k in list(keys):
         attempt(k, warmup, keep=False)
     for r in range(rounds):
         rng.shuffle(keys)
         for k in list(keys):
             attempt(k, iters, keep=True)
-        if progress and (r + 1) % max(1, rounds // 4) == 0:
-            progress(f"round {r + 1}/{rounds}")
+        if tick:
+            tick(f"round {r + 1}/{rounds}", r + 1 == rounds)
     return {k: Timing(v) for k, v in samples.items() if k in keys}
 
 

@@ -144,6 +144,7 @@ class Captured:
                             {"exporter": "dynamo", **{d: version(d) for d in ("torch", "onnx", "onnxscript")}})
 
         def export_onnx(tmp: Path) -> None:
+            progress.report(f"exporting the {precision} program to ONNX (torch.onnx, dynamo exporter)")
             program = self.program_at(precision)
             kw = dict(kwargs=_example(self.bundle), f=str(tmp / "model.onnx"), dynamo=True, verbose=False,
                       input_names=list(self.bundle.input_names), output_names=list(self.bundle.output_names))

@@ -41,6 +41,7 @@ from .genrun import AGREEMENT_MARGIN, DEFAULT_NEW_TOKENS, GenRow, Steps, _judge,
 from .inputs import Shape
 from .models import ModelBundle, load_model
 from .precision import Precision
+from .progress import ticking
 from .runner import Progress
 
 MODE, STEPS, SUFFIX = "generate", ("prefill", "decode"), "-generate"
@@ -139,7 +140,8 @@ class _Job:
                 self.say(f"{self.backend} {self.precision}: reusing {self.target} (same steps, options, device and libraries; passed)")
                 return self.outcome("reused", f"cache key {key}")
             self.say(f"{self.backend} {self.precision}: compiling the prefill and decode steps")
-            engine = backend.generation(programs, self.precision, self.device, self.options, self.shapes)
+            with ticking(self.say, f"{self.backend} {self.precision}: compiling the steps"):
+                engine = backend.generation(programs, self.precision, self.device, self.options, self.shapes)
             if engine.models is None:
                 raise GenerationUnsupported(f"{self.backend} {self.precision} generation runs a module that is not captured, "
                                             f"so it has no files to ship (kiln run --mode generate measures it)")
@@ -161,7 +163,8 @@ class _Job:
                                       for s, x in inputs.items()}
         rows: dict[tuple[str, Precision, Shape], GenRow] = {}
         for s, x in inputs.items():
-            got = greedy(prefill, decode, programs.spec, x.to(self.device), self.new_tokens)
+            with ticking(self.say, f"{self.backend} {self.precision}: generating from the {s} prompts with the loaded steps"):
+                got = greedy(prefill, decode, programs.spec, x.to(self.device), self.new_tokens)
             # a copy: _judge records an eager row's agreement as the floor, and here the floor is the module's
             bar = {p: dict(v) for p, v in floors.items()}
             rows[(self.backend, self.precision, s)] = row = _judge(self.backend, self.precision, s, got, refs[s], bar,

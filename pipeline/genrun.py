@@ -29,6 +29,7 @@ from .generate import (CacheSpec, Generation, GenerationPrograms, Step, agreemen
 from .inputs import Shape
 from .models import ModelBundle
 from .precision import Precision
+from .progress import throttled, ticking
 from .references import available_memory
 
 DEFAULT_NEW_TOKENS = DEFAULTS["run-generate"].new_tokens
@@ -204,8 +205,9 @@ class Steps:
                 self.say(f"capturing the prefill and decode steps ({p}, static cache of {self.cache_len})")
                 # the model's whole batch range: a range ending at the capture's example batch (2)
                 # makes TVM's importer lose shapes, and the steps serve any batch anyway
-                self.made[p] = capture_generation(self.bundle, self.cache_len, self.bundle.axis_ranges.get("batch", (1, 64)),
-                                                  p.dtype, self.cache_dir)
+                with ticking(self.say, f"capturing the {p} steps"):
+                    self.made[p] = capture_generation(self.bundle, self.cache_len, self.bundle.axis_ranges.get("batch", (1, 64)),
+                                                      p.dtype, self.cache_dir)
         return self.made[p]
 
 
@@ -252,7 +254,7 @@ def run_generation(bundle: ModelBundle, cfg: RunConfig, new_tokens: int = DEFAUL
             try:
                 progs = at(p)
                 say(f"{name} {p}: compiling the prefill and decode steps")
-                with MemoryWatch(cfg.device) as watch:
+                with MemoryWatch(cfg.device) as watch, ticking(say, f"{name} {p}: compiling the steps and generating"):
                     t0 = time.perf_counter()
                     engine = backend.generation(progs, p, cfg.device, cfg.options[name], cfg.shapes)
                     checks = {s: greedy(engine.prefill, engine.decode, progs.spec, x.to(cfg.device), new_tokens)
@@ -340,10 +342,12 @@ def _time(engines: dict[tuple[str, Precision], tuple[Step, Step, CacheSpec]], ro
             continue
         say(f"timing generation at {s}: {len(live)} engines, {rounds} interleaved rounds of {new_tokens} tokens")
         runs: dict[tuple[str, Precision], list[Generation]] = {k: [] for k in live}
-        for _ in range(rounds):
+        tick = throttled(say)
+        for r in range(rounds):
             for k in live:
                 prefill, decode, spec = engines[k]
                 runs[k].append(greedy(prefill, decode, spec, x, new_tokens, sync))
+            tick(f"timing generation at {s}: round {r + 1}/{rounds}", r + 1 == rounds)
         for k, gens in runs.items():
             row = rows[(k[0], k[1], s)]
             steps = [ms for g in gens for ms in g.decode_ms]

@@ -78,7 +78,8 @@ class Runner:
         cfg = self.cfg
         if captured is None:
             self.say(f"capturing {self.bundle.name} with torch.export (batch and seq dynamic)")
-            captured = capture(self.bundle, self.cache_dir, cfg.quant)
+            with progress.ticking(self.say, "capturing with torch.export"):
+                captured = capture(self.bundle, self.cache_dir, cfg.quant)
             self.say(f"captured graph {captured.graph_hash} in {captured.capture_s:.1f}s")
         for s in cfg.shapes:  # capture may have narrowed the model's ranges (its notes say why)
             check_shape(self.bundle, s)
@@ -133,7 +134,7 @@ class Runner:
         cfg, cls_path = self.cfg, self.isolated(name)
         say = lambda message: self.say(f"{name} {precision}: {message}")  # noqa: E731
         if cls_path is None:
-            with MemoryWatch(cfg.device) as watch, progress.to(say):
+            with MemoryWatch(cfg.device) as watch, progress.to(say), progress.ticking(say, "compiling and checking"):
                 model = self._reference_engines.pop((name, precision), None) or \
                     registry.get(name).compile(captured, precision, cfg.device, cfg.options[name], cfg.shapes)
                 results = {s: self._check(model, s, refs, precision) for s in cfg.shapes}
@@ -201,7 +202,7 @@ class Runner:
             inputs = {k: v.to(cfg.device) for k, v in refs.batches[s][0].items()}
             failures: dict[tuple[str, Precision], BaseException] = {}
             timings = benchmark({k: (self.engines[k], inputs) for k in live}, warmup=cfg.warmup, rounds=cfg.rounds,
-                                failures=failures)
+                                failures=failures, progress=lambda m, s=s: self.say(f"benchmark {s}: {m}"))
             for k, e in failures.items():  # that engine's row only; the others keep their timings
                 row = rows[k][s]
                 row.status, row.reason, row.crashed = "failed", f"benchmark: {_short(e)}", isinstance(e, WorkerCrashed)

@@ -32,7 +32,7 @@ from .errors import BackendError, KilnError
 from .bench import peak_rss_bytes, reset_peak_rss, time_call
 from .precision import Precision
 
-HEARTBEAT_S = 60.0  # a worker silent this long while the caller waits gets a "still working" line
+HEARTBEAT_S = progress.TICK_S  # a worker silent this long while the caller waits gets a "still working" line
 
 Tensors = dict[str, torch.Tensor]
 
@@ -41,10 +41,15 @@ class WorkerCrashed(BackendError):
     """The worker process died (a signal, an exit) or stopped answering."""
 
 
+_SENDING = threading.Lock()  # progress may come from a thread of the backend's while the answer goes out
+
+
 def _send(conn: Any, obj: Any) -> None:
     """Plain pickle, not multiprocessing's: torch registers reducers there that pass tensors as
     shared file descriptors, which need a multiprocessing parent this worker does not have."""
-    conn.send_bytes(pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL))
+    data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+    with _SENDING:
+        conn.send_bytes(data)
 
 
 def _recv(conn: Any) -> Any:

@@ -312,6 +312,49 @@ def test_progress_of_a_long_compile_reaches_the_caller(isolation: str, cache_dir
     assert report.find("chatty-for-test", "fp32", "1x8").status == "ok"
 
 
+class _Sleepy(Backend):
+    """Compiles for 0.3 s without a word: the runner must still show that it is at work."""
+
+    name = "sleepy-for-test"
+    precisions = (Precision.FP32,)
+
+    def _compile(self, captured: Any, spec: Any, shapes: Any) -> CompiledModel:
+        time.sleep(0.3)
+        return EagerModel(spec, captured.bundle.module, captured.program)
+
+    def _load(self, directory: Any, spec: Any, manifest: Any) -> CompiledModel:
+        raise NotImplementedError
+
+
+def test_a_long_stage_is_never_silent_and_never_floods(monkeypatch: pytest.MonkeyPatch, cache_dir: Path) -> None:
+    from pipeline import progress
+    from pipeline.config import make_config
+    from pipeline.models import load_model
+    from pipeline.runner import Runner
+
+    heard: list[str] = []
+    with progress.ticking(heard.append, "exporting", every_s=0.05):
+        time.sleep(0.32)
+    assert len(heard) >= 3 and heard[0].startswith("exporting (") and heard[0].endswith("s so far)")
+    passed: list[str] = []
+    tick = progress.throttled(passed.append, every_s=3600)
+    for i in range(50):
+        tick(f"round {i + 1}/50", i == 49)
+    assert passed == ["round 50/50"]  # one line at most per period, and the last
+    monkeypatch.setattr(progress, "TICK_S", 0.05)
+    registry.register(_Sleepy())
+    try:
+        lines: list[str] = []
+        cfg = make_config(backends="sleepy-for-test", shapes="1x8", device="cpu", rounds=3, warmup=0, isolation="none")
+        runner = Runner(load_model("tiny-bert"), cfg, progress=lines.append, cache_dir=cache_dir)
+        runner.run()
+        runner.close()
+    finally:
+        registry.unregister("sleepy-for-test")
+    assert any(x.startswith("sleepy-for-test fp32: compiling and checking (") for x in lines), lines
+    assert "benchmark 1x8: round 3/3" in lines, lines
+
+
 def test_tuning_progress_line() -> None:
     from types import SimpleNamespace
 
