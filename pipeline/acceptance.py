@@ -79,8 +79,11 @@ def accept(directory: Path, refs: References, precision: Precision, device: str,
             for c in checks:
                 say(f"timing the loaded {directory.name} against eager at {c.shape}")
                 inputs = {k: v.to(device) for k, v in refs.batches[c.shape][0].items()}
+                def rounds_done(message: str, shape: Shape = c.shape) -> None:
+                    say(f"timing the loaded {directory.name} at {shape}: {message}")
+
                 t = benchmark({"reference": (reference, inputs), "engine": (engine, inputs)}, warmup=warmup, rounds=rounds,
-                              progress=lambda m, s=c.shape: say(f"timing the loaded {directory.name} at {s}: {m}"))
+                              progress=rounds_done)
                 c.reference, c.engine = t["reference"], t["engine"]
         return Acceptance(label, checks)
     finally:

@@ -93,7 +93,7 @@ class GenReport:
         w.writerow([h.replace(" ", "_").replace("/", "_per_") for h, _, _ in COLUMNS] + ["decode_tokens_per_s_ci_low",
                                                                                       "decode_tokens_per_s_ci_high", "reason"])
         for r in self.rows:
-            ci = r.decode_tokens_per_s_ci or [None, None]
+            ci: list[float | None] = [*r.decode_tokens_per_s_ci] if r.decode_tokens_per_s_ci else [None, None]
             w.writerow([get(r) for _, get, _ in COLUMNS] + [*ci, r.reason])
         return buf.getvalue()
 

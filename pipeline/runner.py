@@ -201,8 +201,11 @@ class Runner:
             self.say(f"benchmark {s}: {len(live)} engines, {cfg.warmup} warm-up + {cfg.rounds} interleaved rounds")
             inputs = {k: v.to(cfg.device) for k, v in refs.batches[s][0].items()}
             failures: dict[tuple[str, Precision], BaseException] = {}
+            def rounds_done(message: str, shape: Shape = s) -> None:
+                self.say(f"benchmark {shape}: {message}")
+
             timings = benchmark({k: (self.engines[k], inputs) for k in live}, warmup=cfg.warmup, rounds=cfg.rounds,
-                                failures=failures, progress=lambda m, s=s: self.say(f"benchmark {s}: {m}"))
+                                failures=failures, progress=rounds_done)
             for k, e in failures.items():  # that engine's row only; the others keep their timings
                 row = rows[k][s]
                 row.status, row.reason, row.crashed = "failed", f"benchmark: {_short(e)}", isinstance(e, WorkerCrashed)
