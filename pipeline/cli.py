@@ -17,6 +17,7 @@ from typing import Any
 
 from .choices import CALIBRATION_METHODS, DEFAULT_MODEL, GATE_FLOOR, HEAD_NAMES, MODELS, TEXT_SHAPES, QuantSpec, defaults
 from .errors import InputError, KilnError
+from .fsutil import check_writable
 
 
 def _parse_options(pairs: Sequence[str]) -> dict[str, dict[str, Any]]:
@@ -99,6 +100,13 @@ def _preflight(args: argparse.Namespace, verb: str) -> None:
     timing = {"warmup": args.warmup, "rounds": args.rounds, **({"timeout_s": args.timeout} if verb == "run" else {})}
     check_choices(args.backends, args.precisions, TEXT_SHAPES if args.shapes is None else args.shapes, args.device,
                   need_backends=verb == "build", isolation=args.isolation, quant=_quant(args), **timing)
+    # where the job will write, before anything is loaded or compiled: a report is small, engines are not
+    if verb == "run":
+        args.out = str(_out(args))
+        check_writable(args.out, "--out")
+    else:
+        check_writable(args.root, "--root", min_free_mb=256)
+    check_writable(args.cache_dir or os.environ.get("KILN_CACHE", "artifacts/cache"), "the cache (--cache-dir)", min_free_mb=256)
 
 
 def _out(args: argparse.Namespace) -> Path:
@@ -224,6 +232,11 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
+    for i, text in enumerate(args.texts):
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:  # the shell handed over bytes that are not UTF-8 (kept as surrogates)
+            raise InputError(f"text {i + 1} is not valid UTF-8: {text.encode('utf-8', 'backslashreplace')[:60]!r}") from None
     from .genbuild import is_generation, load_generation
     from .predict import Predictor
 
@@ -263,7 +276,9 @@ def cmd_sign(args: argparse.Namespace) -> int:
 
 
 def cmd_triton(args: argparse.Namespace) -> int:
+    check_writable(args.repo, "--repo", min_free_mb=64)
     from .triton import export_triton
+
 
     path = export_triton(args.artifact, args.repo, args.name, args.version, text=args.text)
     print(f"wrote Triton model {path} (config.pbtxt, {args.version}/)")
@@ -273,11 +288,14 @@ def cmd_triton(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from .gate import check, load_baseline, summary, update_baseline
+    if args.summary:
+        check_writable(args.summary, "--summary", directory=False)
+    from .gate import baseline_path, check, load_baseline, summary, update_baseline
     from .report import Report
 
     report = Report.load(args.report)
     if args.update_baseline:
+        check_writable(baseline_path(args.baseline, report), "--baseline", directory=False)
         print(f"wrote baseline {update_baseline(report, args.baseline)}")
         return 0
     baseline, speed = load_baseline(args.baseline, report)
@@ -288,6 +306,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     text = summary(checks, args.floor, note)
     print(text)
     if args.summary:
+        Path(args.summary).parent.mkdir(parents=True, exist_ok=True)  # checked writable before the work
         with open(args.summary, "a") as f:
             f.write(text)
     return 1 if any(c.failed for c in checks) else 0

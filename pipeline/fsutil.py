@@ -137,3 +137,32 @@ def cache_entry(root: Path, kind: str, label: str, parts: Mapping[str, Any]) -> 
     (graph hash, precision, shape); the parts are everything that changes what the entry holds
     (build options, device, library versions), so a change of any of them gets a fresh entry."""
     return root / kind / f"{label}-{digest(parts)}"
+
+
+def check_writable(path: str | Path, what: str, *, directory: bool = True, min_free_mb: float = 16.0) -> Path:
+    """Refuses, before any work, a place a job could not write: `path` (a directory, or with
+    `directory=False` a file) must be creatable and writable, with `min_free_mb` free where it
+    lands. Tried with a real file rather than permission bits, which root ignores and a read-only
+    mount or a full disk overrides."""
+    from .errors import InputError
+
+    p = Path(path)
+    if directory and p.exists() and not p.is_dir():
+        raise InputError(f"{what} {p} is a file, not a directory: give a directory (it is created if missing)")
+    if not directory and p.is_dir():
+        raise InputError(f"{what} {p} is a directory, not a file")
+    home = p if directory and p.is_dir() else p.parent
+    while not home.exists():
+        home = home.parent
+    if not home.is_dir():
+        raise InputError(f"{what} {p} lies under {home}, which is a file, not a directory")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".kiln-probe-", dir=home)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise InputError(f"{what} {p} cannot be written ({home}: {e.strerror or e})") from None
+    free = shutil.disk_usage(home).free / 2**20
+    if free < min_free_mb:
+        raise InputError(f"{what} {p} has {free:.0f} MB free where it lands ({home}); this job needs at least {min_free_mb:.0f} MB")
+    return p

@@ -108,8 +108,11 @@ class Report:
     @classmethod
     def load(cls, path: str | Path) -> Report:
         try:
-            return cls.from_dict(json.loads(Path(path).read_text()))
-        except (OSError, ValueError, KeyError, TypeError) as e:
+            data = json.loads(Path(path).read_text())
+            if not isinstance(data, dict):
+                raise ValueError(f"a report is a JSON object, this is a {type(data).__name__}")
+            return cls.from_dict(data)
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
             raise InputError(f"cannot read report {path}: {e}") from e
 
     def find(self, backend: str, precision: str | Precision, shape: str | Shape) -> Result | None:

@@ -74,3 +74,46 @@ def test_a_run_prints_no_library_chatter(tmp_path: Path) -> None:
     assert p.stderr.splitlines() == [f"wrote {tmp_path / 'run' / 'report.json'} (and .md, .csv)"], p.stderr
     loud = subprocess.run(argv, capture_output=True, text=True, timeout=600, env={**env, "KILN_DEBUG": "1"})
     assert loud.returncode == 0 and "Loading weights" in loud.stderr, loud.stderr[-2000:]
+
+
+def _mount_tmpfs(where: Path, options: str) -> bool:
+    where.mkdir()
+    return subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(where)], capture_output=True).returncode == 0
+
+
+def test_output_places_are_checked_before_any_work(tmp_path: Path) -> None:
+    """A file, a path under a file, a read-only mount and a full disk: one line, exit 2, before
+    torch is imported (so before anything is loaded, compiled or written)."""
+    afile = tmp_path / "afile"
+    afile.write_text("kept")
+    cases = [(["run", "--out", str(afile)], "--out", "is a file, not a directory"),
+             (["build", "--backends", "eager", "--root", str(afile / "sub")], "--root", "which is a file, not a directory"),
+             (["run", "--cache-dir", str(afile)], "the cache (--cache-dir)", "is a file"),
+             (["triton", str(tmp_path), "--repo", str(afile)], "--repo", "is a file"),
+             (["check", str(afile), "--baseline", str(afile), "--summary", str(tmp_path)], "--summary", "is a directory, not a file")]
+    ro, full = tmp_path / "ro", tmp_path / "full"
+    if _mount_tmpfs(ro, "ro,size=1m") and _mount_tmpfs(full, "size=1m"):
+        subprocess.run(["dd", "if=/dev/zero", f"of={full / 'fill'}", "bs=1k", "count=1024"], capture_output=True)
+        cases += [(["build", "--backends", "eager", "--root", str(ro / "art")], "--root", "Read-only file system"),
+                  (["run", "--out", str(full / "run")], "--out", "MB free where it lands")]
+    try:
+        for argv, flag, says in cases:
+            p = _kiln(*argv)
+            assert p.returncode == 2, (argv, p.stderr)
+            line = p.stderr.splitlines()[0]
+            assert line.startswith(f"kiln: error: {flag} ") and says in line, (argv, line)
+            assert "HEAVY:\n" in p.stderr, (argv, p.stderr)
+    finally:
+        for m in (ro, full):
+            subprocess.run(["umount", str(m)], capture_output=True)
+    assert afile.read_text() == "kept" and not (ro / "art").exists()
+
+
+def test_bad_text_and_bad_reports_are_one_line(tmp_path: Path) -> None:
+    listed = tmp_path / "list.json"
+    listed.write_text("[]")
+    p = _kiln("check", str(listed), "--baseline", str(listed))
+    assert p.returncode == 2 and p.stderr.startswith("kiln: error: cannot read report") and "a JSON object" in p.stderr
+    p = subprocess.run([sys.executable, "-c", _PROBE, "predict", str(tmp_path), "caf\udce9"], capture_output=True, timeout=120,
+                       env={**os.environ, "PYTHONUTF8": "1"}, text=True, errors="surrogateescape")
+    assert p.returncode == 2 and "text 1 is not valid UTF-8" in p.stderr, p.stderr
