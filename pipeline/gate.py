@@ -60,6 +60,9 @@ def _identity(report: Report) -> dict[str, Any]:
 
 
 def baseline_from(report: Report) -> dict[str, Any]:
+    if report.noisy:
+        raise InputError(f"the report was timed on a busy machine ({report.noisy}): its ratios are not a baseline; "
+                         f"run it again on a quiet one")
     for r in report.results:
         if r.speedup is not None and not _finite(r.speedup.value):
             raise InputError(f"{r.backend} {r.precision} {r.shape}: speedup {r.speedup.value} is not a number; not a baseline")
@@ -178,6 +181,7 @@ def summary(checks: list[Check], floor: float, note: str = "") -> str:
 
 
 def update_baseline(report: Report, where: str | Path) -> Path:
+    text = json.dumps(baseline_from(report), indent=2) + "\n"  # refused before anything is made
     p = baseline_path(where, report)
     p.parent.mkdir(parents=True, exist_ok=True)
-    return atomic_write(p, json.dumps(baseline_from(report), indent=2) + "\n")
+    return atomic_write(p, text)

@@ -115,6 +115,12 @@ class Report:
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
             raise InputError(f"cannot read report {path}: {e}") from e
 
+    @property
+    def noisy(self) -> str | None:
+        """Why this report's timing cannot be trusted (pipeline.contention); None on a quiet machine."""
+        reading = self.environment.get("contention")
+        return reading.get("noisy") if isinstance(reading, dict) else None
+
     def find(self, backend: str, precision: str | Precision, shape: str | Shape) -> Result | None:
         key = (backend, Precision.parse(precision).value, str(shape))
         return next((r for r in self.results if r.key == key), None)
@@ -131,8 +137,11 @@ class Report:
                  f"graph `{m.get('graph_hash')}` · {m.get('parameters', 0) / 1e6:.1f} M params · "
                  f"device {self.environment.get('gpu') or self.environment.get('cpu')} · "
                  f"{self.environment.get('torch_threads')} threads · torch {self.environment.get('versions', {}).get('torch')} · "
-                 f"isolation {self.config.get('isolation', 'none')}", "",
-                 _table(self.results), ""]
+                 f"isolation {self.config.get('isolation', 'none')}", ""]
+        if self.noisy:
+            lines += [f"**Speed not judged: the machine was busy.** {self.noisy}. The ratios below are what was measured, "
+                      f"not the engines' speedups; run again on a quiet machine.", ""]
+        lines += [_table(self.results, bool(self.noisy)), ""]
         if picture:
             lines += [f"![speedup over eager fp32 with 95% intervals]({picture})", ""]
         notes = [r for r in self.results if r.reason]
@@ -176,7 +185,7 @@ def _fmt(x: float | None, spec: str) -> str:
     return "–" if x is None else format(x, spec)
 
 
-def _table(results: list[Result]) -> str:
+def _table(results: list[Result], noisy: bool = False) -> str:
     head = ["backend", "precision", "shape", "status", "max abs err", "cosine", "agreement", "verdict",
             "median ms", "p90 ms", "p99 ms", "samples/s", "speedup (95% CI)", "compile s", "peak MB", "engine"]
     sized = any(r.artifact_mb is not None for r in results)
@@ -186,6 +195,8 @@ def _table(results: list[Result]) -> str:
     for r in results:
         lat, sp = r.latency_ms, r.speedup
         speed = f"{sp.value:.2f}x ({sp.ci_low:.2f}-{sp.ci_high:.2f})" if sp else "–"
+        if sp and noisy and not (r.backend == "eager" and r.precision.value == "fp32"):
+            speed = f"noisy ({sp.value:.2f}x as measured)"
         agree = ", ".join(([f"{r.agreement:.0%} {r.agreement_kind}"] if r.agreement is not None else []) +
                           ([f"emb cos {r.embedding_cosine:.4f}"] if r.embedding_cosine is not None else [])) or "–"
         rows.append([r.backend, r.precision.value, str(r.shape), r.status, _fmt(r.max_abs, ".1e"), _fmt(r.cosine, ".6f"), agree,

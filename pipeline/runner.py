@@ -20,7 +20,7 @@ import torch
 
 import backends as registry
 
-from . import progress
+from . import contention, progress
 from .bench import MemoryWatch, Timing, benchmark, speedup, time_call
 from .capture import Captured, capture
 from .config import REFERENCE, RunConfig
@@ -68,6 +68,7 @@ class Runner:
         self.engines: Engines = {}
         self.references: References | None = None
         self._reference_engines: Engines = {}  # the int8 references, compiled for References and reused for their rows
+        self.contention: dict[str, Any] = {"load_before": contention.load_average(), "shapes": [], "noisy": None}
         for s in config.shapes:
             check_shape(bundle, s)
         check_memory(bundle, config.shapes, config.precisions)
@@ -106,10 +107,14 @@ class Runner:
         return self._report(captured, rows)
 
     def _report(self, captured: Captured, rows: dict[tuple[str, Precision], dict[Shape, Result]]) -> Report:
+        timed = {"contention": self.contention} if self.contention["shapes"] else {}
         return Report(model={**self.bundle.describe(), "graph_hash": captured.graph_hash, "capture_s": captured.capture_s},
-                      environment=environment(self.cfg.device), config=self.cfg.to_dict(),
+                      environment={**environment(self.cfg.device), **timed}, config=self.cfg.to_dict(),
                       results=[r for by_shape in rows.values() for r in by_shape.values()],
                       created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
+
+    def _worker_pids(self) -> list[int]:
+        return [e.worker.process.pid for e in self.engines.values() if isinstance(e, RemoteEngine)]
 
     def close(self) -> None:
         """Ends the worker processes that hold engines."""
@@ -204,8 +209,15 @@ class Runner:
             def rounds_done(message: str, shape: Shape = s) -> None:
                 self.say(f"benchmark {shape}: {message}")
 
+            watch = contention.Watch(self._worker_pids).start()
             timings = benchmark({k: (self.engines[k], inputs) for k in live}, warmup=cfg.warmup, rounds=cfg.rounds,
                                 failures=failures, progress=rounds_done)
+            reading = contention.judge(str(s), watch.stop(), timings[REFERENCE].samples_ms if REFERENCE in timings else [])
+            self.contention["shapes"].append(reading)
+            self.contention["noisy"] = contention.verdict(self.contention["shapes"])
+            self.contention["load_after"] = contention.load_average()
+            if reading["noisy"]:
+                self.say(f"benchmark {s}: the machine was busy, speed not judged ({reading['noisy']})")
             for k, e in failures.items():  # that engine's row only; the others keep their timings
                 row = rows[k][s]
                 row.status, row.reason, row.crashed = "failed", f"benchmark: {_short(e)}", isinstance(e, WorkerCrashed)

@@ -94,3 +94,50 @@ def test_the_speedup_interval_keeps_the_rounds_paired() -> None:
     assert s.value == pytest.approx(2.0) and s.ci_low == pytest.approx(2.0) and s.ci_high == pytest.approx(2.0)
     unpaired = speedup(Timing([10 * d for d in drift]), Timing([5 * d for d in drift[:-1]]))  # a round missing: unpaired
     assert unpaired.ci_high - unpaired.ci_low > 1.0
+
+
+def test_the_reference_drifting_between_its_halves_is_noisy() -> None:
+    from pipeline import contention
+
+    steady, drifting = [10.0, 10.2, 9.9, 10.1, 10.0, 9.8, 10.1, 10.0], [10.0] * 4 + [13.0] * 4
+    assert contention.judge("1x8", 0.05, steady)["noisy"] is None
+    assert "moved 30%" in contention.judge("1x8", 0.05, drifting)["noisy"]
+    assert contention.judge("1x8", 0.05, drifting[:4])["reference_drift"] is None  # too few rounds to say
+    assert "other processes used 60%" in contention.judge("1x8", 0.6, steady)["noisy"]
+
+
+def test_a_busy_machine_is_noticed_and_the_gate_does_not_judge_its_speed(tmp_path: Path, cache_dir: Path,
+                                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    """Two CPU-bound processes on the same two cores while tiny-bert is timed: the report says
+    noisy instead of presenting ratios, the gate judges accuracy only, and it is no baseline."""
+    import json
+    import subprocess
+    import sys
+
+    from pipeline.cli import main
+    from pipeline.report import Report
+
+    out = tmp_path / "run"
+    hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(2)]
+    try:
+        assert main(["run", "--model", "tiny-bert", "--backends", "eager,onnxruntime", "--shapes", "1x16", "--rounds", "8",
+                     "--warmup", "1", "--isolation", "none", "--device", "cpu", "--out", str(out), "--cache-dir", str(cache_dir),
+                     "--quiet"]) == 0
+    finally:
+        for h in hogs:
+            h.kill()
+            h.wait()
+    report = Report.load(out / "report.json")
+    assert report.noisy and "other processes used" in report.noisy, report.environment.get("contention")
+    assert "Speed not judged: the machine was busy" in (out / "report.md").read_text()
+    assert "noisy (" in capsys.readouterr().out
+    quiet = json.loads((out / "report.json").read_text())
+    quiet["environment"].pop("contention")
+    for r in quiet["results"]:  # a baseline ten times faster: a regression, were the speed judged
+        if r.get("speedup"):
+            r["speedup"] = {k: v * 10 for k, v in r["speedup"].items()}
+    (tmp_path / "base.json").write_text(json.dumps(quiet))
+    assert main(["check", str(out / "report.json"), "--baseline", str(tmp_path / "base.json")]) == 0
+    assert "Speed: not judged, machine busy" in capsys.readouterr().out
+    assert main(["check", str(out / "report.json"), "--baseline", str(tmp_path / "new"), "--update-baseline"]) == 2
+    assert "timed on a busy machine" in capsys.readouterr().err and not (tmp_path / "new").exists()
