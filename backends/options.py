@@ -34,7 +34,12 @@ class BackendOptions:
         if unknown:
             raise InputError(f"unknown option(s) {', '.join(unknown)} for {cls.__name__}; valid: {', '.join(fields) or '(none)'}")
         hints = typing.get_type_hints(cls)
-        return cls(**{k: _coerce(k, v, hints[k]) for k, v in values.items()})
+        coerced = {k: _coerce(k, v, hints[k]) for k, v in values.items()}
+        options = cls(**coerced)  # a backend's own checks first: their messages say more
+        for k, v in coerced.items():  # counts, sizes, budgets and levels: none of them is meaningful below zero
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and v < 0:
+                raise InputError(f"option {k}={v!r}: must be >= 0")
+        return options
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

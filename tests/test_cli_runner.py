@@ -41,6 +41,7 @@ def test_backends_lists_availability(capsys: pytest.CaptureFixture[str]) -> None
     (["run", "--shapes", ","], "no shapes given"),
     (["run", "--option", "tvm.budget_s=nan"], "budget_s='nan': must be a finite number"),
     (["run", "--option", "tvm.trials_per_task=-1"], "trials_per_task=-1: must be 0 (no tuning) or more"),
+    (["run", "--option", "onnxruntime.intra_op_threads=-1"], "option intra_op_threads=-1: must be >= 0"),
     (["run", "--model", "gpt2", "--shapes", "64x1024", "--backends", "eager"], "use smaller shapes than 64x1024"),
 ])
 def test_bad_input_is_one_line_without_traceback(argv: list[str], message: str, capsys: pytest.CaptureFixture[str],
