@@ -343,6 +343,7 @@ def _files(d: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(d.iterdir())}
 
 
+@pytest.mark.slow
 def test_an_engine_off_at_one_shape_is_never_installed_nor_reused(drift: Any, tmp_path: Path, cache_dir: Path) -> None:
     good = build("tiny-bert", "drifts-for-test", root=tmp_path, cache_dir=cache_dir, **ROOT_ARGS)
     assert [o.status for o in good] == ["built"]
@@ -381,6 +382,7 @@ def _kiln(*args: str) -> subprocess.Popen[str]:
     return subprocess.Popen([sys.executable, "-m", "pipeline", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
+@pytest.mark.slow
 def test_two_concurrent_builds_on_one_root_and_cache_both_succeed(tmp_path: Path) -> None:
     args = ["build", "--model", "tiny-bert", "--backends", "onnxruntime", "--shapes", "1x16,2x24", "--root", str(tmp_path / "root"),
             "--cache-dir", str(tmp_path / "cache"), "--rounds", "2", "--warmup", "1", "--device", "cpu", "--quiet"]
@@ -392,6 +394,7 @@ def test_two_concurrent_builds_on_one_root_and_cache_both_succeed(tmp_path: Path
     assert not list((tmp_path / "root" / "tiny-bert").glob(".staging-*"))
 
 
+@pytest.mark.slow
 def test_a_build_killed_at_any_moment_leaves_nothing_that_stops_the_next(tmp_path: Path) -> None:
     import signal
     import time
@@ -466,6 +469,7 @@ def test_links_in_an_engine_are_refused(built: Path, tmp_path: Path) -> None:
         load(eng)
 
 
+@pytest.mark.slow
 def test_an_int8_engine_builds_carries_its_calibration_and_verifies(tmp_path: Path, cache_dir: Path) -> None:
     quant = {"method": "minmax", "samples": 16}
     out = build("tiny-bert", "onnxruntime", root=tmp_path, cache_dir=cache_dir, quant=quant,

@@ -163,7 +163,7 @@ def _int8_refs(captured: Any, precision: Precision) -> References:
 
 
 @pytest.mark.parametrize("precision", [Precision.INT8, Precision.INT8_DYNAMIC])
-@pytest.mark.parametrize("name", BACKENDS)
+@pytest.mark.parametrize("name", [n if n != "inductor" else pytest.param(n, marks=pytest.mark.slow) for n in BACKENDS])  # its compile: ~40 s
 def test_int8_engine_keeps_the_task_or_says_why_not(name: str, precision: Precision, tiny_captured: Any, tmp_path: Path) -> None:
     backend = _available(name)
     support = backend.supports(precision, DEVICE)

@@ -74,7 +74,8 @@ def _save(family: str, root: Path) -> Path:
     return path
 
 
-@pytest.mark.parametrize("family", list(FAMILIES))
+# One family in the fast lane, the matrix in the slow one (`pytest -m slow`, run by .ci/run).
+@pytest.mark.parametrize("family", [f if f == "bert" else pytest.param(f, marks=pytest.mark.slow) for f in FAMILIES])
 def test_family_runs_through_every_backend(family: str, tmp_path: Path, cache_dir: Path) -> None:
     pytest.importorskip("tvm")
     expect = FAMILIES[family][2]

@@ -46,6 +46,7 @@ def built(gpt2_dir: Path, tmp_path_factory: pytest.TempPathFactory, cache_dir: P
     return root / "tiny-gpt2-text", outcomes
 
 
+@pytest.mark.slow
 def test_a_generation_build_ships_both_steps_checked_and_timed(built: tuple[Path, list[Any]]) -> None:
     home, outcomes = built
     assert [(o.backend, o.status) for o in outcomes] == [(b, "built") for b in BACKENDS], [o.reason for o in outcomes]
@@ -70,6 +71,7 @@ def test_a_generation_build_ships_both_steps_checked_and_timed(built: tuple[Path
     assert any("untuned" in n for n in tvm["notes"])
 
 
+@pytest.mark.slow
 def test_predict_generates_what_transformers_generates_in_a_fresh_process(built: tuple[Path, list[Any]], gpt2_dir: Path) -> None:
     home, _ = built
     tok = transformers.AutoTokenizer.from_pretrained(gpt2_dir)
@@ -89,6 +91,7 @@ def test_predict_generates_what_transformers_generates_in_a_fresh_process(built:
         assert answer["generated"] == tok.decode(want_ids)
 
 
+@pytest.mark.slow
 def test_kiln_load_and_verify_generate_the_builds_tokens_again(built: tuple[Path, list[Any]], tmp_path: Path,
                                                                capsys: pytest.CaptureFixture[str]) -> None:
     home, _ = built
@@ -103,6 +106,7 @@ def test_kiln_load_and_verify_generate_the_builds_tokens_again(built: tuple[Path
     assert "is a generation artifact" in capsys.readouterr().err and not (tmp_path / "repo").exists()
 
 
+@pytest.mark.slow
 def test_a_signed_generation_artifact_loads_only_with_the_key_it_was_signed_for(built: tuple[Path, list[Any]],
                                                                                  tmp_path: Path) -> None:
     pytest.importorskip("model_signing")
@@ -117,6 +121,7 @@ def test_a_signed_generation_artifact_loads_only_with_the_key_it_was_signed_for(
         load_generation(art, public_key=theirs)
 
 
+@pytest.mark.slow
 def test_reuse_tampering_and_a_prompt_over_the_cache(built: tuple[Path, list[Any]], gpt2_dir: Path, cache_dir: Path,
                                                      tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     home, _ = built
@@ -158,6 +163,7 @@ def test_generation_build_bad_input(tmp_path: Path, capsys: pytest.CaptureFixtur
         assert "--rounds 0" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_int8_dynamic_generation_ships_as_the_quantized_steps_captured_when_saved(tmp_path: Path, cache_dir: Path) -> None:
     """The torchao-quantized step module, captured with torch.export when saved: an AOTInductor
     package per step (and the eager archive), loaded back and judged against eager int8's own agreement."""

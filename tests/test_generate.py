@@ -52,6 +52,7 @@ def test_the_captured_steps_generate_what_transformers_generates(model: str, lla
     assert programs.spec.nbytes(2) == 2 * 2 * 2 * programs.spec.heads * 32 * programs.spec.head_dim * 4
 
 
+@pytest.mark.slow
 def test_every_backend_generates_eager_fp32s_tokens(cache_dir: Path) -> None:
     pytest.importorskip("tvm")
     bundle = load_model("tiny-gpt2")
@@ -129,6 +130,7 @@ def test_generate_from_the_command_line_and_its_bad_input(tmp_path: Path, capsys
         capture_generation(load_model("tiny-gpt2"), 1)
 
 
+@pytest.mark.slow
 def test_int8_dynamic_generation_quantizes_every_linear_layer_and_inductor_keeps_its_tokens() -> None:
     from torchao.utils import TorchAOBaseTensor
     from transformers.pytorch_utils import Conv1D

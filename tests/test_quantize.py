@@ -212,7 +212,7 @@ def test_qdq_graph_quantizes_exactly_the_calibrated_layers(quantized: Captured, 
         assert zp.dtype.name == "int8" and not zp.any()
 
 
-@pytest.mark.parametrize("name", ["eager", "inductor", "onnxruntime"])
+@pytest.mark.parametrize("name", ["eager", pytest.param("inductor", marks=pytest.mark.slow), "onnxruntime"])
 def test_per_tensor_weights(name: str, tiny_bert: ModelBundle, cache_dir: Path, tmp_path: Path) -> None:
     captured = capture(tiny_bert, cache_dir, QuantSpec(method="minmax", samples=16, per_channel=False))
     backend = registry.get(name)

@@ -7,7 +7,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 
+
+@pytest.mark.slow
 def test_readme_api_example_runs(tmp_path: Path) -> None:
     text = (Path(__file__).parent.parent / "README.md").read_text()
     code = re.search(r"## The Python API\n\n```python\n(.*?)```", text, re.S)
