@@ -3,9 +3,11 @@ cores shared with a build, ONNX Runtime once timed at 10x eager where a quiet ho
 
 While a shape is timed, Watch counts the CPU time the whole machine spent busy (steal included:
 a hypervisor taking the cores) against the CPU time of this process and its workers; what is
-left is other processes'. The reference's own rounds are a second witness: its median should
-not move between the first and second half of the rounds. Either failing makes the report
-`noisy`: its ratios are kept as measured but not presented or gated as a speedup."""
+left is other processes'. Too much of it, or a drifting speedup, makes the report
+`noisy`: its ratios are kept as measured but not presented or gated as a speedup.
+The reference's own rounds are a second witness, read through the ratios: interleaving makes a
+speedup immune to drift that hits every engine alike, so what counts is a speedup that moves
+between the first and the second half of the rounds."""
 
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 BUSY_SHARE = 0.25  # other processes using more than a quarter of the machine's CPU time while timing
-DRIFT = 0.20  # the reference's median moving more than 20% between the halves of its rounds
+DRIFT = 0.20  # a speedup moving more than 20% between the halves of the rounds
 MIN_ROUNDS_FOR_DRIFT = 6
 
 
@@ -80,15 +82,30 @@ def drift(samples: Sequence[float]) -> float | None:
     return abs(b - a) / min(a, b) if min(a, b) > 0 else None
 
 
-def judge(shape: str, others_share: float | None, reference_samples: Sequence[float]) -> dict[str, Any]:
-    """One shape's reading: the numbers and, when the timing cannot be trusted, why."""
-    d = drift(reference_samples)
+def ratio_drift(reference: Sequence[float], candidate: Sequence[float]) -> float | None:
+    """How far an engine's speedup over the reference in the second half of the rounds lies from
+    the first half's. Interleaving makes the ratio immune to drift that hits every engine alike
+    (a host that slows down for a while): only a drift that moves the ratio is a lie."""
+    if len(reference) != len(candidate) or len(reference) < MIN_ROUNDS_FOR_DRIFT:
+        return None
+    half = len(reference) // 2
+    halves = [statistics.median(reference[s]) / statistics.median(candidate[s]) for s in (slice(None, half), slice(half, None))]
+    return abs(halves[1] - halves[0]) / min(halves) if min(halves) > 0 else None
+
+
+def judge(shape: str, others_share: float | None, reference: Sequence[float],
+          candidates: dict[str, Sequence[float]] | None = None) -> dict[str, Any]:
+    """One shape's reading: the numbers and, when the timing cannot be trusted, why. The
+    reference's own drift is recorded; a speedup that drifts between the halves is judged."""
+    moved = {name: d for name, samples in (candidates or {}).items() if (d := ratio_drift(reference, samples)) is not None}
     reasons = []
     if others_share is not None and others_share > BUSY_SHARE:
         reasons.append(f"other processes used {others_share:.0%} of the CPU time while {shape} was timed (at most {BUSY_SHARE:.0%})")
-    if d is not None and d > DRIFT:
-        reasons.append(f"the reference's median moved {d:.0%} between the halves of its rounds at {shape} (at most {DRIFT:.0%})")
-    return {"shape": shape, "others_cpu_share": others_share, "reference_drift": d, "noisy": "; ".join(reasons) or None}
+    worst = max(moved, key=moved.__getitem__, default=None)
+    if worst is not None and moved[worst] > DRIFT:
+        reasons.append(f"{worst}'s speedup moved {moved[worst]:.0%} between the halves of its rounds at {shape} (at most {DRIFT:.0%})")
+    return {"shape": shape, "others_cpu_share": others_share, "reference_drift": drift(reference),
+            "speedup_drift": max(moved.values(), default=None), "noisy": "; ".join(reasons) or None}
 
 
 def verdict(readings: Sequence[dict[str, Any]]) -> str | None:

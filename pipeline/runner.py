@@ -212,7 +212,9 @@ class Runner:
             watch = contention.Watch(self._worker_pids).start()
             timings = benchmark({k: (self.engines[k], inputs) for k in live}, warmup=cfg.warmup, rounds=cfg.rounds,
                                 failures=failures, progress=rounds_done)
-            reading = contention.judge(str(s), watch.stop(), timings[REFERENCE].samples_ms if REFERENCE in timings else [])
+            ref_samples = timings[REFERENCE].samples_ms if REFERENCE in timings else []
+            reading = contention.judge(str(s), watch.stop(), ref_samples,
+                                       {f"{k[0]} {k[1]}": t.samples_ms for k, t in timings.items() if k != REFERENCE})
             self.contention["shapes"].append(reading)
             self.contention["noisy"] = contention.verdict(self.contention["shapes"])
             self.contention["load_after"] = contention.load_average()
