@@ -101,10 +101,10 @@ def test_a_speedup_drifting_between_its_halves_is_noisy_and_drift_that_hits_all_
 
     ref = [10.0, 10.2, 9.9, 10.1, 13.0, 12.8, 13.1, 13.0]  # the host slowed down half way
     alike = [5.0, 5.1, 4.9, 5.0, 6.5, 6.4, 6.6, 6.5]  # and the engine with it: the ratio held
-    apart = [5.0, 5.1, 4.9, 5.0, 5.0, 4.9, 5.1, 5.0]  # the engine did not: its ratio moved 30%
+    apart = [5.0, 5.1, 4.9, 5.0, 5.0, 4.9, 5.1, 5.0]  # the engine did not: its ratio moved 29%
     quiet = contention.judge("1x8", 0.05, ref, {"onnxruntime fp32": alike})
     assert quiet["noisy"] is None and quiet["reference_drift"] == pytest.approx(2.95 / 10.05)
-    assert "onnxruntime fp32's speedup moved 3" in contention.judge("1x8", 0.05, ref, {"onnxruntime fp32": apart})["noisy"]
+    assert "onnxruntime fp32's speedup moved 29%" in contention.judge("1x8", 0.05, ref, {"onnxruntime fp32": apart})["noisy"]
     assert contention.judge("1x8", 0.05, ref[:4], {"x": apart[:4]})["speedup_drift"] is None  # too few rounds to say
     assert "other processes used 60%" in contention.judge("1x8", 0.6, ref, {"x": alike})["noisy"]
 
