@@ -308,6 +308,10 @@ def load_generation(directory: str | Path, device: str | None = None, allow_fail
     if not isinstance(dtype, torch.dtype):
         raise ArtifactError(f"{directory}: unknown cache dtype {cache['dtype']!r}")
     spec = CacheSpec(int(cache["layers"]), int(cache["heads"]), int(cache["head_dim"]), int(cache["max_len"]), dtype)
+    for kind in STEPS:  # each step is a directory of this artifact, named by the manifest: never a path out of it
+        step = gen["steps"].get(kind) if isinstance(gen.get("steps"), dict) else None
+        if not isinstance(step, str) or step in ("", ".", "..") or "/" in step or "\\" in step:
+            raise ArtifactError(f"{directory}: the manifest's {kind} step {step!r} is not a directory inside the artifact")
     prefill, decode = (backend.load(directory / gen["steps"][kind], device) for kind in STEPS)
     tokenizer = None
     if meta.get("tokenizer"):

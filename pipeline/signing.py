@@ -23,14 +23,37 @@ def _library() -> Any:
     return model_signing
 
 
-def _hashing(directory: Path) -> Any:
-    return _library().hashing.Config().set_ignored_paths(paths=[directory / SIGNATURE])
+def _hashing() -> Any:
+    """Every file but the signature, git's names included. model-signing resolves ignored paths
+    against the model directory itself: the signature's name alone, never a path that would be
+    joined to the directory a second time (which broke a relative ART: "Extra files found: model.sig")."""
+    return _library().hashing.Config().set_ignored_paths(paths=[SIGNATURE], ignore_git_paths=False)
 
 
-def _key(path: str | Path, what: str) -> Path:
+_MAKE_KEY = "openssl ecparam -name prime256v1 -genkey -noout -out key.pem"
+
+
+def _key(path: str | Path, what: str, password: str | None = None) -> Path:
+    """The key file, refused in one line unless it is an elliptic-curve key model-signing's key
+    signer takes (it signs with EC keys; RSA is for its certificate and PKCS#11 signers)."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
     p = Path(path)
     if not p.is_file():
-        raise InputError(f"no {what} key at {p} (a PEM file; e.g. openssl ecparam -name prime256v1 -genkey -noout -out key.pem)")
+        raise InputError(f"no {what} key at {p} (a PEM file; e.g. {_MAKE_KEY})")
+    try:
+        data = p.read_bytes()
+        key: Any = (serialization.load_pem_private_key(data, password.encode() if password else None) if what == "private"
+                    else serialization.load_pem_public_key(data))
+    except TypeError as e:  # a password for an unencrypted key, or none for an encrypted one
+        raise InputError(f"cannot read the {what} key {p}: {e} (--password)") from None
+    except ValueError as e:
+        raise InputError(f"cannot read the {what} key {p}: {str(e).splitlines()[0] if str(e) else 'not a PEM key'} "
+                         f"(a wrong --password, or not a PEM key)") from None
+    if not isinstance(key, (ec.EllipticCurvePrivateKey, ec.EllipticCurvePublicKey)):
+        raise InputError(f"{p} is an {type(key).__name__.removeprefix('_').replace('PrivateKey', '').replace('PublicKey', '')} key; "
+                         f"Kiln signs with model-signing's elliptic-curve key signer: make an EC key ({_MAKE_KEY})")
     return p
 
 
@@ -39,9 +62,11 @@ def sign(directory: str | Path, private_key: str | Path, password: str | None = 
     directory = Path(directory)
     check_artifact(directory)  # only a whole engine, every hash as recorded, is worth signing
     lib = _library()
+    key = _key(private_key, "private", password)
     try:
-        config = lib.signing.Config().use_elliptic_key_signer(private_key=_key(private_key, "private"), password=password)
-        config.set_hashing_config(_hashing(directory)).sign(directory, directory / SIGNATURE)
+        # model-signing hands the password to cryptography, which takes bytes
+        config = lib.signing.Config().use_elliptic_key_signer(private_key=key, password=password.encode() if password else None)
+        config.set_hashing_config(_hashing()).sign(directory, directory / SIGNATURE)
     except (ValueError, TypeError) as e:
         raise InputError(f"cannot sign with {private_key}: {e}") from e
     return directory / SIGNATURE
@@ -55,6 +80,6 @@ def check_signature(directory: str | Path, public_key: str | Path) -> None:
     lib = _library()
     try:
         config = lib.verifying.Config().use_elliptic_key_verifier(public_key=_key(public_key, "public"))
-        config.set_hashing_config(_hashing(directory)).verify(directory, directory / SIGNATURE)
+        config.set_hashing_config(_hashing()).verify(directory, directory / SIGNATURE)
     except ValueError as e:
         raise ArtifactError(f"{directory}: the signature does not verify with {public_key}: {str(e)[:300]}") from e

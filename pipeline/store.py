@@ -12,6 +12,7 @@ anything (a .so or .pt2 runs code when loaded).
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import json
 import os
 import shutil
@@ -32,6 +33,7 @@ if TYPE_CHECKING:
 
 MANIFEST, REFERENCE, KIND, SCHEMA = "manifest.json", "reference.pt", "kiln-engine", 2
 SIGNATURE = "model.sig"  # pipeline.signing writes it; it is never one of the engine's own files
+SEAL = "manifest_sha256"  # the manifest's own digest, over every other field: an edited manifest is refused
 _OLD_META = "engine.json"  # schema 1 kept a second metadata file beside the manifest
 
 
@@ -75,9 +77,22 @@ def seal(directory: Path, sections: dict[str, Any]) -> Path:
 
 def _write(directory: Path, meta: dict[str, Any]) -> Path:
     """The manifest with the hash of every file beside it, written whole."""
-    meta = {**meta, "files": _hashes(directory)}
+    return rewrite(directory, {**meta, "files": _hashes(directory)})
+
+
+def _seal(meta: dict[str, Any]) -> str:
+    body = {k: v for k, v in meta.items() if k != SEAL}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, default=str, allow_nan=False).encode()).hexdigest()
+
+
+def rewrite(directory: Path, meta: dict[str, Any]) -> Path:
+    """`meta` written as the manifest, sealed with its own digest (the files are not hashed again).
+    The seal catches a manifest edited by hand or by a tool; whoever rewrites it on purpose can
+    seal it again, which only a signature (kiln sign) rules out."""
     try:  # a NaN or Inf never reaches a manifest: JSON has no such number, and a reader would trust it
-        text = json.dumps(meta, indent=2, default=str, allow_nan=False)
+        meta = {**json.loads(json.dumps(meta, default=str, allow_nan=False)), SEAL: ""}
+        meta[SEAL] = _seal(meta)
+        text = json.dumps(meta, indent=2, allow_nan=False)
     except ValueError as e:
         raise ArtifactError(f"{directory}: a value is not a finite number, so nothing is written ({e})") from e
     return atomic_write(directory / MANIFEST, text)
@@ -101,6 +116,11 @@ def read_manifest(directory: str | Path) -> dict[str, Any]:
         raise ArtifactError(f"{directory} was built by an older Kiln (schema {schema}), rebuild it")
     if schema != SCHEMA:
         raise ArtifactError(f"{path} has schema_version {schema!r}; this Kiln reads {SCHEMA}: upgrade Kiln or rebuild it")
+    if SEAL not in meta:
+        raise ArtifactError(f"{path} carries no seal (written by an older Kiln): rebuild it")
+    if meta[SEAL] != _seal(meta):
+        raise ArtifactError(f"{path} was changed after it was written (its {SEAL} does not match its fields): rebuild the "
+                            f"engine; sign artifacts (kiln sign) to know who wrote them")
     return meta
 
 
@@ -112,6 +132,8 @@ def check_files(directory: Path, meta: dict[str, Any]) -> None:
         raise ArtifactError(f"{directory}: the manifest lists no files")
     if directory.is_symlink():
         raise ArtifactError(f"{directory} is a symbolic link; an engine directory must be the directory itself")
+    if not isinstance(files, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in files.items()):
+        raise ArtifactError(f"{directory}: the manifest's files are not a table of names and sha256 digests")
     for name, digest in files.items():
         if Path(name).is_absolute() or ".." in Path(name).parts:
             raise ArtifactError(f"{directory}: the manifest names a file outside the engine: {name}")
@@ -122,6 +144,11 @@ def check_files(directory: Path, meta: dict[str, Any]) -> None:
             raise ArtifactError(f"{directory}: {name} is missing")
         if sha256(p) != digest:
             raise ArtifactError(f"{directory}: {name} does not match its sha256 in the manifest (tampered or truncated)")
+    extra = sorted(p.relative_to(directory).as_posix() for p in directory.rglob("*")
+                   if (p.is_file() or p.is_symlink()) and p.relative_to(directory).as_posix() not in {*files, MANIFEST, SIGNATURE})
+    if extra:  # a loader (a tokenizer's, say) may open files it finds: the directory holds what was checked, nothing else
+        raise ArtifactError(f"{directory}: {', '.join(extra[:5])} {'is' if len(extra) == 1 else 'are'} not in the manifest; "
+                            f"an engine directory holds only the files it lists: remove {'it' if len(extra) == 1 else 'them'} or rebuild")
 
 
 def check_requires(directory: Path, meta: dict[str, Any], have: dict[str, str]) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -119,15 +120,39 @@ def test_tampered_truncated_and_foreign_artifacts_are_refused(built: Path, tmp_p
         load(tmp_path)
 
 
+def test_a_manifest_edited_by_hand_or_a_file_it_does_not_list_is_refused(built: Path, tmp_path: Path,
+                                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    """The manifest is sealed by its own digest, and the directory holds only what it lists: a
+    removed input spec, a raised vocabulary bound or a tokenizer file dropped in (which changed what
+    predict answered while verify passed) is refused by verify, load and predict."""
+    edits = {"specs": lambda m: m["engine"].pop("input_specs"),
+             "bound": lambda m: m["inputs"]["input_ids"].update(high=10**9)}
+    for name, edit in edits.items():
+        eng = _copy(built / "onnxruntime-fp32", tmp_path / name)
+        meta = json.loads((eng / MANIFEST).read_text())
+        edit(meta)
+        (eng / MANIFEST).write_text(json.dumps(meta))
+        for argv in (["verify", str(eng)], ["load", str(eng)], ["predict", str(eng), "a sentence"]):
+            assert main(argv) == 2, (name, argv)
+            assert "was changed after it was written" in capsys.readouterr().err, (name, argv)
+    extra = _copy(built / "onnxruntime-fp32", tmp_path / "extra")
+    (extra / "special_tokens_map.json").write_text(json.dumps({"unk_token": "[MASK]"}))
+    for argv in (["verify", str(extra)], ["load", str(extra)], ["predict", str(extra), "a sentence"]):
+        assert main(argv) == 2, argv
+        assert "special_tokens_map.json is not in the manifest" in capsys.readouterr().err, argv
+    (extra / "special_tokens_map.json").unlink()
+    assert main(["verify", str(extra)]) == 0
+
+
 def test_an_engine_from_other_library_versions_is_refused(built: Path, tmp_path: Path) -> None:
     eng = _copy(built / "eager-fp32", tmp_path / "v")
     meta = json.loads((eng / MANIFEST).read_text())
     meta["requires"]["torch"] = "1.13"
-    (eng / MANIFEST).write_text(json.dumps(meta))
+    store.rewrite(eng, meta)  # resealed, as whoever rewrites a manifest on purpose can
     with pytest.raises(ArtifactError, match="built with torch 1.13; this machine has torch 2"):
         load(eng)
     meta["files"]["../../etc/passwd"] = "0" * 64
-    (eng / MANIFEST).write_text(json.dumps(meta))
+    store.rewrite(eng, meta)  # resealed, as whoever rewrites a manifest on purpose can
     with pytest.raises(ArtifactError, match="outside the engine"):
         load(eng)
 
@@ -371,7 +396,7 @@ def test_load_refuses_an_engine_whose_verdict_is_not_a_pass(built: Path, tmp_pat
     eng = _copy(built / "onnxruntime-fp32", tmp_path)
     meta = json.loads((eng / MANIFEST).read_text())
     meta["verdict"]["status"] = "mismatch"
-    (eng / MANIFEST).write_text(json.dumps(meta))
+    store.rewrite(eng, meta)  # resealed, as whoever rewrites a manifest on purpose can
     with pytest.raises(ArtifactError, match="build verdict is 'mismatch'.*allow_failed=True"):
         load(eng)
     assert load(eng, allow_failed=True).backend == "onnxruntime"
@@ -432,6 +457,42 @@ def test_a_cache_entry_that_was_altered_is_made_again(tiny_captured: Any) -> Non
     assert again == onnx and again.read_bytes() == first
 
 
+def test_signing_works_with_relative_paths_encrypted_keys_and_refuses_rsa_in_one_line(built: Path, tmp_path: Path) -> None:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+    private, public = keys(tmp_path, "ours")
+    eng = _copy(built / "eager-fp32", tmp_path / "work")
+    (tmp_path / "elsewhere").mkdir()
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)}  # this checkout, from any directory
+
+    def kiln(*argv: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "pipeline", *argv], cwd=cwd, capture_output=True, text=True, timeout=300,
+                              env=env)
+
+    assert kiln("sign", "eager-fp32", "--key", str(private), cwd=eng.parent).returncode == 0  # a relative path
+    ok = kiln("verify", "../work/eager-fp32", "--require-signature", "--key", str(public), cwd=tmp_path / "elsewhere")
+    assert ok.returncode == 0 and ok.stdout.startswith("PASS"), ok.stderr
+    assert verify(eng, public_key=public).passed  # and by its absolute path, after signing by a relative one
+    locked = ec.generate_private_key(ec.SECP256R1())
+    enc = tmp_path / "enc.pem"
+    enc.write_bytes(locked.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                         serialization.BestAvailableEncryption(b"s3cret")))
+    (tmp_path / "enc.pub").write_bytes(locked.public_key().public_bytes(serialization.Encoding.PEM,
+                                                                        serialization.PublicFormat.SubjectPublicKeyInfo))
+    assert main(["sign", str(eng), "--key", str(enc), "--password", "s3cret"]) == 0
+    assert verify(eng, public_key=tmp_path / "enc.pub").passed
+    rsa_key = tmp_path / "rsa.pem"
+    rsa_key.write_bytes(rsa.generate_private_key(public_exponent=65537, key_size=2048).private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    for argv, says in ((["--key", str(rsa_key)], "is an RSA key; Kiln signs with model-signing's elliptic-curve key signer"),
+                       (["--key", str(enc), "--password", "wrong"], "a wrong --password"),
+                       (["--key", str(enc)], "Password was not given but private key is encrypted")):
+        p = kiln("sign", str(eng), *argv, cwd=tmp_path)
+        assert p.returncode == 2 and p.stderr.count("\n") == 1 and says in p.stderr, p.stderr
+    assert verify(eng, public_key=tmp_path / "enc.pub").passed  # a refused signing left the signature as it was
+
+
 def test_a_signed_engine_rewritten_with_its_manifest_is_refused(built: Path, tmp_path: Path,
                                                                capsys: pytest.CaptureFixture[str]) -> None:
     private, public = keys(tmp_path, "ours")
@@ -443,7 +504,7 @@ def test_a_signed_engine_rewritten_with_its_manifest_is_refused(built: Path, tmp
     (eng / "program.pt2").write_bytes((other / "model.onnx").read_bytes())
     meta = json.loads((eng / MANIFEST).read_text())
     meta["files"]["program.pt2"] = store.sha256(eng / "program.pt2")
-    (eng / MANIFEST).write_text(json.dumps(meta))
+    store.rewrite(eng, meta)  # resealed, as whoever rewrites a manifest on purpose can
     check_artifact(eng)
     # ... the signature does not, before any of the engine's code is opened
     with pytest.raises(ArtifactError, match="signature does not verify"):
