@@ -187,12 +187,13 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 def cmd_load(args: argparse.Namespace) -> int:
     from .genbuild import is_generation
-    from .store import load, read_manifest, read_reference
+    from .store import load, read_manifest, read_reference, require_build
 
     if is_generation(args.artifact):
         return _check_generation(args, "loaded")
     model = load(args.artifact, args.device, allow_failed=args.allow_failed, public_key=_public_key(args))
     meta = read_manifest(args.artifact)
+    require_build(Path(args.artifact), meta, "kiln load")
     ref = read_reference(args.artifact)
     print(f"loaded {meta['backend']} {meta['precision']} engine of {meta['model']['name']} (graph {meta['model']['graph_hash']}) on {model.device}")
     for x in (x for batches in ref.values() for x in batches["inputs"]):
@@ -280,7 +281,8 @@ def cmd_triton(args: argparse.Namespace) -> int:
     from .triton import export_triton
 
 
-    path = export_triton(args.artifact, args.repo, args.name, args.version, text=args.text)
+    path = export_triton(args.artifact, args.repo, args.name, args.version, text=args.text, allow_failed=args.allow_failed,
+                         public_key=_public_key(args))
     print(f"wrote Triton model {path} (config.pbtxt, {args.version}/)")
     if args.text:
         print(f"wrote {path.name}-tokenizer (Python backend) and {path.name}-text (the ensemble a client sends strings to)")
@@ -462,6 +464,9 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--version", type=int, default=1, help="the version directory to write (default 1)")
     tr.add_argument("--text", action="store_true",
                     help="also the tokenizer as a Python-backend model and an ensemble, so the repository takes text")
+    tr.add_argument("--allow-failed", action="store_true", help="export even if its build verdict was not a pass")
+    tr.add_argument("--require-signature", action="store_true", help="refuse it unless its signature verifies with --key")
+    tr.add_argument("--key", help="the public key (PEM) the artifact was signed for")
     tr.set_defaults(func=cmd_triton)
 
     ck = sub.add_parser("check", help="CI gate: compare a report with a baseline (exit 0 pass, 1 regression, 2 bad input)")

@@ -160,6 +160,14 @@ def check_requires(directory: Path, meta: dict[str, Any], have: dict[str, str]) 
                             "; this machine has " + ", ".join(f"{k} {h}" for k, (_, h) in wrong.items()) + ": rebuild it")
 
 
+def require_build(directory: Path, meta: dict[str, Any], verb: str) -> None:
+    """What `verb` needs is an artifact `kiln build` installed, not an engine `kiln run --save-engines` left."""
+    if not meta.get("verdict") or not meta.get("model") or not (directory / REFERENCE).is_file():
+        raise ArtifactError(f"{directory} is an engine `kiln run --save-engines` left: no build verdict, model or reference "
+                            f"inputs, which {verb} needs; build an artifact with kiln build --backends {meta.get('backend')} "
+                            f"--precisions {meta.get('precision')}")
+
+
 def check_artifact(directory: str | Path) -> dict[str, Any]:
     """The manifest, once every listed file matches its hash and the libraries match."""
     import backends as registry

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import InputError
-from .store import check_artifact, install
+from .store import check_artifact, install, require_build
 
 _TYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "bfloat16": "TYPE_BF16", "int64": "TYPE_INT64",
           "int32": "TYPE_INT32", "bool": "TYPE_BOOL", "int8": "TYPE_INT8", "uint8": "TYPE_UINT8"}
@@ -38,8 +38,15 @@ def _pb() -> Any:
 
 
 def sanitize(name: str) -> str:
-    """A Triton model name: one directory, letters, digits, '_', '-', '.' (anything else becomes '_')."""
-    clean = _NAME_OK.sub("_", name).strip("._") or "model"
+    """A Triton model name: one directory, letters, digits, '_', '-', '.' (accents dropped, anything
+    else '_'). A name with nothing left keeps a digest of itself, so two such names never collide."""
+    import hashlib
+    import unicodedata
+
+    ascii_name = unicodedata.normalize("NFKD", name).encode("ascii", "ignore").decode()
+    clean = _NAME_OK.sub("_", ascii_name).strip("._")
+    if not clean.replace("_", "").replace("-", ""):
+        clean = f"model-{hashlib.sha256(name.encode()).hexdigest()[:8]}"
     return clean
 
 
@@ -175,14 +182,25 @@ class TritonPythonModel:
 
 
 def export_triton(artifact: str | Path, repo: str | Path, name: str | None = None, version: int = 1,
-                  text: bool = False) -> Path:
+                  text: bool = False, allow_failed: bool = False, public_key: str | Path | None = None) -> Path:
     """The engine as a Triton model (and, with `text`, its tokenizer model and the ensemble), under
     `repo`; returns the engine model's directory. Nothing in `repo` changes unless every model was
-    written whole."""
+    written whole. Like `load`: with `public_key` the signature is checked first, and an engine
+    whose build verdict is not a pass is refused unless `allow_failed`."""
     import backends as registry
 
     artifact = Path(artifact)
+    if public_key is not None:
+        from .signing import check_signature
+
+        check_signature(artifact, public_key)
     meta = check_artifact(artifact)
+    verdict = (meta.get("verdict") or {}).get("status")
+    if meta.get("mode") != "generate":
+        require_build(artifact, meta, "kiln triton")
+    if verdict != "pass" and not allow_failed:
+        raise InputError(f"{artifact}: its build verdict is {verdict!r} ({(meta.get('verdict') or {}).get('reason', '')}); "
+                         f"a server would answer with it: export it anyway with --allow-failed")
     if meta.get("mode") == "generate":
         raise InputError(f"{artifact} is a generation artifact: serving its prefill and decode steps needs a decode loop "
                          f"around them, which Kiln does not write for Triton; export a forward engine")

@@ -213,6 +213,10 @@ def test_triton_repository(built: Path, tmp_path: Path) -> None:
     assert [(g.kind, g.count) for g in cfg.instance_group] == [(pb.ModelInstanceGroup.KIND_CPU, 1)]  # built on the CPU
     with pytest.raises(InputError, match="no Triton backend"):
         export_triton(built / "eager-fp32", tmp_path / "repo")
+    from pipeline.triton import sanitize
+
+    assert sanitize("café-bert") == "cafe-bert" and sanitize("../x") == "x"  # one directory, ASCII
+    assert sanitize("模型") != sanitize("模型二") and sanitize("模型").startswith("model-")  # nothing left: never one name for all
     assert _models(tmp_path / "repo") == ["minibert"]  # no staging left behind
 
 
@@ -401,6 +405,26 @@ def test_load_refuses_an_engine_whose_verdict_is_not_a_pass(built: Path, tmp_pat
         load(eng)
     assert load(eng, allow_failed=True).backend == "onnxruntime"
     assert main(["load", str(eng)]) == 2 and main(["load", str(eng), "--allow-failed"]) == 0
+    capsys.readouterr()
+    repo = tmp_path / "repo"  # a server would answer with it: Triton refuses it too, unless told
+    assert main(["triton", str(eng), "--repo", str(repo)]) == 2
+    assert "export it anyway with --allow-failed" in capsys.readouterr().err and not list(repo.glob("*/config.pbtxt"))
+    assert main(["triton", str(eng), "--repo", str(repo), "--allow-failed"]) == 0 and list(repo.glob("*/config.pbtxt"))
+
+
+def test_an_engine_kiln_run_saved_is_refused_where_an_artifact_is_needed(tmp_path: Path, cache_dir: Path,
+                                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "run"
+    assert main(["run", "--model", "tiny-bert", "--backends", "onnxruntime", "--shapes", "1x8", "--rounds", "1", "--warmup", "0",
+                 "--isolation", "none", "--save-engines", "--out", str(out), "--cache-dir", str(cache_dir), "--quiet"]) == 0
+    capsys.readouterr()
+    eng = out / "engines" / "onnxruntime-fp32"
+    assert load(eng).backend == "onnxruntime"  # the API loads the engine itself
+    for argv in (["load", str(eng)], ["verify", str(eng)], ["triton", str(eng), "--repo", str(tmp_path / "repo")],
+                 ["predict", str(eng), "a sentence"]):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "kiln build" in err, (argv, err)
 
 
 def _kiln(*args: str) -> subprocess.Popen[str]:
