@@ -86,8 +86,10 @@ def _preflight(args: argparse.Namespace, verb: str) -> None:
     timing, calibration and generation settings. The model's own ranges are checked once it loads."""
     from .choices import model_source
     from .config import check_choices
+    from .modelcheck import check_model_dir
 
-    model_source(args.model)
+    if model_source(args.model) == "dir":
+        check_model_dir(args.model)
     if args.mode == "generate":
         if args.save_engines if verb == "run" else False:
             raise InputError("--save-engines is for forward runs; deployable generation engines: kiln build --mode generate")

@@ -18,6 +18,7 @@ from torch import nn
 from .choices import DEFAULT_MODEL, model_source
 from .errors import InputError, UnknownChoiceError
 from .env import quiet_import
+from .modelcheck import check_model_dir
 
 Task = Literal["encoder", "causal-lm", "classification", "token-classification", "question-answering", "masked-lm",
                "image-classification", "image-encoder", "generic"]
@@ -373,8 +374,7 @@ def load_hf_dir(path: str | Path, *, name: str | None = None, source: str | None
 
     quiet_import("torchao")
     path = Path(path)
-    if not (path / "config.json").is_file():
-        raise InputError(f"{path} is not a Hugging Face model directory (no config.json)")
+    check_model_dir(path)  # sizes, memory, weight headers: before transformers allocates anything
     try:
         config = transformers.AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
     except (OSError, ValueError, KeyError) as e:

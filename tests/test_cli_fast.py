@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -117,3 +118,54 @@ def test_bad_text_and_bad_reports_are_one_line(tmp_path: Path) -> None:
     p = subprocess.run([sys.executable, "-c", _PROBE, "predict", str(tmp_path), "caf\udce9"], capture_output=True, timeout=120,
                        env={**os.environ, "PYTHONUTF8": "1"}, text=True, errors="surrogateescape")
     assert p.returncode == 2 and "text 1 is not valid UTF-8" in p.stderr, p.stderr
+
+
+def _tiny_bert_dir(where: Path) -> Path:
+    import transformers
+
+    transformers.BertModel(transformers.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                                   intermediate_size=64, max_position_embeddings=64)).save_pretrained(where)
+    return where
+
+
+def test_hostile_model_directories_are_one_line_before_anything_loads(tmp_path: Path) -> None:
+    """Each refused in one line, exit 2, by reading config.json and the safetensors headers alone:
+    torch is never imported, so nothing was allocated and nothing written."""
+    import json
+    import shutil
+
+    base = _tiny_bert_dir(tmp_path / "base")
+    weights = base / "model.safetensors"
+    cases: dict[str, tuple[Any, str]] = {
+        "negative": ({"hidden_size": -32}, "hidden_size is -32, not a positive integer"),
+        "zero": ({"num_hidden_layers": 0}, "num_hidden_layers is 0, not a positive integer"),
+        "string": ({"num_attention_heads": "2"}, "num_attention_heads is '2', not a positive integer"),
+        "float": ({"intermediate_size": 64.5}, "intermediate_size is 64.5, not a positive integer"),
+        "boolean": ({"vocab_size": True}, "vocab_size is True, not a positive integer"),
+        "vocabulary-1e12": ({"vocab_size": 10**12}, "billion parameters; a run holds about 5 copies"),
+        "positions-2**40": ({"max_position_embeddings": 2**40}, "GiB available"),
+        "100000-layers": ({"num_hidden_layers": 100000, "hidden_size": 1024}, "billion parameters"),
+        "vocabulary-unlike-the-weights": ({"vocab_size": 1000}, "says vocab_size 1000, but model.safetensors's"),
+        "not-an-object": ([1, 2], "config.json is not a JSON object"),
+        "truncated": (None, "model.safetensors is truncated"),
+        "header-garbage": (b"\xff" * 64, "model.safetensors is truncated or not safetensors"),
+    }
+    for name, (change, says) in cases.items():
+        d = tmp_path / name
+        shutil.copytree(base, d)
+        if name == "truncated":
+            (d / "model.safetensors").write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+        elif isinstance(change, bytes):
+            (d / "model.safetensors").write_bytes(change)
+        elif isinstance(change, dict):
+            config = json.loads((d / "config.json").read_text())
+            (d / "config.json").write_text(json.dumps({**config, **change}))
+        else:
+            (d / "config.json").write_text(json.dumps(change))
+        p = _kiln("run", "--model", str(d), "--out", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "cache"))
+        assert p.returncode == 2, (name, p.stderr)
+        lines = p.stderr.splitlines()
+        assert len(lines) == 2 and lines[0].startswith("kiln: error: ") and says in lines[0], (name, lines)
+        assert lines[1] == "HEAVY:", (name, lines)
+    assert not (tmp_path / "out").exists() and not (tmp_path / "cache").exists()
+    assert _kiln("run", "--model", str(base), "--help").returncode == 0  # the base directory itself is fine
