@@ -166,3 +166,19 @@ def check_writable(path: str | Path, what: str, *, directory: bool = True, min_f
     if free < min_free_mb:
         raise InputError(f"{what} {p} has {free:.0f} MB free where it lands ({home}); this job needs at least {min_free_mb:.0f} MB")
     return p
+
+
+def exchange(a: Path, b: Path) -> bool:
+    """Swaps two paths in one step (Linux renameat2 with RENAME_EXCHANGE), so a reader of either
+    never finds it missing; False where the kernel, libc or file system cannot, and nothing moved."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0

@@ -25,7 +25,7 @@ import torch
 from .compare import Comparator, Comparison
 from .env import device_info
 from .errors import ArtifactError
-from .fsutil import atomic_write, left_by_dead, lock, sha256
+from .fsutil import atomic_write, exchange, left_by_dead, lock, sha256
 from .precision import Precision, Tolerance
 
 if TYPE_CHECKING:
@@ -225,10 +225,15 @@ def recover(target: Path) -> None:
 
 
 def install(src: Path, target: Path) -> None:
-    """Rename a complete engine directory into place; an older one is moved aside first, then removed.
-    Installs into one target take turns; a kill between the renames is undone by `recover`."""
+    """Put a complete engine directory in place of `target`: swapped with the older one in one step
+    where the file system can (a reader finds the old engine or the new, never none), else the
+    older one moved aside first and removed after. Installs into one target take turns; a kill
+    between those two renames is undone by `recover`."""
     with lock(target):
         recover(target)
+        if target.exists() and exchange(src, target):
+            shutil.rmtree(src, ignore_errors=True)  # the older engine, now under the staging name
+            return
         old = None
         if target.exists():
             old = target.with_name(f".old-{os.getpid()}-{target.name}")

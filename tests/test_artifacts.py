@@ -465,6 +465,40 @@ def test_a_build_killed_at_any_moment_leaves_nothing_that_stops_the_next(tmp_pat
     assert verify(root / "tiny-bert" / "onnxruntime-fp32").passed
 
 
+def test_a_reader_never_finds_the_engine_missing_during_installs(tmp_path: Path) -> None:
+    """Installs swap the new directory with the old in one step: a reader polling the manifest
+    during 100 installs reads the old engine or the new one, every time."""
+    import threading
+
+    target = tmp_path / "tiny-bert" / "eager-fp32"
+    target.mkdir(parents=True)
+    (target / MANIFEST).write_text('{"n": -1}')
+    misses, reads, done = [], [0], threading.Event()
+
+    def poll() -> None:
+        while not done.is_set():
+            try:
+                json.loads((target / MANIFEST).read_text())
+                reads[0] += 1
+            except (FileNotFoundError, ValueError) as e:
+                misses.append(repr(e))
+
+    reader = threading.Thread(target=poll)
+    reader.start()
+    try:
+        for i in range(100):
+            staged = tmp_path / "tiny-bert" / f".staging-{i}"
+            staged.mkdir()
+            (staged / MANIFEST).write_text(json.dumps({"n": i}))
+            store.install(staged, target)
+    finally:
+        done.set()
+        reader.join()
+    assert not misses and reads[0] > 100, (misses[:3], reads)
+    assert json.loads((target / MANIFEST).read_text()) == {"n": 99}
+    assert sorted(p.name for p in target.parent.iterdir()) == [".eager-fp32.lock", "eager-fp32"]  # no old copy left
+
+
 def test_a_kill_between_the_two_renames_of_an_install_is_undone(built: Path, cache_dir: Path) -> None:
     target = built / "eager-fp32"
     before = _files(target)
