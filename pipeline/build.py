@@ -15,7 +15,7 @@ from typing import Any
 
 from . import store
 from .acceptance import accept
-from .capture import Captured, capture
+from .capture import DEFAULT_CACHE, Captured, capture
 from .choices import DEFAULTS, IMAGE_SHAPES, TEXT_SHAPES
 from .config import REFERENCE, RunConfig, check_choices, make_config
 from .env import device_info, environment
@@ -91,6 +91,16 @@ class BuildOutcome:
         return {**dataclasses.asdict(self), "path": str(self.path)}
 
 
+def name_cache(outcomes: list[BuildOutcome], cache: Path | str | None) -> list[BuildOutcome]:
+    """A failing engine may have been built from a cache entry that itself is bad: its reason says
+    which cache, and how to build without it."""
+    for o in outcomes:
+        if o.status in ("mismatch", "failed"):
+            o.reason += (f" (built with the cache at {cache or DEFAULT_CACHE}: build again without it with --no-cache, "
+                         f"or drop it with kiln cache clean)")
+    return outcomes
+
+
 def shipped(outcome: BuildOutcome) -> BuildOutcome:
     """The outcome with what its installed (or reused) engine's manifest says of each shape it was
     checked and timed at: what `kiln build` prints."""
@@ -153,6 +163,8 @@ def build(model: str | Path | ModelBundle, backends: Sequence[str] | str, precis
     say(f"capturing {bundle.name}")
     captured = capture(bundle, cache_dir, cfg.quant)
     home = Path(root) / safe_name(bundle.name)
+    if home.is_dir():
+        clean_stale(home, ".staging-")  # left by builds that were killed, also when this one only reuses
     outcomes, todo = [], []
     for b in cfg.backends:
         for p in cfg.precisions:
@@ -172,7 +184,7 @@ def build(model: str | Path | ModelBundle, backends: Sequence[str] | str, precis
     try:
         report = runner.run(captured, timed=False)
         job = _Job(runner, cfg, _model_sections(bundle, captured, cfg), output_axes(bundle), staging, home, say)
-        outcomes += [job.ship(b, p, key, report.rows(b, p)) for b, p, key in todo]
+        outcomes += name_cache([job.ship(b, p, key, report.rows(b, p)) for b, p, key in todo], captured.cache_dir)
     finally:
         runner.close()
         shutil.rmtree(staging, ignore_errors=True)

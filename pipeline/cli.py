@@ -138,6 +138,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     _fill_defaults(args, "run")
     _preflight(args, "run")
+    _cache(args)
     if args.mode == "generate":
         return cmd_generate(args)
     from .build import run
@@ -157,6 +158,38 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 1 if crashed else 0
 
 
+def _cache(args: argparse.Namespace) -> None:
+    """--no-cache: a fresh cache of this command's own, removed when it ends."""
+    if args.no_cache:
+        import atexit
+        import shutil
+        import tempfile
+
+        if args.cache_dir:
+            raise InputError("--no-cache and --cache-dir: give one of them")
+        args.cache_dir = tempfile.mkdtemp(prefix="kiln-nocache-")
+        atexit.register(shutil.rmtree, args.cache_dir, True)
+
+
+def cmd_cache(args: argparse.Namespace) -> int:
+    """kiln cache clean: every entry of the cache removed (exports, graphs, engines, tuning databases)."""
+    import shutil
+
+    root = Path(args.cache_dir or os.environ.get("KILN_CACHE", "artifacts/cache"))
+    if not root.is_dir():
+        print(f"no cache at {root}")
+        return 0
+    entries = [p for p in root.rglob("*") if p.is_file()]
+    size = sum(p.stat().st_size for p in entries) / 2**20
+    for child in root.iterdir():
+        if child.is_dir():
+            shutil.rmtree(child)
+        else:
+            child.unlink()
+    print(f"removed {len(entries)} files ({size:.1f} MB) from the cache at {root}")
+    return 0
+
+
 def _fill_defaults(args: argparse.Namespace, verb: str) -> None:
     """The verb's defaults in the mode asked (pipeline.choices.DEFAULTS) for what was not given."""
     d = defaults(verb, args.mode)
@@ -168,6 +201,7 @@ def _fill_defaults(args: argparse.Namespace, verb: str) -> None:
 def cmd_build(args: argparse.Namespace) -> int:
     _fill_defaults(args, "build")
     _preflight(args, "build")
+    _cache(args)
     common = dict(root=args.root, device=args.device, options=_parse_options(args.option), rounds=args.rounds,
                   progress=None if args.quiet else _progress(), cache_dir=args.cache_dir, task=args.task)
     if args.mode == "generate":
@@ -403,6 +437,8 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--cache-len", type=int, help="--mode generate: the static cache's positions, the most a prompt and its "
                                                       "continuation take (default longest prompt + new tokens)")
         sp.add_argument("--cache-dir", help="capture and build cache (default artifacts/cache or $KILN_CACHE)")
+        sp.add_argument("--no-cache", action="store_true", help="neither reuse nor fill the cache: every export, graph and "
+                                                                "tuning made anew in a temporary cache, removed after")
         sp.add_argument("--quiet", action="store_true", help="no progress lines")
         _add_job_args(sp)
 
@@ -470,6 +506,11 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--require-signature", action="store_true", help="refuse it unless its signature verifies with --key")
     tr.add_argument("--key", help="the public key (PEM) the artifact was signed for")
     tr.set_defaults(func=cmd_triton)
+
+    ca = sub.add_parser("cache", help="the capture and build cache: kiln cache clean removes every entry")
+    ca.add_argument("action", choices=("clean",), help="clean: remove every entry (exports, graphs, engines, tuning databases)")
+    ca.add_argument("--cache-dir", help="the cache (default artifacts/cache or $KILN_CACHE)")
+    ca.set_defaults(func=cmd_cache)
 
     ck = sub.add_parser("check", help="CI gate: compare a report with a baseline (exit 0 pass, 1 regression, 2 bad input)")
     ck.add_argument("report", help="a report.json from kiln run")

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from . import store
-from .build import BuildOutcome, artifact_mb, save_preprocessor, shipped
+from .build import BuildOutcome, artifact_mb, name_cache, save_preprocessor, shipped
 from .choices import DEFAULTS, TEXT_SHAPES
 from .config import check_choices, make_config
 from .env import device_info, environment, version
@@ -86,7 +86,7 @@ def build_generation(model: str | Path | ModelBundle, backends: Sequence[str] | 
                     continue
                 job = _Job(bundle, name, p, cfg.device, cfg.options[name], list(cfg.shapes), new_tokens, rounds, target,
                            staging / target.name, say)
-                outcomes.append(job.ship(steps, refs, inputs, floors))
+                outcomes += name_cache([job.ship(steps, refs, inputs, floors)], steps.cache_dir)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return [shipped(o) for o in outcomes]

@@ -29,6 +29,7 @@ import torch
 
 from . import errors, progress
 from .errors import BackendError, KilnError
+from .fsutil import clean_stale
 from .bench import peak_rss_bytes, reset_peak_rss, time_call
 from .precision import Precision
 
@@ -166,7 +167,8 @@ class Worker:
 
     def __init__(self, label: str, timeout_s: float = 3600.0, on_progress: Callable[[str], None] | None = None) -> None:
         self.label, self.timeout_s, self.on_progress = label, timeout_s, on_progress
-        self.tmp = Path(tempfile.mkdtemp(prefix="kiln-worker-"))
+        clean_stale(Path(tempfile.gettempdir()), "kiln-worker-")  # left by runs that were killed
+        self.tmp = Path(tempfile.mkdtemp(prefix=f"kiln-worker-{os.getpid()}-"))
         self.stderr_path = self.tmp / "stderr.log"
         # The socket lives in a directory only this user can enter (mkdtemp: 0700), so no one else connects.
         listener = Listener(str(self.tmp / "socket"), family="AF_UNIX")

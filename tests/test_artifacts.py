@@ -82,8 +82,10 @@ def test_kiln_build_prints_what_it_shipped(built: Path, cache_dir: Path, capsys:
 
 
 def test_second_build_reuses(built: Path, cache_dir: Path) -> None:
+    stale = built / ".staging-999999999-x"  # a killed build's staging copy: cleaned by a build that only reuses too
+    stale.mkdir()
     out = build("tiny-bert", "onnxruntime", root=built.parent, cache_dir=cache_dir, **ROOT_ARGS)
-    assert [o.status for o in out] == ["reused"]
+    assert [o.status for o in out] == ["reused"] and not stale.exists()
     changed = build("tiny-bert", "onnxruntime", root=built.parent, cache_dir=cache_dir,
                     options={"onnxruntime": {"graph_optimization": "basic"}}, **ROOT_ARGS)
     assert [o.status for o in changed] == ["built"]  # a build option changed: a new engine
@@ -393,6 +395,7 @@ def test_saved_files_that_differ_from_what_ran_are_a_mismatch(drift: Any, tmp_pa
     out = build("tiny-bert", "drifts-for-test", root=tmp_path, cache_dir=cache_dir,
                 options={"drifts-for-test": {"perturb_save": True}}, **ROOT_ARGS)
     assert [o.status for o in out] == ["mismatch"] and "the saved engine, loaded back" in out[0].reason
+    assert f"built with the cache at {cache_dir}" in out[0].reason and "--no-cache" in out[0].reason  # which cache, and the way out
     assert not (tmp_path / "tiny-bert" / "drifts-for-test-fp32").exists()
 
 
