@@ -16,7 +16,7 @@ from pipeline import store
 from pipeline.calibration import FILE as CALIBRATION_FILE, Calibration, QuantSpec
 from pipeline.capture import Captured
 from pipeline.env import version
-from pipeline.errors import ArtifactError, BackendError, InputError
+from pipeline.errors import ArtifactError, BackendError, InputError, KilnError
 from pipeline.inputs import Shape, check_inputs
 from pipeline.models import InputSpec, ModelBundle
 from pipeline.precision import Precision
@@ -271,19 +271,38 @@ class Backend(ABC):
             raise ArtifactError(f"{directory} is a {meta.get('backend')!r} engine, not {self.name!r}")
         store.check_files(directory, meta)
         store.check_requires(directory, meta, self.pinned())
-        device = device or meta["device"]["type"]
+        try:  # a manifest is sealed, but one written by another tool (or resealed on purpose) may still lie
+            device = device or meta["device"]["type"]
+            engine = meta["engine"]
+            precision = Precision(meta["precision"])
+            names, specs = tuple(engine["inputs"]), engine.get("input_specs")
+            if not isinstance(specs, dict) or set(specs) != set(names):
+                raise ArtifactError(f"{directory}: the manifest's engine.input_specs does not describe every input "
+                                    f"({', '.join(names)}): the engine's door would not check them; rebuild it")
+        except (KeyError, TypeError, ValueError) as e:
+            raise ArtifactError(f"{directory}: the manifest lacks or garbles {e} ({type(e).__name__}); rebuild it") from None
         check = self.availability(device)
         if not check:
             raise BackendError(f"{self.name} cannot load on {device}: {check.reason}")
-        engine = meta["engine"]
-        precision = Precision(meta["precision"])
         calibration = Calibration.load(directory / CALIBRATION_FILE) if precision == Precision.INT8 else None
-        spec = EngineSpec(self.name, precision, device, tuple(engine["inputs"]), tuple(engine["outputs"]),
-                          self.options_type.from_mapping(engine.get("options", {})),
-                          {n: InputSpec.from_dict(s) for n, s in engine.get("input_specs", {}).items()},
-                          {k: (int(v[0]), int(v[1])) for k, v in engine.get("axis_ranges", {}).items()}, self.pinned(),
-                          calibration.spec if calibration else _dynamic_quant(engine) if precision.quantized else None, calibration)
-        model = self._load(directory, spec, meta)
+        try:
+            spec = EngineSpec(self.name, precision, device, names, tuple(engine["outputs"]),
+                              self.options_type.from_mapping(engine.get("options", {})),
+                              {n: InputSpec.from_dict(s) for n, s in specs.items()},
+                              {k: (int(v[0]), int(v[1])) for k, v in engine.get("axis_ranges", {}).items()}, self.pinned(),
+                              calibration.spec if calibration else _dynamic_quant(engine) if precision.quantized else None,
+                              calibration)
+        except InputError as e:
+            raise ArtifactError(f"{directory}: the manifest's engine options are not {self.name}'s ({e}); rebuild it") from None
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise ArtifactError(f"{directory}: the manifest's engine section lacks or garbles {e}; rebuild it") from None
+        try:
+            model = self._load(directory, spec, meta)
+        except KilnError:
+            raise
+        except Exception as e:  # files that are not what a loader of this backend reads: relabelled, or another tool's
+            raise ArtifactError(f"{directory}: {self.name}'s loader could not open it ({type(e).__name__}: "
+                                f"{str(e).splitlines()[0][:200] if str(e) else ''}): is it a {self.name} engine? rebuild it") from None
         model.loaded_from = directory
         return model
 

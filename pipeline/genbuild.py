@@ -341,7 +341,7 @@ def verify_generation(directory: str | Path, device: str | None = None, public_k
     """Load the artifact and generate again from every built shape's prompts: at fp32 the tokens
     must be eager fp32's; below, agreement at least what the build recorded, less the margin."""
     art = load_generation(directory, device, allow_failed=True, public_key=public_key)
-    data = torch.load(art.directory / store.REFERENCE, weights_only=True)
+    data = store.read_reference_file(art.directory)
     recorded = art.meta["verdict"].get("shapes") or {}
     precision = Precision(art.meta["precision"])
     out = {}

@@ -39,7 +39,8 @@ def _size(config: dict[str, Any], *keys: str, default: int = 0) -> int:
     return default
 
 
-def _available_bytes() -> int | None:
+def available_memory() -> int | None:
+    """Bytes the kernel says can be allocated without swapping (MemAvailable); None off Linux."""
     try:
         with open("/proc/meminfo") as f:
             return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
@@ -71,7 +72,7 @@ def _check_sizes(path: Path, config: dict[str, Any]) -> None:
 
 def _check_memory(path: Path, config: dict[str, Any]) -> None:
     n = max(parameters(part) for _, part in _configs(config))
-    need, have = COPIES * 4 * n, _available_bytes()
+    need, have = COPIES * 4 * n, available_memory()
     if have is not None and need > have:
         raise InputError(f"{path}: its config describes about {n / 1e9:.3g} billion parameters; a run holds about {COPIES} copies "
                          f"of their fp32 bytes ({need / 2**30:.1f} GiB) and this machine has {have / 2**30:.1f} GiB available")

@@ -15,6 +15,7 @@ from .compare import Comparator, Comparison, unpadded
 from .errors import InputError, NumericsError
 from .inputs import Inputs, Shape, make_inputs
 from .models import ModelBundle
+from .modelcheck import available_memory
 from .precision import Precision, Tolerance
 
 KINDS = ("text", "random", "padded")  # real sentences, uniform ids, padding-heavy masks
@@ -108,14 +109,6 @@ def memory_needed(bundle: ModelBundle, shapes: Sequence[Shape], precisions: Sequ
     per_element = 4 + 8 + sum(torch.finfo(p.dtype).bits // 8 for p in set(precisions) if p != Precision.FP32)
     held = sum(len(KINDS) * elements(s) * per_element for s in shapes)
     return held + 6 * 8 * max((elements(s) for s in shapes), default=0)
-
-
-def available_memory() -> int | None:
-    try:
-        with open("/proc/meminfo") as f:
-            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
-    except (OSError, StopIteration, ValueError):
-        return None
 
 
 def check_memory(bundle: ModelBundle, shapes: Sequence[Shape], precisions: Sequence[Precision]) -> None:

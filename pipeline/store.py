@@ -121,6 +121,11 @@ def read_manifest(directory: str | Path) -> dict[str, Any]:
     if meta[SEAL] != _seal(meta):
         raise ArtifactError(f"{path} was changed after it was written (its {SEAL} does not match its fields): rebuild the "
                             f"engine; sign artifacts (kiln sign) to know who wrote them")
+    for key, kind in (("backend", str), ("precision", str), ("device", dict), ("requires", dict), ("files", dict)):
+        if not isinstance(meta.get(key), kind):
+            raise ArtifactError(f"{path}: its {key!r} is {meta.get(key)!r}, not a {kind.__name__}: rebuild it")
+    if meta["precision"] not in {p.value for p in Precision}:
+        raise ArtifactError(f"{path}: unknown precision {meta['precision']!r}: rebuild it")
     return meta
 
 
@@ -257,11 +262,18 @@ def write_reference(directory: Path, shapes: dict[str, tuple[list[dict[str, torc
 
 def read_reference(directory: str | Path) -> dict[str, dict[str, list[dict[str, torch.Tensor]]]]:
     """{shape: {"inputs": [...], "outputs": [...]}}."""
-    directory = Path(directory)
-    data = torch.load(directory / REFERENCE, weights_only=True)  # tensors only; hashed before this
+    return read_reference_file(Path(directory))["shapes"]
+
+
+def read_reference_file(directory: Path) -> dict[str, Any]:
+    try:
+        data = torch.load(directory / REFERENCE, weights_only=True)  # tensors only; hashed before this
+    except Exception as e:  # a crafted pickle is refused by weights_only: say so, in one line
+        raise ArtifactError(f"{directory / REFERENCE} is not a Kiln reference file ({type(e).__name__}: "
+                            f"{str(e).splitlines()[0][:160] if str(e) else ''})") from None
     if not isinstance(data, dict) or not isinstance(data.get("shapes"), dict):
         raise ArtifactError(f"{directory / REFERENCE} is not a Kiln reference file")
-    return data["shapes"]
+    return data
 
 
 @dataclass
@@ -297,7 +309,7 @@ def verify(directory: str | Path, device: str | None = None, public_key: str | P
     if not recorded:
         raise ArtifactError(f"{directory} records no verdict to verify against (saved by kiln run, not built by kiln build)")
     ref = read_reference(directory)
-    task = torch.load(directory / REFERENCE, weights_only=True).get("task")
+    task = read_reference_file(directory).get("task")
     out: dict[str, Comparison] = {}
     for shape, verdict in recorded.items():
         if shape not in ref:

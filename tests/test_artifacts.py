@@ -146,6 +146,45 @@ def test_a_manifest_edited_by_hand_or_a_file_it_does_not_list_is_refused(built: 
     assert main(["verify", str(extra)]) == 0
 
 
+def test_a_crafted_manifest_or_reference_is_one_line_even_when_resealed(built: Path, tmp_path: Path,
+                                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    """Whoever rewrites a manifest can seal it again (only a signature stops that): what it says is
+    still checked field by field, and a crafted reference.pt is refused by weights_only, in one line."""
+    import pickle
+
+    crafted = {"precision": (lambda m: m.update(precision="fp8"), "unknown precision 'fp8'"),
+               "device": (lambda m: m.pop("device"), "its 'device' is None, not a dict"),
+               "files": (lambda m: m.update(files=["model.onnx"]), "its 'files' is ['model.onnx'], not a dict"),
+               "relabelled": (lambda m: m.update(backend="eager", requires=registry.get("eager").pinned()),
+                              "the manifest's engine options are not eager's"),
+               "relabelled-bare": (lambda m: (m.update(backend="eager", requires=registry.get("eager").pinned()),
+                                              m["engine"].update(options={})), "eager's loader could not open it"),
+               "relabelled-only": (lambda m: m.update(backend="eager"), "built with onnxruntime 1."),
+               "specs": (lambda m: m["engine"].pop("input_specs"), "engine.input_specs does not describe every input")}
+    for name, (edit, says) in crafted.items():
+        eng = _copy(built / "onnxruntime-fp32", tmp_path / name)
+        meta = json.loads((eng / MANIFEST).read_text())
+        edit(meta)
+        store.rewrite(eng, meta)
+        for verb in ("load", "verify"):
+            assert main([verb, str(eng)]) == 2, (name, verb)
+            err = capsys.readouterr().err
+            assert err.count("\n") == 1 and says in err, (name, verb, err)
+
+    class Evil:
+        def __reduce__(self) -> Any:
+            return (print, ("code ran",))
+
+    eng = _copy(built / "eager-fp32", tmp_path / "pickle")
+    (eng / "reference.pt").write_bytes(pickle.dumps({"shapes": Evil()}))
+    meta = json.loads((eng / MANIFEST).read_text())
+    meta["files"]["reference.pt"] = store.sha256(eng / "reference.pt")
+    store.rewrite(eng, meta)
+    assert main(["verify", str(eng)]) == 2
+    out = capsys.readouterr()
+    assert "reference.pt is not a Kiln reference file (UnpicklingError" in out.err and "code ran" not in out.out
+
+
 def test_an_engine_from_other_library_versions_is_refused(built: Path, tmp_path: Path) -> None:
     eng = _copy(built / "eager-fp32", tmp_path / "v")
     meta = json.loads((eng / MANIFEST).read_text())
