@@ -102,8 +102,17 @@ class Report:
     def from_dict(cls, d: dict[str, Any]) -> Report:
         if d.get("schema_version") != SCHEMA_VERSION:
             raise InputError(f"report schema_version {d.get('schema_version')!r}; this Kiln reads {SCHEMA_VERSION}")
+        for key, kind in (("model", dict), ("environment", dict), ("results", list)):
+            if not isinstance(d.get(key), kind):
+                raise InputError(f"the report's {key!r} is {type(d.get(key)).__name__}, not a {kind.__name__}")
+        results = []
+        for i, r in enumerate(d["results"]):
+            try:
+                results.append(Result.from_dict(r))
+            except (KeyError, TypeError, ValueError, AttributeError) as e:
+                raise InputError(f"the report's results[{i}] is malformed ({type(e).__name__}: {e})") from None
         return cls(model=d["model"], environment=d["environment"], config=d.get("config", {}), created=d.get("created", ""),
-                   results=[Result.from_dict(r) for r in d["results"]])
+                   results=results)
 
     @classmethod
     def load(cls, path: str | Path) -> Report:
@@ -112,6 +121,8 @@ class Report:
             if not isinstance(data, dict):
                 raise ValueError(f"a report is a JSON object, this is a {type(data).__name__}")
             return cls.from_dict(data)
+        except InputError as e:
+            raise InputError(f"cannot read report {path}: {e}") from None
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
             raise InputError(f"cannot read report {path}: {e}") from e
 

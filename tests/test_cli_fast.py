@@ -83,20 +83,26 @@ def _mount_tmpfs(where: Path, options: str) -> bool:
 
 
 def test_output_places_are_checked_before_any_work(tmp_path: Path) -> None:
-    """A file, a path under a file, a read-only mount and a full disk: one line, exit 2, before
-    torch is imported (so before anything is loaded, compiled or written)."""
+    """--out, --root, --repo and --summary each on a file, a read-only mount and a full disk (and
+    the cache on a file): one line, exit 2, before torch is imported, so before anything is
+    loaded, compiled or written."""
     afile = tmp_path / "afile"
     afile.write_text("kept")
-    cases = [(["run", "--out", str(afile)], "--out", "is a file, not a directory"),
-             (["build", "--backends", "eager", "--root", str(afile / "sub")], "--root", "which is a file, not a directory"),
-             (["run", "--cache-dir", str(afile)], "the cache (--cache-dir)", "is a file"),
-             (["triton", str(tmp_path), "--repo", str(afile)], "--repo", "is a file"),
-             (["check", str(afile), "--baseline", str(afile), "--summary", str(tmp_path)], "--summary", "is a directory, not a file")]
     ro, full = tmp_path / "ro", tmp_path / "full"
-    if _mount_tmpfs(ro, "ro,size=1m") and _mount_tmpfs(full, "size=1m"):
+    mounted = _mount_tmpfs(ro, "ro,size=1m") and _mount_tmpfs(full, "size=1m")
+    if mounted:
         subprocess.run(["dd", "if=/dev/zero", f"of={full / 'fill'}", "bs=1k", "count=1024"], capture_output=True)
-        cases += [(["build", "--backends", "eager", "--root", str(ro / "art")], "--root", "Read-only file system"),
-                  (["run", "--out", str(full / "run")], "--out", "MB free where it lands")]
+    places = {"file": (afile, "is a file"), **({"read-only": (ro, "Read-only file system"), "full": (full, "MB free where it lands")}
+                                               if mounted else {})}
+    verbs = {"--out": lambda at: ["run", "--out", str(at / "run")],
+             "--root": lambda at: ["build", "--backends", "eager", "--root", str(at / "art")],
+             "--repo": lambda at: ["triton", str(tmp_path), "--repo", str(at / "repo")],
+             "--summary": lambda at: ["check", str(afile), "--baseline", str(afile), "--summary", str(at / "summary.md")]}
+    cases = [(argv(at), flag, "which is a file, not a directory" if kind == "file" else says)
+             for flag, argv in verbs.items() for kind, (at, says) in places.items()]
+    cases += [(["run", "--out", str(afile)], "--out", "is a file, not a directory: give a directory"),
+              (["run", "--cache-dir", str(afile)], "the cache (--cache-dir)", "is a file"),
+              (["check", str(afile), "--baseline", str(afile), "--summary", str(tmp_path)], "--summary", "is a directory, not a file")]
     try:
         for argv, flag, says in cases:
             p = _kiln(*argv)
@@ -107,7 +113,8 @@ def test_output_places_are_checked_before_any_work(tmp_path: Path) -> None:
     finally:
         for m in (ro, full):
             subprocess.run(["umount", str(m)], capture_output=True)
-    assert afile.read_text() == "kept" and not (ro / "art").exists()
+    assert afile.read_text() == "kept" and len(cases) >= 7
+    assert not (ro / "art").exists() and not (full / "run").exists()
 
 
 def test_bad_text_and_bad_reports_are_one_line(tmp_path: Path) -> None:

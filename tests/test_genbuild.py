@@ -134,6 +134,20 @@ def test_reuse_tampering_and_a_prompt_over_the_cache(built: tuple[Path, list[Any
     assert answer["truncated"] == {"tokens": 20, "kept": 10} and len(answer["token_ids"]) <= 4
     with pytest.raises(InputError, match="generate 1 to 13"):
         art.generate_text(["the"], new_tokens=14)
+    # a manifest resealed to point a step outside the artifact: refused before any step is opened
+    import json
+    import shutil
+
+    from pipeline import store
+
+    outside = tmp_path / "outside" / "eager-fp32-generate"
+    shutil.copytree(home / "eager-fp32-generate", outside)
+    meta = json.loads((outside / "manifest.json").read_text())
+    meta["generation"]["steps"]["prefill"] = "../../OTHER/prefill"
+    store.rewrite(outside, meta)
+    with pytest.raises(ArtifactError, match="prefill step '../../OTHER/prefill' is not a directory inside the artifact"):
+        load_generation(outside)
+    assert main(["verify", str(outside)]) == 2 and "not a directory inside the artifact" in capsys.readouterr().err
     # one byte of the decode step changed: refused before the backend opens it, and nothing else changes
     victim = home / "eager-fp32-generate"
     data = victim / "decode" / "program.pt2"
