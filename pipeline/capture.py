@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import os
 import re
 import time
 from dataclasses import dataclass, field
@@ -14,6 +13,7 @@ from typing import Any
 import torch
 from torch.export import Dim, ExportedProgram
 
+from .choices import default_cache_dir
 from .errors import BackendError
 from .inputs import Shape, make_inputs
 from .models import ModelBundle
@@ -23,7 +23,7 @@ from . import progress
 from .env import version
 from .fsutil import cache_entry, cached_dir
 
-DEFAULT_CACHE = Path(os.environ.get("KILN_CACHE", "artifacts/cache"))
+DEFAULT_CACHE = default_cache_dir()
 
 
 def _example(bundle: ModelBundle) -> dict[str, torch.Tensor]:

@@ -4,6 +4,7 @@ error answer at once. The heavy modules build on these names (models.ZOO, calibr
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
@@ -113,6 +114,11 @@ class QuantSpec:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> QuantSpec:
         return cls(**{k: d[k] for k in ("method", "samples", "per_channel", "seq", "seed") if k in d})
+
+
+def default_cache_dir() -> Path:
+    """The capture and build cache when none is named: $KILN_CACHE, else artifacts/cache."""
+    return Path(os.environ.get("KILN_CACHE", "artifacts/cache"))
 
 
 def model_source(spec: str | Path) -> str:

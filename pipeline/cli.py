@@ -15,7 +15,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from .choices import CALIBRATION_METHODS, DEFAULT_MODEL, GATE_FLOOR, HEAD_NAMES, MODELS, TEXT_SHAPES, QuantSpec, defaults
+from .choices import (CALIBRATION_METHODS, DEFAULT_MODEL, GATE_FLOOR, HEAD_NAMES, MODELS, TEXT_SHAPES, QuantSpec, default_cache_dir,
+                      defaults)
 from .errors import InputError, KilnError
 from .fsutil import check_writable
 
@@ -91,7 +92,7 @@ def _preflight(args: argparse.Namespace, verb: str) -> None:
     if model_source(args.model) == "dir":
         check_model_dir(args.model)
     if args.mode == "generate":
-        if args.save_engines if verb == "run" else False:
+        if verb == "run" and args.save_engines:
             raise InputError("--save-engines is for forward runs; deployable generation engines: kiln build --mode generate")
         if args.new_tokens < 1:
             raise InputError(f"--new-tokens {args.new_tokens}: generate at least one token")
@@ -108,7 +109,7 @@ def _preflight(args: argparse.Namespace, verb: str) -> None:
         check_writable(args.out, "--out")
     else:
         check_writable(args.root, "--root", min_free_mb=256)
-    check_writable(args.cache_dir or os.environ.get("KILN_CACHE", "artifacts/cache"), "the cache (--cache-dir)", min_free_mb=256)
+    check_writable(args.cache_dir or default_cache_dir(), "the cache (--cache-dir)", min_free_mb=256)
 
 
 def _out(args: argparse.Namespace) -> Path:
@@ -175,7 +176,7 @@ def cmd_cache(args: argparse.Namespace) -> int:
     """kiln cache clean: every entry of the cache removed (exports, graphs, engines, tuning databases)."""
     import shutil
 
-    root = Path(args.cache_dir or os.environ.get("KILN_CACHE", "artifacts/cache"))
+    root = Path(args.cache_dir or default_cache_dir())
     if not root.is_dir():
         print(f"no cache at {root}")
         return 0

@@ -62,6 +62,7 @@ def test_answers_without_torch(argv: list[str], rc: int, says: str) -> None:
         assert p.stderr.count("\n") == 2 and p.stderr.startswith("kiln: error: ")  # one line, then the probe's own
 
 
+@pytest.mark.slow
 def test_a_run_prints_no_library_chatter(tmp_path: Path) -> None:
     """The packaged model loads through from_pretrained (transformers' "Loading weights" bar) and
     int8-dynamic imports torchao (torch's register_constant deprecation): neither reaches the user;

@@ -209,6 +209,7 @@ def crashing_backends() -> Any:
         registry.unregister(n)
 
 
+@pytest.mark.slow
 def test_a_crash_costs_one_row(crashing_backends: Any, tmp_path: Path, cache_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
     rc = main(["run", "--model", "tiny-bert", "--backends", "eager,aborts-for-test,onnxruntime,segfaults-for-test",
                "--shapes", "1x8", "--rounds", "2", "--warmup", "1", "--out", str(tmp_path), "--cache-dir", str(cache_dir),

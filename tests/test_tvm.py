@@ -61,7 +61,8 @@ def _run_with_only_tvm_and_numpy(code: str, tmp_path: Path) -> str:
 
 
 def test_library_reloads_in_a_process_with_only_tvm_and_numpy(untuned: Any, tiny_captured: Any, tmp_path: Path) -> None:
-    untuned.save(tmp_path)
+    engine = tmp_path / "engine"  # a directory of its own: an engine holds only the files its manifest lists
+    untuned.save(engine)
     x = make_inputs(tiny_captured.bundle, Shape(2, 12), "padded")
     expected = untuned(x)["last_hidden_state"].numpy()
     import numpy as np
@@ -71,13 +72,13 @@ def test_library_reloads_in_a_process_with_only_tvm_and_numpy(untuned: Any, tiny
         "import sys, numpy as np, tvm\n"
         "from tvm import relax\n"
         f"io = np.load({str(tmp_path / 'io.npz')!r})\n"
-        f"vm = relax.VirtualMachine(tvm.runtime.load_module({str(tmp_path / 'model.so')!r}), tvm.cpu())\n"
+        f"vm = relax.VirtualMachine(tvm.runtime.load_module({str(engine / 'model.so')!r}), tvm.cpu())\n"
         "out = vm['main'](tvm.runtime.tensor(io['input_ids']), tvm.runtime.tensor(io['attention_mask'])).numpy()\n"
         "assert np.allclose(out, io['expected'], atol=1e-5), abs(out - io['expected']).max()\n"
         "print('ok', out.shape)\n"
     )
     assert "ok (2, 12, 32)" in _run_with_only_tvm_and_numpy(code, tmp_path)
-    loaded = registry.get("tvm").load(tmp_path)
+    loaded = registry.get("tvm").load(engine)
     assert torch.allclose(loaded(x)["last_hidden_state"], torch.from_numpy(expected))
 
 
