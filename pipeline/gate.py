@@ -117,6 +117,10 @@ def load_baseline(where: str | Path, report: Report) -> tuple[dict[str, Any], bo
 
 def check(baseline: dict[str, Any], report: Report, floor: float = 0.10, *, speed: bool = True,
           allow_different_model: bool = False) -> list[Check]:
+    """Every baseline row against the report's; speed is judged only with `speed` and a quiet report
+    (each unjudged row says why)."""
+    unjudged = "not judged: the machine was busy" if report.noisy else "not gated on this host kind"
+    speed = speed and not report.noisy
     if not (_finite(floor) and 0 < floor < 1):
         raise InputError(f"--floor {floor}: the allowed speedup drop must be a fraction between 0 and 1, e.g. 0.10")
     mine = _identity(report)
@@ -129,12 +133,12 @@ def check(baseline: dict[str, Any], report: Report, floor: float = 0.10, *, spee
     for key, r in current.items():
         if r.speedup is not None and not _finite(r.speedup.value):
             raise InputError(f"report row {key} has a non-finite speedup ({r.speedup.value}): the run is broken, not slower")
-    checks = [_check_row(key, base, current.get(key), floor, speed) for key, base in baseline["entries"].items()]
+    checks = [_check_row(key, base, current.get(key), floor, speed, unjudged) for key, base in baseline["entries"].items()]
     checks += [Check(key, "new", current[key].status, "–") for key in current.keys() - baseline["entries"].keys()]
     return checks
 
 
-def _check_row(key: str, base: dict[str, Any], now: Result | None, floor: float, speed: bool) -> Check:
+def _check_row(key: str, base: dict[str, Any], now: Result | None, floor: float, speed: bool, unjudged: str) -> Check:
     if now is None:
         return Check(key, "regression", "missing from the report", "–")
     acc_bad = _RANK.get(now.status, 0) < _RANK[base["status"]]
@@ -144,7 +148,7 @@ def _check_row(key: str, base: dict[str, Any], now: Result | None, floor: float,
     if _finite(base.get("atol")) and now.max_abs is not None and now.max_abs > limit:
         acc_bad = True
         accuracy += f"; max abs {now.max_abs:.1e} grew past {limit:.1e} (tolerance, or the baseline's own error)"
-    text, speed_bad = _speed(base, now, floor) if speed else ("not gated on this host kind", False)
+    text, speed_bad = _speed(base, now, floor) if speed else (unjudged, False)
     return Check(key, "regression" if acc_bad or speed_bad else "pass", accuracy, text)
 
 

@@ -48,8 +48,13 @@ def fetch_stubs() -> Path:
     return OUT
 
 
+# mypy's cache lives outside the checkout, so a fresh clone on the same machine (CI's) reuses what
+# it learnt of torch's and transformers' types; mypy re-checks any module whose content changed.
+CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "kiln" / "mypy"
+
+
 def mypy(*args: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "MYPYPATH": str(OUT)}
+    env = {**os.environ, "MYPYPATH": str(OUT), "MYPY_CACHE_DIR": str(CACHE)}
     return subprocess.run([sys.executable, "-m", "mypy", *args], cwd=ROOT, env=env, text=True, capture_output=True)
 
 
