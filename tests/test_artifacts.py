@@ -653,7 +653,6 @@ def test_an_int8_engine_builds_carries_its_calibration_and_verifies(tmp_path: Pa
     assert check_artifact(static)["engine"]["quantization"]["method"] == "percentile"
 
 
-@pytest.mark.slow
 def test_an_artifact_answers_text(built: Path, tmp_path: Path, cache_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from pipeline.predict import Predictor
 
