@@ -84,6 +84,11 @@ def names() -> list[str]:
     return list(_REGISTRY)
 
 
+def libraries() -> list[str]:
+    """The distributions every registered backend's engines need, for a report's environment."""
+    return list(dict.fromkeys(d for n in names() for d in get(n).requires))
+
+
 def plugins() -> dict[str, str]:
     """Entry-point backends by name, as `module:Class`, read from package metadata without importing them."""
     return {ep.name: ep.value for ep in entry_points(group="kiln.backends")}

@@ -12,11 +12,12 @@ from typing import Any, ClassVar, Literal, final
 
 import torch
 
-from pipeline import store
+from pipeline import manifest as fmt
 from pipeline.calibration import FILE as CALIBRATION_FILE, Calibration, QuantSpec
 from pipeline.capture import Captured
-from pipeline.env import version
+from pipeline.env import device_info, version
 from pipeline.errors import ArtifactError, BackendError, InputError, KilnError
+from pipeline.manifest import Manifest
 from pipeline.inputs import Shape, check_inputs
 from pipeline.models import InputSpec, ModelBundle
 from pipeline.precision import Precision
@@ -79,15 +80,39 @@ class EngineSpec:
         return out
 
     def quantization(self) -> dict[str, Any]:
-        """What a reader of the manifest needs to know of an int8 engine."""
+        """An int8 engine's settings as data (the QuantSpec, and its calibration where it has one)."""
         if self.quant is None:
             return {}
-        out: dict[str, Any] = {"weights": "int8 per channel" if self.quant.per_channel else "int8 per tensor",
-                               "activations": "int8, ranges calibrated" if self.calibration else "int8, quantized at run time"}
+        out: dict[str, Any] = {**self.quant.to_dict(), "activations": "static" if self.calibration else "dynamic"}
         if self.calibration is not None:
-            out.update(method=self.quant.method, samples=self.calibration.rows, calibration=CALIBRATION_FILE,
-                       calibration_digest=self.calibration.digest, layers=len(self.calibration.layers))
+            out.update(calibration=CALIBRATION_FILE, calibration_digest=self.calibration.digest, rows=self.calibration.rows,
+                       layers=len(self.calibration.layers))
         return out
+
+    @property
+    def quantization_text(self) -> str:
+        """The quantization in words, for reports and `kiln load`."""
+        if self.quant is None:
+            return ""
+        weights = "int8 per channel" if self.quant.per_channel else "int8 per tensor"
+        return f"weights {weights}, activations " + (f"int8, ranges calibrated ({self.quant.method}, {self.quant.samples} samples)"
+                                                     if self.calibration else "int8, quantized at run time")
+
+    @classmethod
+    def from_dict(cls, backend: str, precision: Precision, device: str, engine: Mapping[str, Any],
+                  options_type: type[BackendOptions], requires: Mapping[str, str],
+                  calibration: Calibration | None = None) -> EngineSpec:
+        """The spec a manifest's engine section describes (`to_dict`'s inverse); the calibration is the engine's own file."""
+        names, specs = tuple(engine["inputs"]), engine.get("input_specs")
+        if not isinstance(specs, dict) or set(specs) != set(names):
+            raise ArtifactError(f"the manifest's engine.input_specs does not describe every input ({', '.join(names)}): "
+                                f"the engine's door would not check them; rebuild it")
+        quant = engine.get("quantization")
+        return cls(backend, precision, device, names, tuple(engine["outputs"]), options_type.from_mapping(engine.get("options", {})),
+                   {n: InputSpec.from_dict(s) for n, s in specs.items()},
+                   {k: (int(v[0]), int(v[1])) for k, v in engine.get("axis_ranges", {}).items()}, requires,
+                   calibration.spec if calibration else QuantSpec.from_dict(quant) if precision.quantized and quant else
+                   QuantSpec() if precision.quantized else None, calibration)
 
 
 @dataclass(frozen=True)
@@ -135,8 +160,8 @@ class CompiledModel(ABC):
         if self.spec.calibration is not None:  # travels with the engine, hashed in the manifest like its other files
             files.append(self.spec.calibration.save(directory / CALIBRATION_FILE))
         engine = {**self.spec.to_dict(), **self._extra_meta()}
-        return [*files, store.write_engine_manifest(directory, self.spec.backend, self.precision, self.device,
-                                                    dict(self.spec.requires), engine)]
+        return [*files, fmt.write(directory, Manifest(self.spec.backend, self.precision, device_info(self.device),
+                                                      dict(self.spec.requires), engine=engine))]
 
     @abstractmethod
     def _save_files(self, directory: Path) -> list[Path]:
@@ -266,32 +291,20 @@ class Backend(ABC):
         """An engine from its directory. Its manifest, every file's sha256 and the library versions
         are checked before the backend opens anything (a .pt2 or .so runs code when loaded)."""
         directory = Path(directory)
-        meta = store.read_manifest(directory)
-        if meta.get("backend") != self.name:
-            raise ArtifactError(f"{directory} is a {meta.get('backend')!r} engine, not {self.name!r}")
-        store.check_files(directory, meta)
-        store.check_requires(directory, meta, self.pinned())
-        try:  # a manifest is sealed, but one written by another tool (or resealed on purpose) may still lie
-            device = device or meta["device"]["type"]
-            engine = meta["engine"]
-            precision = Precision(meta["precision"])
-            names, specs = tuple(engine["inputs"]), engine.get("input_specs")
-            if not isinstance(specs, dict) or set(specs) != set(names):
-                raise ArtifactError(f"{directory}: the manifest's engine.input_specs does not describe every input "
-                                    f"({', '.join(names)}): the engine's door would not check them; rebuild it")
-        except (KeyError, TypeError, ValueError) as e:
-            raise ArtifactError(f"{directory}: the manifest lacks or garbles {e} ({type(e).__name__}); rebuild it") from None
+        meta = fmt.read(directory)
+        if meta.backend != self.name:
+            raise ArtifactError(f"{directory} is a {meta.backend!r} engine, not {self.name!r}")
+        fmt.check_files(directory, meta)
+        fmt.check_requires(directory, meta, self.pinned())
+        device = device or str(meta.device.get("type", "cpu"))
         check = self.availability(device)
         if not check:
             raise BackendError(f"{self.name} cannot load on {device}: {check.reason}")
-        calibration = Calibration.load(directory / CALIBRATION_FILE) if precision == Precision.INT8 else None
-        try:
-            spec = EngineSpec(self.name, precision, device, names, tuple(engine["outputs"]),
-                              self.options_type.from_mapping(engine.get("options", {})),
-                              {n: InputSpec.from_dict(s) for n, s in specs.items()},
-                              {k: (int(v[0]), int(v[1])) for k, v in engine.get("axis_ranges", {}).items()}, self.pinned(),
-                              calibration.spec if calibration else _dynamic_quant(engine) if precision.quantized else None,
-                              calibration)
+        calibration = Calibration.load(directory / CALIBRATION_FILE) if meta.precision == Precision.INT8 else None
+        try:  # a manifest is sealed, but one written by another tool (or resealed on purpose) may still lie
+            spec = EngineSpec.from_dict(self.name, meta.precision, device, meta.engine, self.options_type, self.pinned(), calibration)
+        except ArtifactError as e:
+            raise ArtifactError(f"{directory}: {e}") from None
         except InputError as e:
             raise ArtifactError(f"{directory}: the manifest's engine options are not {self.name}'s ({e}); rebuild it") from None
         except (KeyError, TypeError, ValueError, AttributeError) as e:
@@ -307,7 +320,7 @@ class Backend(ABC):
         return model
 
     @abstractmethod
-    def _load(self, directory: Path, spec: EngineSpec, manifest: dict[str, Any]) -> CompiledModel:
+    def _load(self, directory: Path, spec: EngineSpec, manifest: Manifest) -> CompiledModel:
         ...
 
     def generation(self, programs: GenerationPrograms, precision: Precision, device: str,
@@ -328,17 +341,13 @@ class Backend(ABC):
         """The options a generation step is compiled with (a backend may build its steps differently)."""
         return options
 
-    def serving(self, manifest: dict[str, Any]) -> ServingFormat | None:
+    def serving(self, manifest: Manifest) -> ServingFormat | None:
         """How Triton serves one of this backend's engines; None where Triton has no backend for it."""
         if self.serving_platform is None:
             return None
         return ServingFormat(self.serving_platform, self.serving_files, self._max_batch(manifest))
 
-    def _max_batch(self, manifest: dict[str, Any]) -> int | None:
+    def _max_batch(self, manifest: Manifest) -> int | None:
         """The largest batch an engine takes, where it is narrower than the model's range (a built profile)."""
         return None
 
-
-def _dynamic_quant(engine: Mapping[str, Any]) -> QuantSpec:
-    """An int8-dynamic engine's settings, as its manifest recorded them (it has no calibration file)."""
-    return QuantSpec(per_channel=(engine.get("quantization") or {}).get("weights") != "int8 per tensor")

@@ -20,6 +20,7 @@ from pipeline.models import ModelBundle
 from pipeline.precision import Precision
 
 from pipeline.generate import GenerationEngine, GenerationPrograms
+from pipeline.manifest import Manifest
 
 from .base import Backend, BackendOptions, CompiledModel, EngineSpec, GenerationUnsupported, Tensors
 from .quantize import PT2E_CPU_ONLY
@@ -97,7 +98,7 @@ class EagerBackend(Backend):
         models = [EagerModel(self.step_spec(b, precision, device, options), programs.module, None, _capture(b)) for b in programs.bundles]
         return GenerationEngine.of(models[0], models[1])
 
-    def _load(self, directory: Path, spec: EngineSpec, manifest: dict[str, Any]) -> CompiledModel:
+    def _load(self, directory: Path, spec: EngineSpec, manifest: Manifest) -> CompiledModel:
         # the program's quantize/dequantize ops are torchao's, registered when it is imported
         if spec.precision.quantized and not quiet_import("torchao.quantization.pt2e.quantize_pt2e"):
             raise BackendError(f"{directory} is an int8 program: loading it needs torchao (pip install torchao)")

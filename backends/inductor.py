@@ -18,6 +18,7 @@ from pipeline.models import ModelBundle
 from pipeline.precision import Precision
 
 from pipeline.generate import GenerationEngine, GenerationPrograms
+from pipeline.manifest import Manifest
 
 from .base import Availability, Backend, BackendOptions, CompiledModel, EngineSpec, GenerationUnsupported, Tensors
 from .quantize import PT2E_CPU_ONLY
@@ -162,6 +163,6 @@ class InductorBackend(Backend):
         opts: InductorOptions = options  # type: ignore[assignment]
         return dataclasses.replace(opts, dynamic=False) if step == "decode" else opts
 
-    def _load(self, directory: Path, spec: EngineSpec, manifest: dict[str, Any]) -> CompiledModel:
+    def _load(self, directory: Path, spec: EngineSpec, manifest: Manifest) -> CompiledModel:
         path = directory / "model.pt2"
         return InductorModel(spec, torch._inductor.aoti_load_package(str(path)), None, path)

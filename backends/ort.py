@@ -15,11 +15,12 @@ import numpy as np
 import torch
 
 from pipeline.capture import Captured
-from pipeline.errors import BackendError
-from pipeline.inputs import Shape
-from pipeline.precision import Precision
 from pipeline.env import version
+from pipeline.errors import BackendError
 from pipeline.fsutil import cache_entry, cached_dir
+from pipeline.inputs import Shape
+from pipeline.manifest import Manifest
+from pipeline.precision import Precision
 
 from .base import Availability, Backend, BackendOptions, CompiledModel, EngineSpec, Tensors, runtime_option
 
@@ -213,7 +214,7 @@ class OrtBackend(Backend):
             model.fallback = f"runs unfused: with onnxscript's fusions ORT refused the graph ({str(e)[:160]})"
             return model
 
-    def _load(self, directory: Path, spec: EngineSpec, manifest: dict[str, Any]) -> CompiledModel:
+    def _load(self, directory: Path, spec: EngineSpec, manifest: Manifest) -> CompiledModel:
         return OrtModel(spec, directory / "model.onnx", {}, record_optimized=False)
 
 

@@ -15,6 +15,8 @@ import sys
 import types
 from typing import TYPE_CHECKING, Any
 
+import backends as registry
+
 # The API's names, each imported from its module on first use: `import pipeline` (and so every
 # `kiln` command, whose code lives here) does not load torch until something needs it.
 _LAZY = {
@@ -73,16 +75,12 @@ def predictor(artifact: str, device: str | None = None) -> Predictor:
 
 def list_backends(device: str = "cpu") -> dict[str, str]:
     """{name: 'available' | 'unavailable: <reason>'}."""
-    import backends as registry
-
     return {n: str(registry.get(n).availability(device)) for n in registry.names()}
 
 
 def compile(captured: Captured, backend: str, precision: str | Precision = "fp32", device: str = "cpu",
             options: dict[str, Any] | None = None) -> Any:
     """One engine from the captured program: a CompiledModel (named tensors in, named tensors out)."""
-    import backends as registry
-
     from .precision import Precision
 
     return registry.get(backend).compile(captured, Precision.parse(precision), device, options)

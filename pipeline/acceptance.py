@@ -14,6 +14,7 @@ from . import store
 from .bench import Speedup, Timing, benchmark, speedup
 from .compare import Comparison
 from .inputs import Shape
+from .manifest import Verdict
 from .precision import Precision, Tolerance
 from .references import References
 from .worker import RemoteEngine
@@ -52,12 +53,12 @@ class Acceptance:
         first = self.shapes[0].comparison.outputs
         return {
             "outputs": {o.name: {"dims": list(axes[o.name]), "dtype": o.dtype} for o in first},
-            "verdict": {"status": "pass" if self.passed else "mismatch", "reason": self.reason, "engine": self.engine,
-                        "max_abs": max((o.max_abs for s in self.shapes for o in s.comparison.outputs), default=0.0),
-                        "shapes": {str(s.shape): {"verdict": "pass" if s.comparison.passed else "fail", "reason": s.comparison.reason,
-                                                  "batches": s.comparison.batches,
-                                                  "tolerances": {o.name: o.applied.to_dict() for o in s.comparison.outputs}}
-                                   for s in self.shapes}},
+            "verdict": Verdict("pass" if self.passed else "mismatch", self.reason, self.engine,
+                               max((o.max_abs for s in self.shapes for o in s.comparison.outputs), default=0.0),
+                               shapes={str(s.shape): {"verdict": "pass" if s.comparison.passed else "fail", "reason": s.comparison.reason,
+                                                      "batches": s.comparison.batches,
+                                                      "tolerances": {o.name: o.applied.to_dict() for o in s.comparison.outputs}}
+                                       for s in self.shapes}),
             "benchmark": {str(s.shape): {"median_ms": s.engine.median if s.engine else None,
                                          "reference_median_ms": s.reference.median if s.reference else None,
                                          "speedup": sp.value if (sp := s.speedup) else None,

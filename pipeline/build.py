@@ -13,7 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import store
+import backends as registry
+
+from . import manifest, store
 from .acceptance import accept
 from .capture import DEFAULT_CACHE, Captured, capture
 from .choices import DEFAULTS, IMAGE_SHAPES, TEXT_SHAPES
@@ -21,6 +23,7 @@ from .config import REFERENCE, RunConfig, check_choices, make_config
 from .env import device_info, environment
 from .errors import ArtifactError, InputError
 from .inputs import Shape
+from .manifest import ModelRecord
 from .fsutil import clean_stale, digest, safe_name
 from .models import DEFAULT_MODEL, ModelBundle, load_model
 from .precision import Precision
@@ -106,10 +109,10 @@ def shipped(outcome: BuildOutcome) -> BuildOutcome:
     checked and timed at: what `kiln build` prints."""
     if outcome.status not in ("built", "reused"):
         return outcome
-    meta = store.read_manifest(outcome.path)
-    verdict, bench = meta.get("verdict", {}), meta.get("benchmark", {})
-    outcome.size_mb = outcome.size_mb if outcome.size_mb is not None else meta.get("artifact_mb")
-    for shape, v in (verdict.get("shapes") or {}).items():
+    meta = manifest.read(outcome.path)
+    bench = meta.benchmark
+    outcome.size_mb = outcome.size_mb if outcome.size_mb is not None else meta.artifact_mb
+    for shape, v in (meta.verdict.shapes if meta.verdict else {}).items():
         if "tolerances" in v:  # a forward engine: its outputs' tolerances, timed against eager fp32
             b = bench.get(shape) or {}
             outcome.shapes[shape] = {"verdict": v.get("verdict"), "atol": max((t["atol"] for t in v["tolerances"].values()), default=None),
@@ -139,8 +142,6 @@ def build_table(outcomes: Sequence[BuildOutcome]) -> str:
 
 def cache_key(captured: Captured, cfg: RunConfig, backend: str, precision: Precision) -> str:
     """Everything that changes the engine: graph, backend, precision, build options, device, libraries, shapes."""
-    import backends as registry
-
     return digest({"graph": captured.graph_hash, "backend": backend, "precision": precision.value,
                    "options": cfg.options[backend].build_options(), "device": device_info(cfg.device),
                    "requires": registry.get(backend).pinned(), "shapes": [str(s) for s in cfg.shapes],
@@ -228,36 +229,37 @@ class _Job:
             self.say(f"{backend} {precision}: mismatch, not installed ({verdict.reason})")
             return BuildOutcome(backend, precision.value, target, "mismatch", f"the saved engine, loaded back: {verdict.reason}")
         store.write_reference(src, {str(s): refs.saved(s, KINDS) for s in refs.shapes}, refs.task_batches(KINDS))
-        pre_key, pre_files = save_preprocessor(self.runner.bundle, src)  # so the artifact can answer text or images (kiln predict)
-        store.seal(src, {**self.shared, **verdict.manifest(self.axes), "build_options": self.cfg.options[backend].build_options(),
-                         "cache_key": key, "describe": rows[0].describe, "artifact_mb": size, pre_key: pre_files})
+        pre = save_preprocessor(self.runner.bundle, src)  # so the artifact can answer text or images (kiln predict)
+        manifest.write(src, manifest.read(src).with_sections(
+            **self.shared, **verdict.manifest(self.axes), build_options=self.cfg.options[backend].build_options(),
+            cache_key=key, describe=rows[0].describe, artifact_mb=size, **pre))
         store.install(src, target)
         self.say(f"{backend} {precision}: built {target}")
         return BuildOutcome(backend, precision.value, target, "built", verdict.reason, size)
 
 
-def save_preprocessor(bundle: ModelBundle, directory: Path) -> tuple[str, list[str]]:
+def save_preprocessor(bundle: ModelBundle, directory: Path) -> dict[str, Any]:
     """The model's tokenizer (text) or image processor (images) files beside the engine's, hashed
-    with them at seal: the manifest's key ("tokenizer" or "processor") and the files; [] without one."""
+    with them: the manifest's field ("tokenizer" or "processor") and its files; {} without one."""
     key, pre = ("processor", bundle.processor) if bundle.vision else ("tokenizer", bundle.tokenizer)
     if pre is None:
-        return key, []
+        return {}
     before = {p.name for p in directory.iterdir()}
     pre.save_pretrained(directory)
     added = sorted(p.name for p in directory.iterdir() if p.name not in before)
     for name in added:
         if not (directory / name).is_file():
             raise ArtifactError(f"the {key} wrote {name}, not a file: an engine directory holds files only")
-    return key, added
+    return {key: tuple(added)}
 
 
 def _model_sections(bundle: ModelBundle, captured: Captured, cfg: RunConfig) -> dict[str, Any]:
     """What every engine of this build shares: the model, its inputs and its head's labels."""
     return {
-        "model": {"name": bundle.name, "graph_hash": captured.graph_hash, "task": bundle.task, "source": bundle.source,
-                  "outputs": list(bundle.output_names), **({"labels": bundle.summary["labels"]} if "labels" in bundle.summary else {})},
+        "model": ModelRecord(bundle.name, bundle.task, captured.graph_hash, bundle.source, tuple(bundle.output_names),
+                             bundle.summary.get("labels")),
         "inputs": {n: {"dtype": str(s.dtype).removeprefix("torch."), "dims": list(s.dims), "high": s.high}
                    for n, s in bundle.inputs.items()},
         "axis_ranges": {k: list(v) for k, v in bundle.axis_ranges.items()},
-        "versions": environment(cfg.device)["versions"],
+        "versions": environment(cfg.device, registry.libraries())["versions"],
     }

@@ -15,6 +15,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import backends as registry
+
 from .choices import (CALIBRATION_METHODS, DEFAULT_MODEL, GATE_FLOOR, HEAD_NAMES, MODELS, TEXT_SHAPES, QuantSpec, default_cache_dir,
                       defaults)
 from .errors import InputError, KilnError
@@ -35,8 +37,6 @@ def _parse_options(pairs: Sequence[str]) -> dict[str, dict[str, Any]]:
 def cmd_backends(args: argparse.Namespace) -> int:
     """From package metadata and device nodes, at once; --probe (or --options) imports each backend
     and runs its own check (its libraries loaded, the device seen by them)."""
-    import backends as registry
-
     from .choices import check_device
 
     check_device(args.device)
@@ -224,15 +224,17 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 def cmd_load(args: argparse.Namespace) -> int:
     from .genbuild import is_generation
-    from .store import load, read_manifest, read_reference, require_build
+    from . import manifest
+    from .store import load, read_reference, require_build
 
     if is_generation(args.artifact):
         return _check_generation(args, "loaded")
     model = load(args.artifact, args.device, allow_failed=args.allow_failed, public_key=_public_key(args))
-    meta = read_manifest(args.artifact)
+    meta = manifest.read(args.artifact)
     require_build(Path(args.artifact), meta, "kiln load")
     ref = read_reference(args.artifact)
-    print(f"loaded {meta['backend']} {meta['precision']} engine of {meta['model']['name']} (graph {meta['model']['graph_hash']}) on {model.device}")
+    assert meta.model is not None  # require_build
+    print(f"loaded {meta.backend} {meta.precision} engine of {meta.model.name} (graph {meta.model.graph_hash}) on {model.device}")
     for x in (x for batches in ref.values() for x in batches["inputs"]):
         t0 = time.perf_counter()
         out = model({k: v.to(model.device) for k, v in x.items()})
@@ -245,15 +247,15 @@ def cmd_load(args: argparse.Namespace) -> int:
 
 def _check_generation(args: argparse.Namespace, verb: str) -> int:
     """A generation artifact loaded (checked first) and run on its build's prompts, tokens against eager fp32's."""
+    from . import manifest
     from .genbuild import verify_generation
-    from .store import read_manifest
 
     if getattr(args, "allow_failed", False):
         raise InputError("--allow-failed is for forward engines; a generation artifact that failed its build was never installed")
     c = verify_generation(args.artifact, args.device, public_key=_public_key(args))
-    meta = read_manifest(args.artifact)  # checked by verify_generation above
-    print(f"{verb} {meta['backend']} {meta['precision']} generation artifact of {meta['model']['name']} "
-          f"(static cache of {meta['generation']['cache']['max_len']} positions)")
+    meta = manifest.read(args.artifact)  # checked by verify_generation above
+    print(f"{verb} {meta.backend} {meta.precision} generation artifact of {meta.model.name if meta.model else '?'} "
+          f"(static cache of {meta.generation['cache']['max_len']} positions)")
     print(f"{'PASS' if c.passed else 'FAIL'}: {c.reason}")
     return 0 if c.passed else 1
 

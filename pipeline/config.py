@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+import backends as registry
+
 from .choices import DEFAULTS, QuantSpec, Shape, check_device, parse_shapes
 from .errors import InputError
 from .precision import Precision, Tolerance, parse_precisions
@@ -66,8 +68,6 @@ def check_choices(backends: Sequence[str] | str | None = None, precisions: Seque
     calls it first, so argument errors answer at once): backend names, precisions, shapes, the
     device, warmup, rounds, isolation, timeout and the calibration settings. An empty list is an
     error; no backends named means all of them, unless `need_backends` (a build names its engines)."""
-    import backends as registry
-
     names = backends.split(",") if isinstance(backends, str) else list(backends or [])
     names = [n.strip() for n in names if n.strip()]
     if need_backends and not names:
@@ -102,8 +102,6 @@ def make_config(backends: Sequence[str] | str | None = None, precisions: Sequenc
                 options: Mapping[str, Mapping[str, Any]] | None = None, **kw: Any) -> RunConfig:
     """Turns user input into a RunConfig; unknown names raise an InputError listing the valid ones.
     No backends named means every registered one: those that cannot run here become rows that say why."""
-    import backends as registry
-
     names, precs, shps = check_choices(backends, precisions, shapes, device, **kw)
     options = dict(options or {})
     for n, values in options.items():  # every option given is checked, also for a backend not in this run

@@ -6,11 +6,12 @@ import os
 import platform
 import re
 from importlib import metadata
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 
-# Kiln's own libraries; every report adds the libraries each registered backend requires.
+# Kiln's own libraries; a report adds the libraries each registered backend requires.
 CORE = ("torch", "transformers", "onnx", "onnxscript", "numpy")
 
 
@@ -33,13 +34,6 @@ def cpu_name() -> str:
         return platform.processor()
 
 
-def libraries() -> list[str]:
-    """Kiln's libraries and those of every registered backend, in that order."""
-    import backends as registry
-
-    return list(dict.fromkeys([*CORE, *(d for n in registry.names() for d in registry.get(n).requires)]))
-
-
 def cpu_flags() -> set[str]:
     try:
         with open("/proc/cpuinfo") as f:
@@ -58,11 +52,12 @@ def host_id() -> str:
     return f"{slug}-{isa}"
 
 
-def environment(device: str = "cpu") -> dict[str, Any]:
+def environment(device: str = "cpu", libraries: Sequence[str] = ()) -> dict[str, Any]:
+    """The machine, device and threads, and the versions of Kiln's libraries and `libraries` (the backends' own)."""
     env: dict[str, Any] = {
         "python": platform.python_version(), "platform": platform.platform(), "cpu": cpu_name(), "host": host_id(),
         "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(), "device": device, "versions": {d: version(d) for d in libraries()},
+        "torch_threads": torch.get_num_threads(), "device": device, "versions": {d: version(d) for d in dict.fromkeys([*CORE, *libraries])},
     }
     if device.startswith("cuda") and torch.cuda.is_available():
         props = torch.cuda.get_device_properties(device)

@@ -1,4 +1,6 @@
-"""The CI regression gate: a run's report against a committed baseline, per (backend, precision, shape).
+"""The CI regression gate: a run's report against a committed baseline, per (backend, precision, shape),
+for either workload (a generation report's speedup is decode tokens/s over eager fp32's, its
+accuracy the greedy tokens: a divergence at fp32 is a mismatch).
 
 Accuracy must not get worse: a row's status may not drop (ok > mismatch > failed), and its max abs
 error may not grow past both its tolerance and the baseline's own error. The speedup over eager
@@ -54,7 +56,7 @@ def _entry(r: Result) -> dict[str, Any]:
 
 
 def _identity(report: Report) -> dict[str, Any]:
-    return {"model": report.model.get("name"), "graph_hash": report.model.get("graph_hash"),
+    return {"mode": report.mode, "model": report.model.get("name"), "graph_hash": report.model.get("graph_hash"),
             "device_kind": str(report.environment.get("device", "cpu")).split(":")[0],
             "precisions": sorted({r.precision.value for r in report.results})}
 
@@ -125,7 +127,8 @@ def check(baseline: dict[str, Any], report: Report, floor: float = 0.10, *, spee
         raise InputError(f"--floor {floor}: the allowed speedup drop must be a fraction between 0 and 1, e.g. 0.10")
     mine = _identity(report)
     if not allow_different_model:
-        differ = [f"{k} {baseline.get(k)!r} vs {v!r}" for k, v in mine.items() if baseline.get(k) != v]
+        theirs = {"mode": "forward", **baseline}  # a baseline written before generation was gated is a forward one
+        differ = [f"{k} {theirs.get(k)!r} vs {v!r}" for k, v in mine.items() if theirs.get(k) != v]
         if differ:
             raise InputError("the report is not of what the baseline measured (" + "; ".join(differ) +
                              "): pass --allow-different-model to compare anyway")

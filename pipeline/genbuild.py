@@ -29,19 +29,26 @@ from typing import Any
 
 import torch
 
-from . import store
+import backends as registry
+from backends.base import GenerationUnsupported
+
+from . import manifest, store
 from .build import BuildOutcome, artifact_mb, name_cache, save_preprocessor, shipped
+from .bench import speedup
 from .choices import DEFAULTS, TEXT_SHAPES
 from .config import check_choices, make_config
 from .env import device_info, environment, version
 from .errors import ArtifactError, InputError
 from .fsutil import clean_stale, digest, safe_name
 from .generate import CacheSpec, Generation, agreement, engine_step, greedy, module_step
-from .genrun import AGREEMENT_MARGIN, DEFAULT_NEW_TOKENS, GenRow, Steps, _judge, _time, plan_cache, prompts, references
+from .genrun import AGREEMENT_MARGIN, DEFAULT_NEW_TOKENS, Steps, _judge, _time, plan_cache, prompts, references
 from .inputs import Shape
+from .manifest import Manifest, ModelRecord, Verdict
 from .models import ModelBundle, load_model
 from .precision import Precision
 from .progress import ticking
+from .report import Result
+from .signing import check_signature
 from .runner import Progress
 
 MODE, STEPS, SUFFIX = "generate", ("prefill", "decode"), "-generate"
@@ -55,8 +62,6 @@ def build_generation(model: str | Path | ModelBundle, backends: Sequence[str] | 
     """Generation engines under root/<model>/<backend>-<precision>-generate/, each installed only
     once its saved steps, loaded back, generated eager fp32's tokens (at fp32; at lower precisions,
     agreement as `kiln run --mode generate` judges it) from every built shape's prompts."""
-    import backends as registry
-
     say = progress or (lambda _m: None)
     check_choices(backends, need_backends=True)
     if rounds < 1:
@@ -114,8 +119,6 @@ class _Job:
     def key(self, steps: Steps) -> str:
         """Everything that changes the artifact: both steps' graphs, backend, precision, options,
         device, libraries, shapes, cache length and tokens generated at build."""
-        import backends as registry
-
         return digest({"graphs": list(self.graphs(steps).values()), "backend": self.backend, "precision": self.precision.value,
                        "options": self.options.build_options(), "device": device_info(self.device),
                        "requires": registry.get(self.backend).pinned(), "shapes": [str(s) for s in self.shapes],
@@ -129,9 +132,6 @@ class _Job:
 
     def ship(self, steps: Steps, refs: dict[Shape, Generation], inputs: dict[Shape, torch.Tensor],
              floors: dict[Precision, dict[Shape, float]]) -> BuildOutcome:
-        import backends as registry
-        from backends.base import GenerationUnsupported
-
         backend = registry.get(self.backend)
         try:
             programs = steps(self.precision)
@@ -161,7 +161,7 @@ class _Job:
             own = module_step(programs.module if self.device == "cpu" else programs.module.to(self.device), programs.output_names)
             floors[self.precision] = {s: agreement(refs[s], greedy(own, own, programs.spec, x.to(self.device), self.new_tokens)).agreement
                                       for s, x in inputs.items()}
-        rows: dict[tuple[str, Precision, Shape], GenRow] = {}
+        rows: dict[tuple[str, Precision, Shape], Result] = {}
         for s, x in inputs.items():
             with ticking(self.say, f"{self.backend} {self.precision}: generating from the {s} prompts with the loaded steps"):
                 got = greedy(prefill, decode, programs.spec, x.to(self.device), self.new_tokens)
@@ -176,38 +176,39 @@ class _Job:
         # the reference under a name of its own: an eager artifact (its captured program) is timed beside it
         ref = ("eager fp32 reference", Precision.FP32)
         for s in inputs:
-            rows[(*ref, s)] = GenRow(ref[0], "fp32", str(s), "ok")
+            rows[(*ref, s)] = Result(ref[0], Precision.FP32, s, "ok")
         _time({(self.backend, self.precision): (prefill, decode, programs.spec), ref: (ref_step, ref_step, fp32.spec)},
               rows, {s: x.to(self.device) for s, x in inputs.items()}, self.new_tokens, self.rounds, self.say, self.device)
         shapes = {}
         for s in inputs:
             row, base = rows[(self.backend, self.precision, s)], rows[(*ref, s)]
-            speedup = row.decode_tokens_per_s / base.decode_tokens_per_s if row.decode_tokens_per_s and base.decode_tokens_per_s else None
-            shapes[str(s)] = {"agreement": row.agreement, "first_divergence": row.first_divergence,
-                              "max_logits_error": row.max_logits_error, "prefill_ms": row.prefill_ms, "decode_ms": row.decode_ms,
-                              "decode_tokens_per_s": row.decode_tokens_per_s, "e2e_tokens_per_s": row.e2e_tokens_per_s,
-                              "decode_speedup": speedup, "eager_fp32_decode_tokens_per_s": base.decode_tokens_per_s,
+            lat, m = row.latency_ms, row.metrics
+            shapes[str(s)] = {"agreement": row.agreement, "first_divergence": m.get("first_divergence"),
+                              "max_logits_error": row.max_abs, "prefill_ms": m.get("prefill_ms"),
+                              "decode_ms": {"median": lat.median, "p90": lat.p90, "p99": lat.p99} if lat else None,
+                              "decode_tokens_per_s": m.get("decode_tokens_per_s"), "e2e_tokens_per_s": m.get("e2e_tokens_per_s"),
+                              "decode_speedup": speedup(base.latency_ms, lat).value if lat and base.latency_ms else None,
+                              "eager_fp32_decode_tokens_per_s": base.metrics.get("decode_tokens_per_s"),
                               **({"eager_agreement": floors[self.precision][s]} if self.precision in floors else {})}
         torch.save({"shapes": {str(s): {"prompt": x, "tokens": refs[s].tokens} for s, x in inputs.items()},
                     "new_tokens": self.new_tokens}, self.src / store.REFERENCE)
-        pre_key, pre_files = save_preprocessor(self.bundle, self.src)
+        pre = save_preprocessor(self.bundle, self.src)
         spec, first = programs.spec, loaded[0]
         notes = [*self.bundle.notes, *engine.notes]
-        store.write_generation_manifest(self.src, self.backend, self.precision, self.device, dict(first.spec.requires), {
-            "mode": MODE,
-            "model": {"name": self.bundle.name, "task": self.bundle.task, "source": self.bundle.source,
-                      "graph_hash": self.graphs(steps)},
-            "generation": {"steps": {kind: kind for kind in STEPS},
-                           "cache": {"layers": spec.layers, "heads": spec.heads, "head_dim": spec.head_dim,
-                                     "max_len": spec.max_len, "dtype": str(spec.dtype).removeprefix("torch.")},
-                           "vocab": int(self.bundle.inputs["input_ids"].high), "batch": list(first.spec.axis_ranges["batch"]),
-                           "eos_token_id": _eos(self.bundle), "decoding": "greedy"},
-            "verdict": {"status": "pass", "engine": "the saved steps, loaded back from their files in the build's process",
-                        "reason": "greedy tokens identical to eager fp32's" if self.precision == Precision.FP32
-                        else f"token agreement at least eager's at {self.precision}, less {AGREEMENT_MARGIN:.0%}",
-                        "new_tokens": self.new_tokens, "shapes": shapes},
-            "environment": environment(self.device), "build_options": self.options.build_options(), "cache_key": key,
-            "artifact_mb": round(size, 2), "notes": notes, pre_key: pre_files})
+        manifest.write(self.src, Manifest(
+            self.backend, self.precision, device_info(self.device), dict(first.spec.requires), mode=MODE,
+            model=ModelRecord(self.bundle.name, self.bundle.task, self.graphs(steps), self.bundle.source),
+            generation={"steps": {kind: kind for kind in STEPS},
+                        "cache": {"layers": spec.layers, "heads": spec.heads, "head_dim": spec.head_dim,
+                                  "max_len": spec.max_len, "dtype": str(spec.dtype).removeprefix("torch.")},
+                        "vocab": int(self.bundle.inputs["input_ids"].high), "batch": list(first.spec.axis_ranges["batch"]),
+                        "eos_token_id": _eos(self.bundle), "decoding": "greedy"},
+            verdict=Verdict("pass", "greedy tokens identical to eager fp32's" if self.precision == Precision.FP32
+                            else f"token agreement at least eager's at {self.precision}, less {AGREEMENT_MARGIN:.0%}",
+                            "the saved steps, loaded back from their files in the build's process", new_tokens=self.new_tokens,
+                            shapes=shapes),
+            environment=environment(self.device, registry.libraries()), build_options=self.options.build_options(), cache_key=key,
+            artifact_mb=round(size, 2), notes=tuple(notes), **pre))
         store.install(self.src, self.target)
         self.say(f"{self.backend} {self.precision}: built {self.target}")
         return self.outcome("built", "", round(size, 2))
@@ -222,7 +223,7 @@ def _eos(bundle: ModelBundle) -> int | None:
 def is_generation(directory: str | Path) -> bool:
     """Whether `directory` holds a generation artifact (its manifest says mode "generate")."""
     try:
-        return store.read_manifest(directory).get("mode") == MODE
+        return manifest.read(directory).mode == MODE
     except ArtifactError:
         return False
 
@@ -233,7 +234,7 @@ class GenerationArtifact:
     answers with the tokenizer it carries."""
 
     directory: Path
-    meta: dict[str, Any]
+    meta: Manifest
     prefill: Any  # CompiledModel
     decode: Any
     spec: CacheSpec
@@ -260,8 +261,8 @@ class GenerationArtifact:
             raise InputError(f"--new-tokens {new_tokens}: the static cache holds {self.spec.max_len} positions; "
                              f"generate 1 to {self.spec.max_len - 1}")
         room = self.spec.max_len - new_tokens
-        eos = self.meta["generation"].get("eos_token_id")
-        lo_b = int(self.meta["generation"]["batch"][0])
+        eos = self.meta.generation.get("eos_token_id")
+        lo_b = int(self.meta.generation["batch"][0])
         out = []
         for text in texts:
             ids = self.tokenizer(text, return_tensors="pt")["input_ids"].to(torch.int64)
@@ -286,23 +287,18 @@ def load_generation(directory: str | Path, device: str | None = None, allow_fail
                     public_key: str | Path | None = None) -> GenerationArtifact:
     """A generation artifact, checked (signature when a key is given, manifest, every file's
     hash, library versions) before either step is opened."""
-    import backends as registry
-
     directory = Path(directory)
     if public_key is not None:
-        from .signing import check_signature
-
         check_signature(directory, public_key)
-    meta = store.read_manifest(directory)
-    if meta.get("mode") != MODE:
+    meta = manifest.read(directory)
+    if meta.mode != MODE:
         raise ArtifactError(f"{directory} is a forward engine, not a generation artifact: load it with kiln load")
-    verdict = meta.get("verdict") or {}
-    if verdict.get("status") != "pass" and not allow_failed:
-        raise ArtifactError(f"{directory}: its build verdict is {verdict.get('status')!r}; load it anyway with allow_failed=True")
-    store.check_files(directory, meta)
-    backend = registry.get(meta["backend"])
-    store.check_requires(directory, meta, backend.pinned())
-    gen = meta["generation"]
+    if meta.status != "pass" and not allow_failed:
+        raise ArtifactError(f"{directory}: its build verdict is {meta.status!r}; load it anyway with allow_failed=True")
+    manifest.check_files(directory, meta)
+    backend = registry.get(meta.backend)
+    manifest.check_requires(directory, meta, backend.pinned())
+    gen = meta.generation
     cache = gen["cache"]
     dtype = getattr(torch, str(cache["dtype"]), None)
     if not isinstance(dtype, torch.dtype):
@@ -314,7 +310,7 @@ def load_generation(directory: str | Path, device: str | None = None, allow_fail
             raise ArtifactError(f"{directory}: the manifest's {kind} step {step!r} is not a directory inside the artifact")
     prefill, decode = (backend.load(directory / gen["steps"][kind], device) for kind in STEPS)
     tokenizer = None
-    if meta.get("tokenizer"):
+    if meta.tokenizer:
         import transformers
 
         tokenizer = transformers.AutoTokenizer.from_pretrained(directory, local_files_only=True, trust_remote_code=False)
@@ -342,8 +338,8 @@ def verify_generation(directory: str | Path, device: str | None = None, public_k
     must be eager fp32's; below, agreement at least what the build recorded, less the margin."""
     art = load_generation(directory, device, allow_failed=True, public_key=public_key)
     data = store.read_reference_file(art.directory)
-    recorded = art.meta["verdict"].get("shapes") or {}
-    precision = Precision(art.meta["precision"])
+    recorded = art.meta.verdict.shapes if art.meta.verdict else {}
+    precision = art.meta.precision
     out = {}
     for s, ref in data["shapes"].items():
         got = art.generate(ref["prompt"], int(data["new_tokens"]))

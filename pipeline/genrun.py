@@ -4,26 +4,24 @@ measured in interleaved rounds, with the KV cache's size and each engine's peak 
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import datetime as dt
-import io
-import json
 import statistics
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .bench import MemoryWatch, median_ci
+import backends as registry
+from backends.base import GenerationUnsupported
+
+from .bench import MemoryWatch, Timing, median_ci, speedup
 from .choices import DEFAULTS
 from .config import REFERENCE, RunConfig
 from .env import environment
 from .errors import InputError, NumericsError
-from .fsutil import atomic_write
 from .generate import (CacheSpec, Generation, GenerationPrograms, Step, agreement, cache_spec, capture_generation, greedy,
                        module_step, quantized_generation)
 from .inputs import Shape
@@ -31,115 +29,11 @@ from .models import ModelBundle
 from .precision import Precision
 from .progress import throttled, ticking
 from .references import available_memory
+from .report import Report, Result
 
 DEFAULT_NEW_TOKENS = DEFAULTS["run-generate"].new_tokens
 GENERATE_ROUNDS = DEFAULTS["run-generate"].rounds  # whole generations per engine and shape; every decode step a sample
 AGREEMENT_MARGIN = 0.05  # below fp32, tokens may agree this much less than eager at that precision does
-
-
-@dataclass
-class GenRow:
-    backend: str
-    precision: str
-    shape: str
-    status: str                     # ok | mismatch | failed | unsupported | unavailable
-    reason: str = ""
-    new_tokens: int = 0
-    first_divergence: int | None = None
-    agreement: float | None = None
-    max_logits_error: float | None = None  # over the steps before the first divergence
-    prefill_ms: float | None = None        # time to first token, median over rounds
-    decode_ms: dict[str, float] | None = None  # per token: median, p90, p99 over every decode step of every round
-    decode_tokens_per_s: float | None = None   # batch / median decode step
-    decode_tokens_per_s_ci: list[float] | None = None  # its 95% bootstrap interval over the decode steps
-    e2e_tokens_per_s: float | None = None      # batch x new tokens / (prefill + decode), median round
-    decode_speedup: float | None = None         # decode tokens/s over eager fp32's, same shape, same run
-    cache_bytes: int | None = None
-    peak_host_mb: float | None = None
-    compile_s: float | None = None
-
-
-@dataclass
-class GenReport:
-    model: dict[str, Any]
-    environment: dict[str, Any]
-    config: dict[str, Any]
-    rows: list[GenRow] = field(default_factory=list)
-    created: str = ""
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"kind": "generate", "model": self.model, "environment": self.environment, "config": self.config,
-                "created": self.created, "rows": [asdict(r) for r in self.rows]}
-
-    def to_markdown(self) -> str:
-        m, c = self.model, self.config
-        head = (f"# Kiln generation report: {m.get('name')}\n\n{m.get('parameters', 0) / 1e6:.1f} M params "
-                f"({m.get('weight_mb', 0):.0f} MB of weights) · {c['new_tokens']} new tokens, greedy · static cache of "
-                f"{c['cache_len']} positions · {c['rounds']} rounds · device {self.environment.get('gpu') or self.environment.get('cpu')} · "
-                f"{self.environment.get('torch_threads')} threads · torch {self.environment.get('versions', {}).get('torch')}")
-        if c.get("bandwidth_gb_s"):
-            head += (f"\n\nmemory bandwidth {c['bandwidth_gb_s']:.1f} GB/s (a {c['bandwidth_probe_mb']} MB copy): reading every "
-                     f"weight once per token bounds batch-1 decoding at {c['ceiling_tokens_per_s']:.1f} tokens/s")
-        lines = [head, "", "| " + " | ".join(h for h, _, _ in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-        lines += ["| " + " | ".join(_cell(get(r), fmt) for _, get, fmt in COLUMNS) + " |" for r in self.rows]
-        reasons = [r for r in self.rows if r.reason]
-        if reasons:
-            lines += ["", "## Reasons", ""] + [f"- **{r.backend} {r.precision} {r.shape}** ({r.status}): {r.reason}" for r in reasons]
-        return "\n".join(lines) + "\n"
-
-    def to_csv(self) -> str:
-        buf = io.StringIO()
-        w = csv.writer(buf)
-        w.writerow([h.replace(" ", "_").replace("/", "_per_") for h, _, _ in COLUMNS] + ["decode_tokens_per_s_ci_low",
-                                                                                      "decode_tokens_per_s_ci_high", "reason"])
-        for r in self.rows:
-            ci: list[float | None] = [*r.decode_tokens_per_s_ci] if r.decode_tokens_per_s_ci else [None, None]
-            w.writerow([get(r) for _, get, _ in COLUMNS] + [*ci, r.reason])
-        return buf.getvalue()
-
-    def save(self, out: Path) -> None:
-        """report.md, report.csv, report.png (decode tokens/s per engine with its interval) and
-        report.json last, as the file of record; each replaced whole."""
-        from .plot import bars_png
-
-        out.mkdir(parents=True, exist_ok=True)
-        timed = [r for r in self.rows if r.decode_tokens_per_s is not None and r.decode_tokens_per_s_ci]
-        png = bars_png([f"{r.backend} {r.precision} {r.shape}" for r in timed], [r.decode_tokens_per_s or 0.0 for r in timed],
-                       [r.decode_tokens_per_s_ci or [0.0, 0.0] for r in timed], [r.status == "ok" for r in timed],
-                       "decode tokens/s (bars: 95% interval; red: not a pass)", f"{self.model.get('name')} generation on "
-                       f"{self.environment.get('gpu') or self.environment.get('cpu')}")
-        if png:
-            atomic_write(out / "report.png", png)
-        atomic_write(out / "report.md", self.to_markdown() + ("\n![decode tokens/s with 95% intervals](report.png)\n" if png else ""))
-        atomic_write(out / "report.csv", self.to_csv())
-        atomic_write(out / "report.json", json.dumps(self.to_dict(), indent=2, allow_nan=False, default=str))
-
-
-def _cell(value: Any, fmt: str) -> str:
-    if value is None:
-        return "–"
-    if fmt == "x":  # a ratio
-        return f"{value:.2f}x"
-    return value if isinstance(value, str) else format(value, fmt)
-
-
-def _divergence(r: GenRow) -> int | str | None:
-    return "none" if r.status == "ok" and r.first_divergence is None and r.agreement is not None else r.first_divergence
-
-
-# The generation report's columns, each (header, value of a row, format): report.md and report.csv
-# both iterate this list, so a column is added in one place.
-COLUMNS: list[tuple[str, Callable[[GenRow], Any], str]] = [
-    ("backend", lambda r: r.backend, "s"), ("precision", lambda r: r.precision, "s"), ("shape", lambda r: r.shape, "s"),
-    ("status", lambda r: r.status, "s"), ("tokens", lambda r: r.new_tokens or None, "d"), ("agreement", lambda r: r.agreement, ".0%"),
-    ("first divergence", _divergence, "d"), ("max logits err", lambda r: r.max_logits_error, ".1e"),
-    ("prefill ms", lambda r: r.prefill_ms, ".2f"), ("decode ms p50", lambda r: (r.decode_ms or {}).get("median"), ".2f"),
-    ("p90", lambda r: (r.decode_ms or {}).get("p90"), ".2f"), ("p99", lambda r: (r.decode_ms or {}).get("p99"), ".2f"),
-    ("decode tok/s", lambda r: r.decode_tokens_per_s, ".1f"), ("e2e tok/s", lambda r: r.e2e_tokens_per_s, ".1f"),
-    ("decode speedup", lambda r: r.decode_speedup, "x"),
-    ("cache MB", lambda r: r.cache_bytes / 2**20 if r.cache_bytes is not None else None, ".1f"),
-    ("peak MB", lambda r: r.peak_host_mb, ".0f"), ("compile s", lambda r: r.compile_s, ".1f"),
-]
 
 
 def memory_bandwidth(mb: int = 512) -> float:
@@ -158,11 +52,6 @@ def prompts(bundle: ModelBundle, shape: Shape) -> torch.Tensor:
     """Seeded prompts of real tokens only (no padding): ids drawn over the vocabulary."""
     g = torch.Generator().manual_seed(7919 + 31 * shape.batch + shape.seq)
     return torch.randint(0, bundle.inputs["input_ids"].high, (shape.batch, shape.seq), generator=g)
-
-
-def _percentile(xs: Sequence[float], q: float) -> float:
-    s = sorted(xs)
-    return s[min(len(s) - 1, max(0, round(q * (len(s) - 1))))]
 
 
 def plan_cache(bundle: ModelBundle, cfg: RunConfig, new_tokens: int, cache_len: int | None) -> int:
@@ -193,8 +82,6 @@ class Steps:
         self.made: dict[Precision, GenerationPrograms] = {}
 
     def __call__(self, p: Precision) -> GenerationPrograms:
-        from backends.base import GenerationUnsupported
-
         if p not in self.made:
             if p == Precision.INT8_DYNAMIC:
                 self.say(f"quantizing the step's linear layers (int8 weights, activations at run time; static cache of {self.cache_len})")
@@ -225,10 +112,7 @@ def references(fp32: GenerationPrograms, inputs: dict[Shape, torch.Tensor], new_
 
 def run_generation(bundle: ModelBundle, cfg: RunConfig, new_tokens: int = DEFAULT_NEW_TOKENS, cache_len: int | None = None,
                    rounds: int = GENERATE_ROUNDS, say: Callable[[str], None] | None = None,
-                   bandwidth: bool = True, cache_dir: Path | str | None = None) -> GenReport:
-    import backends as registry
-    from backends.base import GenerationUnsupported
-
+                   bandwidth: bool = True, cache_dir: Path | str | None = None) -> Report:
     say = say or (lambda _m: None)
     cache_len = plan_cache(bundle, cfg, new_tokens, cache_len)
     at = Steps(bundle, cache_len, say, cache_dir)
@@ -237,12 +121,12 @@ def run_generation(bundle: ModelBundle, cfg: RunConfig, new_tokens: int = DEFAUL
     refs = references(fp32, inputs, new_tokens, bundle.name, say)
     eager_at: dict[Precision, dict[Shape, float]] = {}  # token agreement eager reaches at each lower precision
 
-    def rows_of(name: str, p: Precision, status: str, reason: str) -> list[GenRow]:
-        return [GenRow(name, p.value, str(s), status, reason) for s in cfg.shapes]
+    def rows_of(name: str, p: Precision, status: str, reason: str) -> list[Result]:
+        return [Result(name, p, s, status, reason) for s in cfg.shapes]
 
-    rows: list[GenRow] = []
+    rows: list[Result] = []
     engines: dict[tuple[str, Precision], tuple[Step, Step, CacheSpec]] = {}
-    by_key: dict[tuple[str, Precision, Shape], GenRow] = {}
+    by_key: dict[tuple[str, Precision, Shape], Result] = {}
     for name in cfg.engines:  # the reference first, at every precision asked: the others are judged by it
         backend = registry.get(name)
         for p in cfg.precisions_of(name):
@@ -271,25 +155,23 @@ def run_generation(bundle: ModelBundle, cfg: RunConfig, new_tokens: int = DEFAUL
             for s, g in checks.items():
                 row = _judge(name, p, s, g, refs[s], eager_at, new_tokens)
                 row.reason = "; ".join(x for x in (row.reason, *engine.notes) if x)
-                row.cache_bytes, row.peak_host_mb, row.compile_s = progs.spec.nbytes(s.batch), watch.peak_host_mb, compile_s
+                row.metrics["cache_bytes"], row.peak_host_mb, row.compile_s = progs.spec.nbytes(s.batch), watch.peak_host_mb, compile_s
                 rows.append(row)
                 by_key[(name, p, s)] = row
     _time(engines, by_key, {s: x.to(cfg.device) for s, x in inputs.items()}, new_tokens, rounds, say, cfg.device)
-    for s in cfg.shapes:
-        base = by_key.get((REFERENCE[0], REFERENCE[1], s))
-        for (name, p, shape), row in by_key.items():
-            if shape == s and base is not None and base.decode_tokens_per_s and row.decode_tokens_per_s:
-                row.decode_speedup = row.decode_tokens_per_s / base.decode_tokens_per_s
-    config: dict[str, Any] = {"backends": list(cfg.engines), "precisions": [p.value for p in cfg.precisions],
-                              "shapes": [str(s) for s in cfg.shapes], "new_tokens": new_tokens, "cache_len": cache_len,
-                              "rounds": rounds, "device": cfg.device}
+    for (_name, _p, shape), row in by_key.items():
+        base = by_key.get((*REFERENCE, shape))
+        if base is not None and base.latency_ms and row.latency_ms:
+            row.speedup = speedup(base.latency_ms, row.latency_ms)  # decode steps, paired round by round
+    config: dict[str, Any] = {**cfg.to_dict(), "new_tokens": new_tokens, "cache_len": cache_len, "rounds": rounds}
     weight_bytes = sum(t.numel() * t.element_size() for t in bundle.module.parameters())
     if bandwidth and cfg.device == "cpu":
         say("measuring memory bandwidth (a large tensor copy)")
         bw = memory_bandwidth()
         config.update(bandwidth_gb_s=bw, bandwidth_probe_mb=512, ceiling_tokens_per_s=bw * 1e9 / weight_bytes)
     model = {**bundle.describe(), "weight_mb": weight_bytes / 2**20}
-    return GenReport(model, environment(cfg.device), config, rows, dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
+    return Report(model, environment(cfg.device, registry.libraries()), config, rows,
+                  dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), mode="generate")
 
 
 def _check_cache_memory(bundle: ModelBundle, cache_len: int, batch: int, precisions: Sequence[Precision]) -> None:
@@ -305,36 +187,39 @@ def _check_cache_memory(bundle: ModelBundle, cache_len: int, batch: int, precisi
 
 
 def _judge(name: str, p: Precision, s: Shape, g: Generation, ref: Generation, eager_at: dict[Precision, dict[Shape, float]],
-           new_tokens: int) -> GenRow:
+           new_tokens: int) -> Result:
     """fp32: the same tokens as eager fp32 at every step, or a mismatch naming the step. Lower
     precisions: token agreement at least what eager at that precision reaches, less a margin."""
     a = agreement(ref, g)
     upto = a.first_divergence if a.first_divergence is not None else len(a.max_logits_error)
-    row = GenRow(name, p.value, str(s), "ok", new_tokens=new_tokens, first_divergence=a.first_divergence,
-                 agreement=a.agreement, max_logits_error=max(a.max_logits_error[:max(upto, 1)]))
+    row = Result(name, p, s, "ok", verdict="pass", agreement=a.agreement, agreement_kind="tokens",
+                 max_abs=max(a.max_logits_error[:max(upto, 1)]),  # over the steps before the first divergence
+                 metrics={"new_tokens": new_tokens, "first_divergence": a.first_divergence})
     bad = next((i for i, x in enumerate(g.step_logits) if not bool(torch.isfinite(x).all())), None)
     if bad is not None:  # a NaN's argmax is a token too: never a pass
-        row.status, row.reason, row.max_logits_error = "mismatch", f"NaN or Inf in the logits at step {bad}", None
+        row.status, row.verdict, row.reason, row.max_abs = "mismatch", "fail", f"NaN or Inf in the logits at step {bad}", None
         return row
     if name == REFERENCE[0] and p != Precision.FP32:
         eager_at.setdefault(p, {})[s] = a.agreement
     if p == Precision.FP32:
         if not a.identical:
-            row.status = "mismatch"
+            row.status, row.verdict = "mismatch", "fail"
             row.reason = (f"greedy tokens diverge from eager fp32 at step {a.first_divergence} "
                           f"(agreement {a.agreement:.1%} over {new_tokens} steps)")
         return row
     floor = eager_at.get(p, {}).get(s)
     if floor is not None and a.agreement < floor - AGREEMENT_MARGIN:
-        row.status = "mismatch"
+        row.status, row.verdict = "mismatch", "fail"
         row.reason = f"token agreement {a.agreement:.1%} < {floor - AGREEMENT_MARGIN:.1%} (eager {p}: {floor:.1%})"
     return row
 
 
-def _time(engines: dict[tuple[str, Precision], tuple[Step, Step, CacheSpec]], rows: dict[tuple[str, Precision, Shape], GenRow],
+def _time(engines: dict[tuple[str, Precision], tuple[Step, Step, CacheSpec]], rows: dict[tuple[str, Precision, Shape], Result],
           inputs: dict[Shape, torch.Tensor], new_tokens: int, rounds: int, say: Callable[[str], None], device: str) -> None:
     """Whole generations, interleaved: round r runs every engine once at a shape before round r+1.
-    On a GPU every step is waited for before its time is taken."""
+    On a GPU every step is waited for before its time is taken. A row's latency is its decode
+    steps' (every step of every round, in round order, so two engines' samples pair up); prefill
+    and end-to-end speed go to its metrics."""
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     for s, x in inputs.items():
         live = [k for k in engines if (k[0], k[1], s) in rows]
@@ -351,12 +236,11 @@ def _time(engines: dict[tuple[str, Precision], tuple[Step, Step, CacheSpec]], ro
         for k, gens in runs.items():
             row = rows[(k[0], k[1], s)]
             steps = [ms for g in gens for ms in g.decode_ms]
-            row.prefill_ms = statistics.median(g.prefill_ms for g in gens)
+            row.metrics["prefill_ms"] = statistics.median(g.prefill_ms for g in gens)
             if steps:
-                med = statistics.median(steps)
-                row.decode_ms = {"median": med, "p90": _percentile(steps, 0.9), "p99": _percentile(steps, 0.99)}
-                row.decode_tokens_per_s = 1e3 * s.batch / med
+                row.latency_ms = Timing(steps)
+                row.metrics["decode_tokens_per_s"] = 1e3 * s.batch / row.latency_ms.median
                 low_ms, high_ms = median_ci(steps)
-                row.decode_tokens_per_s_ci = [1e3 * s.batch / high_ms, 1e3 * s.batch / low_ms]
+                row.metrics["decode_tokens_per_s_ci"] = [1e3 * s.batch / high_ms, 1e3 * s.batch / low_ms]
             total = statistics.median(g.prefill_ms + sum(g.decode_ms) for g in gens)
-            row.e2e_tokens_per_s = 1e3 * s.batch * new_tokens / total
+            row.metrics["e2e_tokens_per_s"] = 1e3 * s.batch * new_tokens / total

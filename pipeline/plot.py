@@ -1,23 +1,10 @@
 """report.png: one bar per timed row with its 95% interval, headless (forward reports: the speedup
-over eager fp32; generation reports: decode tokens/s)."""
+over eager fp32; generation reports: decode tokens/s). It draws numbers; the reports pick them."""
 
 from __future__ import annotations
 
 import io
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from .report import Report
-
-
-def speedup_png(report: Report) -> bytes | None:
-    """The picture as PNG bytes; None when no row was timed against the reference."""
-    rows = [r for r in report.results if r.speedup is not None and not (r.backend == "eager" and r.precision.value == "fp32")]
-    return bars_png([f"{r.backend} {r.precision.value} {r.shape}" for r in rows], [r.speedup.value for r in rows if r.speedup],
-                    [[r.speedup.ci_low, r.speedup.ci_high] for r in rows if r.speedup], [r.status == "ok" for r in rows],
-                    "speedup over eager fp32, same run (bars: 95% interval; red: not a pass)",
-                    f"{report.model.get('name')} on {report.environment.get('gpu') or report.environment.get('cpu')}", ref=1.0)
 
 
 def bars_png(labels: Sequence[str], values: Sequence[float], intervals: Sequence[Sequence[float]], passed: Sequence[bool],

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from . import store
+from . import manifest, store
 from .compare import pooled_embeddings
 from .errors import ArtifactError, InputError
 from .models import VISION_TASKS
@@ -33,11 +33,10 @@ class Predictor:
         """The engine checked and loaded as `store.load` does, and the tokenizer it carries."""
         directory = Path(directory)
         engine = store.load(directory, device, allow_failed=allow_failed, public_key=public_key)
-        meta = store.read_manifest(directory)
-        model = meta.get("model") or {}
-        task = str(model.get("task", "encoder"))
+        meta = manifest.read(directory)
+        task = meta.model.task if meta.model else "encoder"
         image = task in VISION_TASKS
-        if not meta.get("processor" if image else "tokenizer"):
+        if not (meta.processor if image else meta.tokenizer):
             what, takes = ("image processor", "pixel tensors") if image else ("tokenizer", "token ids")
             raise ArtifactError(f"{directory} carries no {what} (its model had none, or it was saved by kiln run): "
                                 f"it answers {takes} only; build it with kiln build from a model with a {what}")
@@ -45,9 +44,9 @@ class Predictor:
 
         auto = transformers.AutoImageProcessor if image else transformers.AutoTokenizer
         pre = auto.from_pretrained(directory, local_files_only=True, trust_remote_code=False)
-        ranges = {k: (int(v[0]), int(v[1])) for k, v in (meta.get("axis_ranges") or {}).items()}
-        dims = tuple((meta.get("inputs") or {}).get("pixel_values", {}).get("dims", ())) if image else ()
-        return cls(engine, pre, task, ranges, {int(k): str(v) for k, v in (model.get("labels") or {}).items()}, dims)
+        dims = tuple(meta.inputs.get("pixel_values", {}).get("dims", ())) if image else ()
+        labels = meta.model.labels if meta.model and meta.model.labels else {}
+        return cls(engine, pre, task, dict(meta.axis_ranges), {int(k): str(v) for k, v in labels.items()}, dims)
 
     def predict(self, texts: Sequence[str]) -> list[dict[str, Any]]:
         """One answer per text: label and score (classifier), normalized sentence embedding

@@ -109,7 +109,7 @@ class Runner:
     def _report(self, captured: Captured, rows: dict[tuple[str, Precision], dict[Shape, Result]]) -> Report:
         timed = {"contention": self.contention} if self.contention["shapes"] else {}
         return Report(model={**self.bundle.describe(), "graph_hash": captured.graph_hash, "capture_s": captured.capture_s},
-                      environment={**environment(self.cfg.device), **timed}, config=self.cfg.to_dict(),
+                      environment={**environment(self.cfg.device, registry.libraries()), **timed}, config=self.cfg.to_dict(),
                       results=[r for by_shape in rows.values() for r in by_shape.values()],
                       created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
 

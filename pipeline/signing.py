@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ArtifactError, InputError
-from .store import SIGNATURE, check_artifact  # the signature sits inside the engine directory, outside what it signs
+from .manifest import SIGNATURE, check_files, read  # the signature sits inside the engine directory, outside what it signs
 
 
 def _library() -> Any:
@@ -60,7 +60,7 @@ def _key(path: str | Path, what: str, password: str | None = None) -> Path:
 def sign(directory: str | Path, private_key: str | Path, password: str | None = None) -> Path:
     """Signs a checked engine directory: writes directory/model.sig over all its other files."""
     directory = Path(directory)
-    check_artifact(directory)  # only a whole engine, every hash as recorded, is worth signing
+    check_files(directory, read(directory))  # only a whole engine, every hash as recorded, is worth signing
     lib = _library()
     key = _key(private_key, "private", password)
     try:

@@ -20,7 +20,11 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import backends as registry
+
 from .errors import InputError
+from .manifest import Manifest
+from .signing import check_signature
 from .store import check_artifact, install, require_build
 
 _TYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "bfloat16": "TYPE_BF16", "int64": "TYPE_INT64",
@@ -50,43 +54,38 @@ def sanitize(name: str) -> str:
     return clean
 
 
-def _instance_group(pb: Any, meta: dict[str, Any]) -> Any:
+def _instance_group(pb: Any, meta: Manifest) -> Any:
     """One instance on the device the engine was built for: GPU 0 for a CUDA engine, else the CPU."""
-    device = meta.get("device") or {}
-    gpu = str(device.get("type", "cpu") if isinstance(device, dict) else device).startswith("cuda")
+    gpu = str(meta.device.get("type", "cpu")).startswith("cuda")
     group = pb.ModelInstanceGroup(count=1, kind=pb.ModelInstanceGroup.KIND_GPU if gpu else pb.ModelInstanceGroup.KIND_CPU)
     if gpu:
         group.gpus.append(0)
     return group
 
 
-def _tensors(meta: dict[str, Any]) -> tuple[list[tuple[str, str, str, list[Any]]], bool]:
-    tensors = [("input", n, s["dtype"], list(s["dims"])) for n, s in meta["inputs"].items()]
-    tensors += [("output", n, s.get("dtype", "float32"), list(s["dims"])) for n, s in meta["outputs"].items()]
+def _tensors(meta: Manifest) -> tuple[list[tuple[str, str, str, list[Any]]], bool]:
+    tensors = [("input", n, s["dtype"], list(s["dims"])) for n, s in meta.inputs.items()]
+    tensors += [("output", n, s.get("dtype", "float32"), list(s["dims"])) for n, s in meta.outputs.items()]
     batched = all(dims and dims[0] == "batch" for _, _, _, dims in tensors)
     return tensors, batched
 
 
-def _max_batch(meta: dict[str, Any], batched: bool) -> int:
-    import backends as registry
-
+def _max_batch(meta: Manifest, batched: bool) -> int:
     if not batched:
         return 0
-    limit = int(meta["axis_ranges"]["batch"][1])
-    serving = registry.get(meta["backend"]).serving(meta)
+    limit = int(meta.axis_ranges["batch"][1])
+    serving = registry.get(meta.backend).serving(meta)
     return min(limit, serving.max_batch) if serving is not None and serving.max_batch is not None else limit
 
 
-def model_config(name: str, meta: dict[str, Any]) -> Any:
+def model_config(name: str, meta: Manifest) -> Any:
     """Triton's model configuration of the engine, as a ModelConfig protobuf. With a leading batch
     axis everywhere, max_batch_size is the engine's batch limit and dims leave the batch out; any
     other dynamic dim is -1."""
-    import backends as registry
-
     pb = _pb()
-    serving = registry.get(meta["backend"]).serving(meta)
+    serving = registry.get(meta.backend).serving(meta)
     if serving is None:
-        raise InputError(f"a {meta['backend']!r} engine has no Triton backend")
+        raise InputError(f"a {meta.backend!r} engine has no Triton backend")
     tensors, batched = _tensors(meta)
     cfg = pb.ModelConfig(name=name, platform=serving.platform, max_batch_size=_max_batch(meta, batched))
     for kind, n, dtype, dims in tensors:
@@ -100,7 +99,7 @@ def model_config(name: str, meta: dict[str, Any]) -> Any:
     return cfg
 
 
-def config_pbtxt(name: str, meta: dict[str, Any]) -> str:
+def config_pbtxt(name: str, meta: Manifest) -> str:
     return _text(model_config(name, meta))
 
 
@@ -110,13 +109,13 @@ def _text(cfg: Any) -> str:
     return text_format.MessageToString(cfg)
 
 
-def _text_configs(name: str, meta: dict[str, Any], engine_cfg: Any) -> tuple[Any, Any]:
+def _text_configs(name: str, meta: Manifest, engine_cfg: Any) -> tuple[Any, Any]:
     """The tokenizer's Python-backend model and the ensemble that feeds its ids to the engine."""
     pb = _pb()
-    if set(meta["inputs"]) != {"input_ids", "attention_mask"}:
-        raise InputError(f"--text needs an engine that takes input_ids and attention_mask; this one takes {', '.join(meta['inputs'])}")
+    if set(meta.inputs) != {"input_ids", "attention_mask"}:
+        raise InputError(f"--text needs an engine that takes input_ids and attention_mask; this one takes {', '.join(meta.inputs)}")
     batch = engine_cfg.max_batch_size
-    lo_s, hi_s = (int(x) for x in meta["axis_ranges"].get("seq", [1, 512]))
+    lo_s, hi_s = meta.axis_ranges.get("seq", (1, 512))
     tok = pb.ModelConfig(name=f"{name}-tokenizer", backend="python", max_batch_size=batch)
     text_in = tok.input.add()
     text_in.name, text_in.data_type = "TEXT", pb.TYPE_STRING
@@ -125,7 +124,7 @@ def _text_configs(name: str, meta: dict[str, Any], engine_cfg: Any) -> tuple[Any
         out = tok.output.add()
         out.name, out.data_type = n, pb.TYPE_INT64
         out.dims.append(-1)
-    for key, value in (("min_seq", lo_s), ("max_seq", hi_s), ("task", meta["model"].get("task", "encoder"))):
+    for key, value in (("min_seq", lo_s), ("max_seq", hi_s), ("task", meta.model.task if meta.model else "encoder")):
         tok.parameters[key].string_value = str(value)
     tok.instance_group.append(pb.ModelInstanceGroup(count=1, kind=pb.ModelInstanceGroup.KIND_CPU))
 
@@ -187,32 +186,27 @@ def export_triton(artifact: str | Path, repo: str | Path, name: str | None = Non
     `repo`; returns the engine model's directory. Nothing in `repo` changes unless every model was
     written whole. Like `load`: with `public_key` the signature is checked first, and an engine
     whose build verdict is not a pass is refused unless `allow_failed`."""
-    import backends as registry
-
     artifact = Path(artifact)
     if public_key is not None:
-        from .signing import check_signature
-
         check_signature(artifact, public_key)
     meta = check_artifact(artifact)
-    verdict = (meta.get("verdict") or {}).get("status")
-    if meta.get("mode") != "generate":
+    if meta.mode != "generate":
         require_build(artifact, meta, "kiln triton")
-    if verdict != "pass" and not allow_failed:
-        raise InputError(f"{artifact}: its build verdict is {verdict!r} ({(meta.get('verdict') or {}).get('reason', '')}); "
+    if meta.status != "pass" and not allow_failed:
+        raise InputError(f"{artifact}: its build verdict is {meta.status!r} ({meta.verdict.reason if meta.verdict else ''}); "
                          f"a server would answer with it: export it anyway with --allow-failed")
-    if meta.get("mode") == "generate":
+    if meta.mode == "generate":
         raise InputError(f"{artifact} is a generation artifact: serving its prefill and decode steps needs a decode loop "
                          f"around them, which Kiln does not write for Triton; export a forward engine")
-    serving = registry.get(meta["backend"]).serving(meta)
+    serving = registry.get(meta.backend).serving(meta)
     if serving is None:
         servable = [n for n in registry.names() if registry.get(n).serving_platform]
-        raise InputError(f"a {meta['backend']!r} engine has no Triton backend here (Triton's PyTorch backend takes "
+        raise InputError(f"a {meta.backend!r} engine has no Triton backend here (Triton's PyTorch backend takes "
                          f"TorchScript, which Kiln does not produce). Export one of: {', '.join(servable)}")
     if not isinstance(version, int) or version < 1:
         raise InputError(f"--version {version!r}: Triton model versions are positive integers")
-    name = sanitize(name or f"{meta['model']['name']}-{meta['backend']}-{meta['precision']}")
-    tokenizer_files = list(meta.get("tokenizer") or [])
+    name = sanitize(name or f"{meta.model.name if meta.model else 'model'}-{meta.backend}-{meta.precision}")
+    tokenizer_files = list(meta.tokenizer)
     if text and not tokenizer_files:
         raise InputError(f"{artifact} carries no tokenizer, so the repository cannot take text: build the engine with "
                          f"kiln build from a model with a tokenizer, or export without --text")

@@ -27,7 +27,9 @@ from typing import Any
 
 import torch
 
-from . import errors, progress
+import backends as registry
+
+from . import errors, manifest, progress
 from .errors import BackendError, KilnError
 from .fsutil import clean_stale
 from .bench import peak_rss_bytes, reset_peak_rss, time_call
@@ -82,8 +84,6 @@ def _backend(name: str, cls_path: tuple[str, str] | None) -> Any:
     """The registered backend, or, for one registered at run time in the parent, its class by import path."""
     import importlib
 
-    import backends as registry
-
     if name in registry.names() or cls_path is None:
         return registry.get(name)
     cls = importlib.import_module(cls_path[0])
@@ -111,10 +111,8 @@ def _op_compile(state: dict[str, Any], model_spec: str, cache_dir: str | None, g
 
 def _op_load(state: dict[str, Any], directory: str, device: str, cls_path: tuple[str, str] | None) -> dict[str, Any]:
     """The saved engine, by its backend's own load (hashes and versions checked); no model code is loaded."""
-    from .store import read_manifest
-
     state["rss0"] = reset_peak_rss()
-    state["engine"] = _backend(read_manifest(directory)["backend"], cls_path).load(directory, device)
+    state["engine"] = _backend(manifest.read(directory).backend, cls_path).load(directory, device)
     return _facts(state)
 
 

@@ -14,6 +14,7 @@ import torch
 from backends.base import Backend, BackendOptions, CompiledModel, EngineSpec, Tensors
 from pipeline.capture import Captured
 from pipeline.inputs import Shape
+from pipeline.manifest import Manifest
 from pipeline.precision import Precision
 
 
@@ -45,5 +46,5 @@ class ExportedProgramBackend(Backend):
     def _compile(self, captured: Captured, spec: EngineSpec, shapes: list[Shape]) -> CompiledModel:
         return ExportedProgramModel(spec, captured.program_at(spec.precision))
 
-    def _load(self, directory: Path, spec: EngineSpec, manifest: dict[str, Any]) -> CompiledModel:
+    def _load(self, directory: Path, spec: EngineSpec, manifest: Manifest) -> CompiledModel:
         return ExportedProgramModel(spec, torch.export.load(str(directory / "program.pt2")))

@@ -18,11 +18,13 @@ import backends as registry
 from helpers import keys
 from backends.base import BackendOptions
 from backends.eager import EagerBackend, EagerModel
-from pipeline import store
+from pipeline import manifest, store
 from pipeline.build import build
-from pipeline.store import MANIFEST, check_artifact, load, verify
+from pipeline.manifest import MANIFEST, Manifest
+from pipeline.store import check_artifact, load, verify
 from pipeline.cli import main
 from pipeline.errors import ArtifactError, InputError
+from pipeline.precision import Precision
 from pipeline.triton import config_pbtxt, export_triton
 
 ROOT_ARGS: dict[str, Any] = dict(precisions="fp32", shapes="1x16,2x24", device="cpu", warmup=1, rounds=2)
@@ -43,7 +45,7 @@ def _copy(src: Path, tmp_path: Path) -> Path:
 
 
 def test_manifest_records_what_a_deployment_needs(built: Path) -> None:
-    meta = check_artifact(built / "onnxruntime-fp32")
+    meta = check_artifact(built / "onnxruntime-fp32").to_dict()
     assert meta["model"]["name"] == "tiny-bert" and len(meta["model"]["graph_hash"]) == 16
     assert meta["inputs"]["input_ids"] == {"dtype": "int64", "dims": ["batch", "seq"], "high": 30522}
     assert meta["outputs"]["last_hidden_state"] == {"dims": ["batch", "seq", 32], "dtype": "float32"}
@@ -89,7 +91,7 @@ def test_second_build_reuses(built: Path, cache_dir: Path) -> None:
     changed = build("tiny-bert", "onnxruntime", root=built.parent, cache_dir=cache_dir,
                     options={"onnxruntime": {"graph_optimization": "basic"}}, **ROOT_ARGS)
     assert [o.status for o in changed] == ["built"]  # a build option changed: a new engine
-    assert check_artifact(built / "onnxruntime-fp32")["build_options"]["graph_optimization"] == "basic"
+    assert check_artifact(built / "onnxruntime-fp32").build_options["graph_optimization"] == "basic"
 
 
 def test_verify_passes_on_a_good_engine(built: Path) -> None:
@@ -165,7 +167,7 @@ def test_a_crafted_manifest_or_reference_is_one_line_even_when_resealed(built: P
         eng = _copy(built / "onnxruntime-fp32", tmp_path / name)
         meta = json.loads((eng / MANIFEST).read_text())
         edit(meta)
-        store.rewrite(eng, meta)
+        manifest.rewrite(eng, meta)
         for verb in ("load", "verify"):
             assert main([verb, str(eng)]) == 2, (name, verb)
             err = capsys.readouterr().err
@@ -178,8 +180,8 @@ def test_a_crafted_manifest_or_reference_is_one_line_even_when_resealed(built: P
     eng = _copy(built / "eager-fp32", tmp_path / "pickle")
     (eng / "reference.pt").write_bytes(pickle.dumps({"shapes": Evil()}))
     meta = json.loads((eng / MANIFEST).read_text())
-    meta["files"]["reference.pt"] = store.sha256(eng / "reference.pt")
-    store.rewrite(eng, meta)
+    meta["files"]["reference.pt"] = manifest.sha256(eng / "reference.pt")
+    manifest.rewrite(eng, meta)
     assert main(["verify", str(eng)]) == 2
     out = capsys.readouterr()
     assert "reference.pt is not a Kiln reference file (UnpicklingError" in out.err and "code ran" not in out.out
@@ -189,11 +191,11 @@ def test_an_engine_from_other_library_versions_is_refused(built: Path, tmp_path:
     eng = _copy(built / "eager-fp32", tmp_path / "v")
     meta = json.loads((eng / MANIFEST).read_text())
     meta["requires"]["torch"] = "1.13"
-    store.rewrite(eng, meta)  # resealed, as whoever rewrites a manifest on purpose can
+    manifest.rewrite(eng, meta)  # resealed, as whoever rewrites a manifest on purpose can
     with pytest.raises(ArtifactError, match="built with torch 1.13; this machine has torch 2"):
         load(eng)
     meta["files"]["../../etc/passwd"] = "0" * 64
-    store.rewrite(eng, meta)  # resealed, as whoever rewrites a manifest on purpose can
+    manifest.rewrite(eng, meta)  # resealed, as whoever rewrites a manifest on purpose can
     with pytest.raises(ArtifactError, match="outside the engine"):
         load(eng)
 
@@ -349,16 +351,17 @@ def _without_tokenizer(built: Path, tmp_path: Path) -> Path:
     meta = json.loads((art / MANIFEST).read_text())
     for f in meta.pop("tokenizer"):
         (art / f).unlink()
-    store._write(art, meta)
+    manifest.rewrite(art, {**meta, "files": manifest.hashes(art)})
     return art
 
 
 def test_triton_config_for_a_tensorrt_plan_uses_the_profiles_batch_and_the_gpu() -> None:
     from tritonclient.grpc import model_config_pb2 as pb
 
-    meta = {"backend": "tensorrt", "inputs": {"input_ids": {"dtype": "int64", "dims": ["batch", "seq"]}},
-            "outputs": {"logits": {"dtype": "float16", "dims": ["batch", "seq", 1000]}}, "axis_ranges": {"batch": [1, 64]},
-            "engine": {"profile": {"input_ids": [[1, 16], [8, 128], [8, 128]]}}, "device": {"type": "cuda", "arch": "sm_90"}}
+    meta = Manifest("tensorrt", Precision.FP16, {"type": "cuda", "arch": "sm_90"}, {},
+                    inputs={"input_ids": {"dtype": "int64", "dims": ["batch", "seq"]}},
+                    outputs={"logits": {"dtype": "float16", "dims": ["batch", "seq", 1000]}}, axis_ranges={"batch": (1, 64)},
+                    engine={"profile": {"input_ids": [[1, 16], [8, 128], [8, 128]]}})
     from google.protobuf import text_format
 
     cfg = text_format.Parse(config_pbtxt("gpt", meta), pb.ModelConfig())
@@ -442,7 +445,7 @@ def test_load_refuses_an_engine_whose_verdict_is_not_a_pass(built: Path, tmp_pat
     eng = _copy(built / "onnxruntime-fp32", tmp_path)
     meta = json.loads((eng / MANIFEST).read_text())
     meta["verdict"]["status"] = "mismatch"
-    store.rewrite(eng, meta)  # resealed, as whoever rewrites a manifest on purpose can
+    manifest.rewrite(eng, meta)  # resealed, as whoever rewrites a manifest on purpose can
     with pytest.raises(ArtifactError, match="build verdict is 'mismatch'.*allow_failed=True"):
         load(eng)
     assert load(eng, allow_failed=True).backend == "onnxruntime"
@@ -603,8 +606,8 @@ def test_a_signed_engine_rewritten_with_its_manifest_is_refused(built: Path, tmp
     other = _copy(built / "onnxruntime-fp32", tmp_path / "other")
     (eng / "program.pt2").write_bytes((other / "model.onnx").read_bytes())
     meta = json.loads((eng / MANIFEST).read_text())
-    meta["files"]["program.pt2"] = store.sha256(eng / "program.pt2")
-    store.rewrite(eng, meta)  # resealed, as whoever rewrites a manifest on purpose can
+    meta["files"]["program.pt2"] = manifest.sha256(eng / "program.pt2")
+    manifest.rewrite(eng, meta)  # resealed, as whoever rewrites a manifest on purpose can
     check_artifact(eng)
     # ... the signature does not, before any of the engine's code is opened
     with pytest.raises(ArtifactError, match="signature does not verify"):
@@ -639,9 +642,9 @@ def test_an_int8_engine_builds_carries_its_calibration_and_verifies(tmp_path: Pa
     assert all(o.size_mb and o.size_mb > 0 for o in out)
     static = tmp_path / "tiny-bert" / "onnxruntime-int8"
     meta = check_artifact(static)
-    q = meta["engine"]["quantization"]
-    assert q["method"] == "minmax" and q["samples"] == 16 and q["layers"] == 12 and "calibration.json" in meta["files"]
-    assert meta["artifact_mb"] > 0
+    q = meta.engine["quantization"]
+    assert q["method"] == "minmax" and q["samples"] == 16 and q["layers"] == 12 and "calibration.json" in meta.files
+    assert meta.artifact_mb and meta.artifact_mb > 0
     for o in out:
         assert verify(o.path).passed  # the task verdict again, from the stored sentences, in this process
     again = build("tiny-bert", "onnxruntime", root=tmp_path, cache_dir=cache_dir, quant=quant,
@@ -650,14 +653,14 @@ def test_an_int8_engine_builds_carries_its_calibration_and_verifies(tmp_path: Pa
     other = build("tiny-bert", "onnxruntime", root=tmp_path, cache_dir=cache_dir, quant={**quant, "method": "percentile"},
                   **{**ROOT_ARGS, "precisions": "int8"})
     assert [o.status for o in other] == ["built"]  # another calibration: another engine
-    assert check_artifact(static)["engine"]["quantization"]["method"] == "percentile"
+    assert check_artifact(static).engine["quantization"]["method"] == "percentile"
 
 
 def test_an_artifact_answers_text(built: Path, tmp_path: Path, cache_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from pipeline.predict import Predictor
 
     meta = check_artifact(built / "onnxruntime-fp32")
-    assert "tokenizer.json" in meta["tokenizer"] and set(meta["tokenizer"]) <= set(meta["files"])  # hashed like the rest
+    assert "tokenizer.json" in meta.tokenizer and set(meta.tokenizer) <= set(meta.files)  # hashed like the rest
     texts = ["A man is playing a guitar.", "Someone strums a guitar outside.", "The stock market fell."]
     answers = Predictor.load(built / "onnxruntime-fp32").predict(texts)
     eager = Predictor.load(built / "eager-fp32").predict(texts)

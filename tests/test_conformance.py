@@ -17,7 +17,9 @@ import torch
 import backends as registry
 from backends.base import CompiledModel
 from pipeline.errors import ArtifactError, InputError, ShapeError
+from pipeline import manifest
 from pipeline.inputs import Shape, make_inputs
+from pipeline.manifest import Manifest
 from pipeline.precision import Precision
 from pipeline.references import References
 
@@ -126,6 +128,22 @@ def test_an_engine_saved_by_an_older_kiln_is_refused_clearly(tiny_captured: Any,
         registry.get("eager").load(old)
 
 
+def test_the_manifest_is_one_typed_record(tiny_captured: Any, tmp_path: Path) -> None:
+    _engine("eager", Precision.FP32, tiny_captured).save(tmp_path / "e")
+    m = manifest.read(tmp_path / "e")
+    assert m.backend == "eager" and m.precision is Precision.FP32 and "program.pt2" in m.files and m.engine["inputs"]
+    assert not m.built and m.status == "pass"  # saved by a run, not built: no verdict to show
+    assert Manifest.from_dict(m.to_dict()) == m  # the dict form round-trips
+    raw = json.loads((tmp_path / "e" / "manifest.json").read_text())
+    for edit, says in (({"schema_version": 2}, r"built by an older Kiln \(schema 2\), rebuild it"),
+                       ({"extra": 1}, "unknown field\\(s\\) extra"), ({"requires": "torch"}, "'requires' is 'torch', not a dict"),
+                       ({"precision": "fp8"}, "unknown precision 'fp8'"), ({"verdict": {"status": "pass", "why": "x"}}, "unknown field"),
+                       ({"tokenizer": "tok.json"}, "not a list")):
+        manifest.rewrite(tmp_path / "e", {**raw, **edit})  # resealed, as whoever rewrites a manifest on purpose can
+        with pytest.raises(ArtifactError, match=says):
+            registry.get("eager").load(tmp_path / "e")
+
+
 def test_a_backend_from_an_entry_point_is_registered_and_conformant() -> None:
     declared = {ep.name: ep.value for ep in entry_points(group="kiln.backends")}
     assert declared.get("exported-program") == "plugin_backend:ExportedProgramBackend"
@@ -179,12 +197,12 @@ def test_int8_engine_keeps_the_task_or_says_why_not(name: str, precision: Precis
     files = {f.name for f in model.save(tmp_path / "e")}
     meta = json.loads((tmp_path / "e" / "manifest.json").read_text())
     quant = meta["engine"]["quantization"]
-    assert quant["weights"] == "int8 per channel"
+    assert quant["per_channel"] is True and "weights int8 per channel" in model.spec.quantization_text  # data; prose derived
     if precision == Precision.INT8:  # the calibration travels with the engine, hashed like its other files
         assert "calibration.json" in files and "calibration.json" in meta["files"]
         assert quant["calibration_digest"] == model.spec.calibration.digest and quant["method"] == tiny_captured.quant.method
     else:
-        assert "calibration.json" not in files and quant["activations"] == "int8, quantized at run time"
+        assert "calibration.json" not in files and quant["activations"] == "dynamic"
     loaded = backend.load(tmp_path / "e", DEVICE)
     x = _on(make_inputs(tiny_captured.bundle, Shape(2, 20), "text"))
     assert torch.allclose(loaded(x)["last_hidden_state"], model(x)["last_hidden_state"], atol=1e-4)

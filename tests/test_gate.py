@@ -154,3 +154,21 @@ def test_a_directory_holds_one_baseline_per_host_kind(tmp_path: Path, capsys: py
     broken.environment["host"] = "zen3-avx2"
     (tmp_path / "broken.json").write_text(broken.to_json())
     assert main(["check", str(tmp_path / "broken.json"), "--baseline", str(base_dir)]) == 1  # accuracy still gated
+
+
+def test_a_report_column_is_one_record(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Markdown and CSV iterate one column list per workload: a column added from here shows in both."""
+    import csv
+
+    from pipeline import report as report_module
+    from pipeline.report import COLUMNS, Column
+
+    monkeypatch.setitem(COLUMNS, "forward", [*COLUMNS["forward"], Column("half speedup", lambda r: r.speedup.value / 2
+                                                                           if r.speedup else None, ".3f")])
+    r = _report(2.0)
+    assert "| half speedup |" in r.to_markdown() and "| 1.000 |" in r.to_markdown()
+    rows = list(csv.DictReader(r.to_csv().splitlines()))
+    assert [row["half_speedup"] for row in rows] == ["0.5", "1.0"] and set(rows[0]) == {c.csv_name for c in COLUMNS["forward"]}
+    assert report_module.Report.from_dict(r.to_dict()).mode == "forward"
+    with pytest.raises(InputError, match="report mode 'train'"):
+        report_module.Report.from_dict({**r.to_dict(), "mode": "train"})

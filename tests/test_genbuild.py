@@ -16,7 +16,7 @@ import torch
 import transformers
 
 from helpers import keys, word_tokenizer
-from pipeline import store
+from pipeline import manifest, store
 from pipeline.cli import main
 from pipeline.errors import ArtifactError, InputError
 from pipeline.genbuild import build_generation, load_generation, verify_generation
@@ -52,13 +52,13 @@ def test_a_generation_build_ships_both_steps_checked_and_timed(built: tuple[Path
     assert [(o.backend, o.status) for o in outcomes] == [(b, "built") for b in BACKENDS], [o.reason for o in outcomes]
     for o in outcomes:
         assert o.path == home / f"{o.backend}-fp32-generate"
-        meta = store.read_manifest(o.path)
+        meta = manifest.read(o.path).to_dict()
         assert meta["mode"] == "generate" and meta["generation"]["cache"]["max_len"] == 14  # 8 + 6
         files = meta["files"]
         assert {"prefill/manifest.json", "decode/manifest.json", "reference.pt", "tokenizer.json"} <= set(files)
         assert set(meta["tokenizer"]) <= set(files)
         for kind in ("prefill", "decode"):  # each step is an engine directory of its own
-            step = store.read_manifest(o.path / kind)
+            step = manifest.read(o.path / kind).to_dict()
             assert step["backend"] == o.backend and step["engine"]["inputs"][:2] == ["input_ids", "start"]
         assert step["engine"]["input_specs"]["input_ids"]["dims"] == ["batch", 1]  # decode: one token
         verdict = meta["verdict"]
@@ -67,7 +67,7 @@ def test_a_generation_build_ships_both_steps_checked_and_timed(built: tuple[Path
             v = verdict["shapes"][shape]
             assert v["agreement"] == 1.0 and v["first_divergence"] is None and v["max_logits_error"] < 1e-4
             assert v["decode_tokens_per_s"] > 0 and v["decode_speedup"] > 0 and v["eager_fp32_decode_tokens_per_s"] > 0
-    tvm = store.read_manifest(home / "tvm-fp32-generate")
+    tvm = manifest.read(home / "tvm-fp32-generate").to_dict()
     assert any("untuned" in n for n in tvm["notes"])
 
 
@@ -144,7 +144,7 @@ def test_reuse_tampering_and_a_prompt_over_the_cache(built: tuple[Path, list[Any
     shutil.copytree(home / "eager-fp32-generate", outside)
     meta = json.loads((outside / "manifest.json").read_text())
     meta["generation"]["steps"]["prefill"] = "../../OTHER/prefill"
-    store.rewrite(outside, meta)
+    manifest.rewrite(outside, meta)
     with pytest.raises(ArtifactError, match="prefill step '../../OTHER/prefill' is not a directory inside the artifact"):
         load_generation(outside)
     assert main(["verify", str(outside)]) == 2 and "not a directory inside the artifact" in capsys.readouterr().err
@@ -184,7 +184,7 @@ def test_int8_dynamic_generation_ships_as_the_quantized_steps_captured_when_save
     out = build_generation("tiny-gpt2", "eager,inductor", precisions="int8-dynamic", shapes="1x8", root=tmp_path, new_tokens=6,
                            rounds=1, cache_dir=cache_dir)
     assert [(o.backend, o.status) for o in out] == [("eager", "built"), ("inductor", "built")], [o.reason for o in out]
-    meta = store.read_manifest(out[1].path)
+    meta = manifest.read(out[1].path).to_dict()
     v = meta["verdict"]["shapes"]["1x8"]
     assert meta["precision"] == "int8-dynamic" and "eager_agreement" in v and v["agreement"] >= v["eager_agreement"] - 0.05
     assert (out[1].path / "decode" / "model.pt2").is_file()

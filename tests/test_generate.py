@@ -4,9 +4,11 @@ one line and exit 2."""
 
 from __future__ import annotations
 
+import copy
 import csv
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -59,14 +61,15 @@ def test_every_backend_generates_eager_fp32s_tokens(cache_dir: Path) -> None:
     cfg = make_config(backends="eager,inductor,onnxruntime,tvm", shapes="1x8,2x8", device="cpu",
                       options={"tvm": {"trials_per_task": 0}})
     report = run_generation(bundle, cfg, new_tokens=6, rounds=1, bandwidth=False)
-    rows = {(r.backend, r.shape): r for r in report.rows}
-    assert set(rows) == {(b, s) for b in ("eager", "inductor", "onnxruntime", "tvm") for s in ("1x8", "2x8")}
+    rows = {(r.backend, str(r.shape)): r for r in report.results}
+    assert report.mode == "generate" and set(rows) == {(b, s) for b in ("eager", "inductor", "onnxruntime", "tvm") for s in ("1x8", "2x8")}
     for (backend, shape), r in rows.items():
+        m = r.metrics
         assert r.status == "ok", f"{backend} {shape}: {r.reason}"
-        assert r.first_divergence is None and r.agreement == 1.0 and r.max_logits_error is not None and r.max_logits_error < 1e-4
-        assert r.prefill_ms and r.decode_ms and r.decode_tokens_per_s and r.e2e_tokens_per_s and r.decode_speedup
+        assert m["first_divergence"] is None and r.agreement == 1.0 and r.max_abs is not None and r.max_abs < 1e-4  # max logits error
+        assert m["prefill_ms"] and r.latency_ms and m["decode_tokens_per_s"] and m["e2e_tokens_per_s"] and r.speedup  # decode speedup
         batch = int(shape.split("x")[0])
-        assert r.cache_bytes == 2 * 2 * batch * 2 * 14 * 16 * 4  # k and v, 2 layers, 2 heads, 8 + 6 positions, 16 wide, fp32
+        assert m["cache_bytes"] == 2 * 2 * batch * 2 * 14 * 16 * 4  # k and v, 2 layers, 2 heads, 8 + 6 positions, 16 wide, fp32
     assert "untuned" in rows[("tvm", "1x8")].reason
     md = report.to_markdown()
     assert "| inductor | fp32 | 2x8 | ok | 6 | 100% | none |" in md
@@ -96,7 +99,7 @@ def test_generate_from_the_command_line_and_its_bad_input(tmp_path: Path, capsys
     assert main(["run", "--model", "tiny-gpt2", "--mode", "generate", "--backends", "eager", "--shapes", "1x8",
                  "--new-tokens", "4", "--rounds", "1", "--out", str(out), "--quiet"]) == 0
     report = json.loads((out / "report.json").read_text())
-    assert report["kind"] == "generate" and report["config"]["cache_len"] == 12 and report["rows"][0]["status"] == "ok"
+    assert report["mode"] == "generate" and report["config"]["cache_len"] == 12 and report["results"][0]["status"] == "ok"
     assert "| eager | fp32 | 1x8 | ok | 4 |" in capsys.readouterr().out
     rows = list(csv.DictReader((out / "report.csv").read_text().splitlines()))  # the markdown's columns, unformatted
     assert [(r["backend"], r["shape"], r["status"], r["tokens"]) for r in rows] == [("eager", "1x8", "ok", "4")]
@@ -152,8 +155,47 @@ def test_int8_dynamic_generation_quantizes_every_linear_layer_and_inductor_keeps
     assert len(quantized) == 2 * 4 + 1 and all(isinstance(m.weight, TorchAOBaseTensor) for m in quantized)  # 4 per block + lm_head
     cfg = make_config(backends="eager,inductor,onnxruntime", precisions="int8-dynamic", shapes="1x8", device="cpu")
     report = run_generation(bundle, cfg, new_tokens=6, rounds=1, bandwidth=False)
-    rows = {(r.backend, r.precision): r for r in report.rows}
+    rows = {(r.backend, r.precision.value): r for r in report.results}
     eager, inductor = rows[("eager", "int8-dynamic")], rows[("inductor", "int8-dynamic")]
     assert eager.status == "ok" and eager.agreement is not None  # the int8 reference, against eager fp32
     assert inductor.status == "ok" and inductor.agreement is not None and inductor.agreement >= eager.agreement - 0.05
     assert rows[("onnxruntime", "int8-dynamic")].status == "unsupported"
+
+
+def test_kiln_check_gates_a_generation_report(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "run"
+    assert main(["run", "--model", "tiny-gpt2", "--mode", "generate", "--backends", "eager", "--precisions", "fp32,bf16",
+                 "--shapes", "1x8", "--new-tokens", "6", "--rounds", "3", "--out", str(out), "--quiet"]) == 0
+    base, report = tmp_path / "baseline.json", out / "report.json"
+    assert main(["check", str(report), "--baseline", str(base), "--update-baseline"]) == 0
+    assert json.loads(base.read_text())["mode"] == "generate"
+    assert main(["check", str(report), "--baseline", str(base)]) == 0
+    capsys.readouterr()
+    data = json.loads(report.read_text())
+    bf16 = next(i for i, r in enumerate(data["results"]) if r["precision"] == "bf16")
+    fp32 = next(i for i, r in enumerate(data["results"]) if r["precision"] == "fp32")
+
+    def edited(name: str, path: str, value: Any) -> Path:
+        d = copy.deepcopy(data)
+        *keys, last = path.split(".")
+        target: Any = d
+        for k in keys:
+            target = target[int(k)] if k.isdigit() else target[k]
+        target[last] = value
+        p = tmp_path / f"{name}.json"
+        p.write_text(json.dumps(d))
+        return p
+
+    sp = data["results"][bf16]["speedup"]
+    slower = edited("slower", f"results.{bf16}.speedup", {k: v / 3 for k, v in sp.items()})  # decoding at a third of its speed
+    assert main(["check", str(slower), "--baseline", str(base)]) == 1
+    assert "| eager | bf16 | 1x8 | **regression** |" in capsys.readouterr().out
+    diverged = edited("diverged", f"results.{fp32}.status", "mismatch")  # greedy tokens no longer eager fp32's
+    assert main(["check", str(diverged), "--baseline", str(base)]) == 1
+    assert "ok → mismatch (worse)" in capsys.readouterr().out
+    other = edited("other", "model.name", "tiny-llama")
+    assert main(["check", str(other), "--baseline", str(base)]) == 2
+    assert "model 'tiny-gpt2' vs 'tiny-llama'" in capsys.readouterr().err
+    forward = edited("forward", "mode", "forward")  # a forward report is not compared with a generation baseline
+    assert main(["check", str(forward), "--baseline", str(base)]) == 2
+    assert "mode 'generate' vs 'forward'" in capsys.readouterr().err

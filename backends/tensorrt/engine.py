@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib
 from pathlib import Path
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -13,6 +14,7 @@ from pipeline.capture import Captured
 from pipeline.errors import ArtifactError, BackendError, ShapeError
 from pipeline.fsutil import cache_entry, cached_dir, lock
 from pipeline.inputs import Shape
+from pipeline.manifest import Manifest
 from pipeline.precision import Precision
 
 from ..base import Availability, Backend, CompiledModel, EngineSpec, Tensors
@@ -38,7 +40,7 @@ def engine_facts(profile: Profile, trt_version: str, gpu: dict[str, Any]) -> dic
     return {"tensorrt": trt_version, "gpu": gpu, "profile": profile_to_json(profile)}
 
 
-def check_engine_facts(engine: dict[str, Any], trt_version: str, gpu: dict[str, Any]) -> Profile:
+def check_engine_facts(engine: Mapping[str, Any], trt_version: str, gpu: dict[str, Any]) -> Profile:
     """The engine's profile, after checking it was built by this TensorRT for this GPU: a serialized
     engine is tied to both, and deserializing a foreign one fails or misbehaves."""
     if "profile" not in engine:
@@ -163,11 +165,11 @@ class TensorRTBackend(Backend):
         cached_dir(final, make)
         return TrtModel(spec, (final / ENGINE_FILE).read_bytes(), profile)
 
-    def _load(self, directory: Path, spec: EngineSpec, manifest: dict[str, Any]) -> CompiledModel:
+    def _load(self, directory: Path, spec: EngineSpec, manifest: Manifest) -> CompiledModel:
         import tensorrt as trt
 
-        profile = check_engine_facts(manifest["engine"], trt.__version__, gpu_of(spec.device))
+        profile = check_engine_facts(manifest.engine, trt.__version__, gpu_of(spec.device))
         return TrtModel(spec, (directory / ENGINE_FILE).read_bytes(), profile)
 
-    def _max_batch(self, manifest: dict[str, Any]) -> int | None:
-        return max_batch(profile_from_json(manifest["engine"]["profile"]))
+    def _max_batch(self, manifest: Manifest) -> int | None:
+        return max_batch(profile_from_json(manifest.engine["profile"]))

@@ -14,6 +14,7 @@ import torch
 
 from pipeline.capture import Captured
 from pipeline.inputs import Shape
+from pipeline.manifest import Manifest
 from pipeline.precision import Precision
 
 from ..base import Availability, Backend, CompiledModel, EngineSpec, Tensors
@@ -98,8 +99,8 @@ class TorchTensorRTBackend(Backend):
                                                device=torch.device(spec.device), **kwargs)
         return TorchTrtModel(spec, module, profile)
 
-    def _load(self, directory: Path, spec: EngineSpec, manifest: dict[str, Any]) -> CompiledModel:
+    def _load(self, directory: Path, spec: EngineSpec, manifest: Manifest) -> CompiledModel:
         import torch_tensorrt
 
         module = torch_tensorrt.load(str(directory / PROGRAM)).module()
-        return TorchTrtModel(spec, module, profile_from_json(manifest["engine"]["profile"]))
+        return TorchTrtModel(spec, module, profile_from_json(manifest.engine["profile"]))

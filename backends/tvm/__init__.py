@@ -23,6 +23,7 @@ from pipeline.env import version
 from pipeline.errors import BackendError, InputError
 from pipeline.fsutil import cache_entry, lock
 from pipeline.inputs import Shape
+from pipeline.manifest import Manifest
 from pipeline.precision import Precision
 
 from ..base import Availability, Backend, BackendOptions, CompiledModel, EngineSpec
@@ -140,10 +141,10 @@ class TvmBackend(Backend):
         info["note"] = "; ".join(notes)
         return libs
 
-    def _load(self, directory: Path, spec: EngineSpec, manifest: dict[str, Any]) -> CompiledModel:
+    def _load(self, directory: Path, spec: EngineSpec, manifest: Manifest) -> CompiledModel:
         import tvm
 
-        libs = {library_shape(name): tvm.runtime.load_module(str(directory / name)) for name in manifest["files"]
+        libs = {library_shape(name): tvm.runtime.load_module(str(directory / name)) for name in manifest.files
                 if name.endswith(".so")}
-        axes = {n: list(d) for n, d in manifest["engine"].get("axes", {}).items()}
+        axes = {n: list(d) for n, d in manifest.engine.get("axes", {}).items()}
         return TvmModel(spec, libs, {"loaded_from": str(directory), "axes": axes})
