@@ -16,7 +16,7 @@ from pipeline import manifest as fmt
 from pipeline.calibration import FILE as CALIBRATION_FILE, Calibration, QuantSpec
 from pipeline.capture import Captured
 from pipeline.env import device_info, version
-from pipeline.errors import ArtifactError, BackendError, InputError, KilnError
+from pipeline.errors import ArtifactError, BackendError, GenerationUnsupported, InputError, KilnError
 from pipeline.manifest import Manifest
 from pipeline.inputs import Shape, check_inputs
 from pipeline.models import InputSpec, ModelBundle
@@ -182,10 +182,6 @@ class CompiledModel(ABC):
     def notes(self) -> list[str]:
         """What every reader of a report row should see about this engine (an untuned build, fixed shapes)."""
         return []
-
-
-class GenerationUnsupported(BackendError):
-    """This backend does not run generation (yet): a row that says so, never a failure."""
 
 
 class Backend(ABC):

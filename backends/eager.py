@@ -14,7 +14,7 @@ from torch import nn
 
 from pipeline.capture import Captured, export
 from pipeline.env import quiet_import
-from pipeline.errors import BackendError
+from pipeline.errors import BackendError, GenerationUnsupported
 from pipeline.inputs import Shape
 from pipeline.models import ModelBundle
 from pipeline.precision import Precision
@@ -22,7 +22,7 @@ from pipeline.precision import Precision
 from pipeline.generate import GenerationEngine, GenerationPrograms
 from pipeline.manifest import Manifest
 
-from .base import Backend, BackendOptions, CompiledModel, EngineSpec, GenerationUnsupported, Tensors
+from .base import Backend, BackendOptions, CompiledModel, EngineSpec, Tensors
 from .quantize import PT2E_CPU_ONLY
 
 

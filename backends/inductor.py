@@ -12,7 +12,7 @@ from typing import Any, Literal
 import torch
 
 from pipeline.capture import Captured, export
-from pipeline.errors import BackendError
+from pipeline.errors import BackendError, GenerationUnsupported
 from pipeline.inputs import Shape
 from pipeline.models import ModelBundle
 from pipeline.precision import Precision
@@ -20,7 +20,7 @@ from pipeline.precision import Precision
 from pipeline.generate import GenerationEngine, GenerationPrograms
 from pipeline.manifest import Manifest
 
-from .base import Availability, Backend, BackendOptions, CompiledModel, EngineSpec, GenerationUnsupported, Tensors
+from .base import Availability, Backend, BackendOptions, CompiledModel, EngineSpec, Tensors
 from .quantize import PT2E_CPU_ONLY
 
 Mode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]

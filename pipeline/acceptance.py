@@ -68,7 +68,7 @@ class Acceptance:
 
 def accept(directory: Path, refs: References, precision: Precision, device: str, reference: Any, *,
            cls_path: tuple[str, str] | None, isolated: bool, warmup: int, rounds: int,
-           tolerances: Tolerance | Mapping[str, Tolerance] | None = None, timeout_s: float = 600.0,
+           tolerances: Tolerance | Mapping[str, Tolerance] | None, timeout_s: float,
            say: Callable[[str], None] = lambda _m: None) -> Acceptance:
     """Load the engine saved in `directory` and check and time it at every shape of `refs`."""
     engine: Any = (RemoteEngine.load(f"loaded {directory.name}", directory, device, cls_path, timeout_s) if isolated

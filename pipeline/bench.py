@@ -152,7 +152,7 @@ def _timed(model: Timeable, inputs: Mapping[str, torch.Tensor]) -> float:
     return float(own(inputs)) if own is not None else time_call(model, inputs)
 
 
-def benchmark(entries: Mapping[K, tuple[Timeable, Mapping[str, torch.Tensor]]], *, warmup: int = 5, rounds: int = 20,
+def benchmark(entries: Mapping[K, tuple[Timeable, Mapping[str, torch.Tensor]]], *, warmup: int, rounds: int,
               iters: int = 1, seed: int = 0, progress: Callable[[str], None] | None = None,
               failures: dict[K, BaseException] | None = None) -> dict[K, Timing]:
     """Times every entry. Each round runs every entry `iters` times, in a fresh random order,

@@ -17,8 +17,8 @@ from typing import Any
 
 import backends as registry
 
-from .choices import (CALIBRATION_METHODS, DEFAULT_MODEL, GATE_FLOOR, HEAD_NAMES, MODELS, TEXT_SHAPES, QuantSpec, default_cache_dir,
-                      defaults)
+from .choices import (CALIBRATION_METHODS, DEFAULT_MODEL, GATE_FLOOR, HEAD_NAMES, IMAGE_SHAPES, MODELS, TEXT_SHAPES, QuantSpec,
+                      default_cache_dir, defaults)
 from .errors import InputError, KilnError
 from .fsutil import check_writable
 
@@ -116,40 +116,33 @@ def _out(args: argparse.Namespace) -> Path:
     return Path(args.out) if args.out else Path("artifacts/runs") / dt.datetime.now().strftime("%Y%m%d-%H%M%S")
 
 
-def cmd_generate(args: argparse.Namespace) -> int:
+def _generate(args: argparse.Namespace, out: Path, say: Callable[[str], None] | None) -> Any:
     from .config import make_config
     from .genrun import run_generation
     from .models import load_model
 
     cfg = make_config(backends=args.backends, precisions=args.precisions, shapes=TEXT_SHAPES if args.shapes is None else args.shapes,
-                      device=args.device, options=_parse_options(args.option))
-    out = _out(args)
-    say = None if args.quiet else _progress()
+                      device=args.device, options=_parse_options(args.option), isolation=args.isolation, timeout_s=args.timeout)
     if say:
         say(f"loading model {args.model}")
-    bundle = load_model(args.model, args.task)
-    report = run_generation(bundle, cfg, args.new_tokens, args.cache_len, args.rounds, say, cache_dir=args.cache_dir)
+    report = run_generation(load_model(args.model, args.task), cfg, args.new_tokens, args.cache_len, args.rounds, say,
+                            cache_dir=args.cache_dir, checkpoint=lambda partial: partial.save(out))  # a killed run keeps its rows
     report.save(out)
-    _close_progress()
-    print(json.dumps(report.to_dict(), indent=2, default=str) if args.json else report.to_markdown())
-    print(f"wrote {out / 'report.json'} (and .md, .csv)", file=sys.stderr)
-    return 0
+    return report
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     _fill_defaults(args, "run")
     _preflight(args, "run")
     _cache(args)
-    if args.mode == "generate":
-        return cmd_generate(args)
     from .build import run
 
     out = _out(args)
-    report = run(args.model, out=out, progress=None if args.quiet else _progress(), cache_dir=args.cache_dir,
-                 backends=args.backends, precisions=args.precisions, shapes=args.shapes, device=args.device,
-                 options=_parse_options(args.option), warmup=args.warmup, rounds=args.rounds, isolation=args.isolation,
-                 timeout_s=args.timeout, save_engines=out / "engines" if args.save_engines else None, quant=_quant(args),
-                 task=args.task)
+    say = None if args.quiet else _progress()
+    report = _generate(args, out, say) if args.mode == "generate" else         run(args.model, out=out, progress=say, cache_dir=args.cache_dir, backends=args.backends, precisions=args.precisions,
+            shapes=args.shapes, device=args.device, options=_parse_options(args.option), warmup=args.warmup, rounds=args.rounds,
+            isolation=args.isolation, timeout_s=args.timeout, save_engines=out / "engines" if args.save_engines else None,
+            quant=_quant(args), task=args.task)
     _close_progress()  # the bar gives the terminal back before the table
     print(report.to_json() if args.json else report.to_markdown())
     print(f"wrote {out / 'report.json'} (and .md, .csv)", file=sys.stderr)
@@ -449,7 +442,8 @@ def build_parser() -> argparse.ArgumentParser:
     job(r, "run")
     r.add_argument("--backends", default="", help="comma-separated (default: every registered backend; those that cannot run "
                                                   "here are rows that say why)")
-    r.add_argument("--shapes", help="comma-separated BATCHxSEQ, or batch sizes for an image model (default 1x128,8x128; images 1,8)")
+    r.add_argument("--shapes", help=f"comma-separated BATCHxSEQ, or batch sizes for an image model (default {','.join(TEXT_SHAPES)}; "
+                                    f"images {','.join(IMAGE_SHAPES)})")
     r.add_argument("--out", help="output directory (default artifacts/runs/<timestamp>)")
     r.add_argument("--mode", default="forward", choices=("forward", "generate"),
                    help="forward: one pass per call (default); generate: greedy decoding with a static KV cache (causal LMs)")
@@ -464,7 +458,7 @@ def build_parser() -> argparse.ArgumentParser:
     job(bd, "build")
     bd.add_argument("--backends", required=True, help="comma-separated: the engines to build (kiln backends lists them)")
     bd.add_argument("--shapes", help="the shapes checked and timed at build; engines built for a shape range (profiles) span them "
-                                     "(default 1x128,8x128; images 1,8)")
+                                     f"(default {','.join(TEXT_SHAPES)}; images {','.join(IMAGE_SHAPES)})")
     bd.add_argument("--root", default="artifacts", help="where engines go (default artifacts)")
     bd.add_argument("--mode", default="forward", choices=("forward", "generate"),
                     help="generate: a causal LM's prefill and decode steps with a static KV cache, ROOT/<model>/<backend>-<precision>-generate/")

@@ -29,6 +29,10 @@ class BackendError(KilnError):
     """A backend failed to compile, load or run."""
 
 
+class GenerationUnsupported(BackendError):
+    """This backend (or precision) does not run generation (yet): a row that says so, never a failure."""
+
+
 class NumericsError(KilnError):
     """Outputs that are not finite (NaN or Inf)."""
 

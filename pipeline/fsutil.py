@@ -89,10 +89,10 @@ def entry_valid(final: Path) -> bool:
         return False
 
 
-def lock(path: Path, timeout_s: float = 7200.0) -> FileLock:
+def lock(path: Path, wait_s: float = 7200.0) -> FileLock:
     """An inter-process lock beside `path`: two builds or tunings of one entry take turns."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    return FileLock(str(path.parent / f".{path.name}.lock"), timeout=timeout_s)
+    return FileLock(str(path.parent / f".{path.name}.lock"), timeout=wait_s)
 
 
 def cached_dir(final: Path, make: Callable[[Path], None]) -> Path:

@@ -30,33 +30,34 @@ from typing import Any
 import torch
 
 import backends as registry
-from backends.base import GenerationUnsupported
 
 from . import manifest, store
-from .build import BuildOutcome, artifact_mb, name_cache, save_preprocessor, shipped
 from .bench import speedup
+from .build import BuildOutcome, artifact_mb, name_cache, save_preprocessor, shipped
 from .choices import DEFAULTS, TEXT_SHAPES
 from .config import check_choices, make_config
 from .env import device_info, environment, version
-from .errors import ArtifactError, InputError
+from .errors import ArtifactError, GenerationUnsupported, InputError
 from .fsutil import clean_stale, digest, safe_name
-from .generate import CacheSpec, Generation, agreement, engine_step, greedy, module_step
-from .genrun import AGREEMENT_MARGIN, DEFAULT_NEW_TOKENS, Steps, _judge, _time, plan_cache, prompts, references
+from .generate import CacheSpec, Generation, GenerationEngine, agreement, engine_step, greedy, module_step
+from .genrun import (AGREEMENT_MARGIN, Generate, Steps, device_sync, in_worker, judge, plan_cache, prompts, references,
+                     time_rounds)
 from .inputs import Shape
 from .manifest import Manifest, ModelRecord, Verdict
 from .models import ModelBundle, load_model
 from .precision import Precision
 from .progress import ticking
 from .report import Result
-from .signing import check_signature
 from .runner import Progress
+from .signing import check_signature
+from .worker import Worker, backend_of
 
 MODE, STEPS, SUFFIX = "generate", ("prefill", "decode"), "-generate"
 
 
 def build_generation(model: str | Path | ModelBundle, backends: Sequence[str] | str, precisions: Sequence[str] | str = ("fp32",),
                      shapes: Sequence[str] | str | None = None, root: str | Path = "artifacts", device: str | None = None,
-                     options: Mapping[str, Mapping[str, Any]] | None = None, new_tokens: int = DEFAULT_NEW_TOKENS,
+                     options: Mapping[str, Mapping[str, Any]] | None = None, new_tokens: int = DEFAULTS["build-generate"].new_tokens,
                      cache_len: int | None = None, rounds: int = DEFAULTS["build-generate"].rounds, progress: Progress | None = None,
                      cache_dir: str | Path | None = None, task: str | None = None) -> list[BuildOutcome]:
     """Generation engines under root/<model>/<backend>-<precision>-generate/, each installed only
@@ -132,6 +133,28 @@ class _Job:
 
     def ship(self, steps: Steps, refs: dict[Shape, Generation], inputs: dict[Shape, torch.Tensor],
              floors: dict[Precision, dict[Shape, float]]) -> BuildOutcome:
+        workers: list[Worker] = []
+        try:
+            return self._ship(steps, refs, inputs, floors, workers)
+        finally:
+            for w in workers:
+                w.close()
+
+    def _loaded(self, spec: CacheSpec, workers: list[Worker]) -> Generate:
+        """Both saved steps loaded back from their files in a fresh worker process, which has none of
+        the model's code (in this process for a backend class only this script defines)."""
+        cls = type(registry.get(self.backend))
+        if cls.__module__ == "__main__":
+            prefill, decode = (registry.get(self.backend).load(self.src / kind, self.device) for kind in STEPS)
+            sync = device_sync(self.device)
+            return lambda x: greedy(engine_step(prefill), engine_step(decode), spec, x.to(self.device), self.new_tokens, sync)
+        worker = Worker(f"loaded {self.target.name}", DEFAULTS["build"].timeout_s, lambda m: self.say(f"{self.backend} {self.precision}: {m}"))
+        workers.append(worker)
+        worker.call("call", f"{__name__}:_load_steps_in_worker", str(self.src), self.device, (cls.__module__, cls.__qualname__), spec)
+        return in_worker(worker, self.new_tokens)
+
+    def _ship(self, steps: Steps, refs: dict[Shape, Generation], inputs: dict[Shape, torch.Tensor],
+              floors: dict[Precision, dict[Shape, float]], workers: list[Worker]) -> BuildOutcome:
         backend = registry.get(self.backend)
         try:
             programs = steps(self.precision)
@@ -148,13 +171,12 @@ class _Job:
             size = 0.0
             for kind, model in zip(STEPS, engine.models):
                 size += artifact_mb(model.save(self.src / kind))
-            self.say(f"{self.backend} {self.precision}: checking the saved steps, loaded back from their files")
-            loaded = [backend.load(self.src / kind, self.device) for kind in STEPS]
+            self.say(f"{self.backend} {self.precision}: checking the saved steps, loaded back from their files in a fresh worker")
+            loaded = self._loaded(programs.spec, workers)
         except GenerationUnsupported as e:
             return self.outcome("unsupported", str(e))
         except Exception as e:  # a compiler may raise anything; the build goes on with the next engine
             return self.outcome("failed", f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
-        prefill, decode = (engine_step(m) for m in loaded)
         if self.precision != Precision.FP32 and self.precision not in floors:
             # the bar below fp32: what eager reaches at this precision (the model's own code), as kiln run judges it
             # (moved only off the CPU: a module torch.compile holds refuses .to(), even to where it is)
@@ -164,10 +186,10 @@ class _Job:
         rows: dict[tuple[str, Precision, Shape], Result] = {}
         for s, x in inputs.items():
             with ticking(self.say, f"{self.backend} {self.precision}: generating from the {s} prompts with the loaded steps"):
-                got = greedy(prefill, decode, programs.spec, x.to(self.device), self.new_tokens)
-            # a copy: _judge records an eager row's agreement as the floor, and here the floor is the module's
+                got = loaded(x)
+            # a copy: judge records an eager row's agreement as the floor, and here the floor is the module's
             bar = {p: dict(v) for p, v in floors.items()}
-            rows[(self.backend, self.precision, s)] = row = _judge(self.backend, self.precision, s, got, refs[s], bar,
+            rows[(self.backend, self.precision, s)] = row = judge(self.backend, self.precision, s, got, refs[s], bar,
                                                                    self.new_tokens)
             if row.status != "ok":
                 return self.outcome("mismatch", f"the saved steps, loaded back, at {s}: {row.reason}")
@@ -177,8 +199,10 @@ class _Job:
         ref = ("eager fp32 reference", Precision.FP32)
         for s in inputs:
             rows[(*ref, s)] = Result(ref[0], Precision.FP32, s, "ok")
-        _time({(self.backend, self.precision): (prefill, decode, programs.spec), ref: (ref_step, ref_step, fp32.spec)},
-              rows, {s: x.to(self.device) for s, x in inputs.items()}, self.new_tokens, self.rounds, self.say, self.device)
+        sync = device_sync(self.device)
+        time_rounds({(self.backend, self.precision): loaded,
+               ref: lambda x: greedy(ref_step, ref_step, fp32.spec, x.to(self.device), self.new_tokens, sync)},
+              rows, inputs, self.rounds, self.say)
         shapes = {}
         for s in inputs:
             row, base = rows[(self.backend, self.precision, s)], rows[(*ref, s)]
@@ -193,25 +217,33 @@ class _Job:
         torch.save({"shapes": {str(s): {"prompt": x, "tokens": refs[s].tokens} for s, x in inputs.items()},
                     "new_tokens": self.new_tokens}, self.src / store.REFERENCE)
         pre = save_preprocessor(self.bundle, self.src)
-        spec, first = programs.spec, loaded[0]
+        spec, first = programs.spec, manifest.read(self.src / STEPS[0])
         notes = [*self.bundle.notes, *engine.notes]
         manifest.write(self.src, Manifest(
-            self.backend, self.precision, device_info(self.device), dict(first.spec.requires), mode=MODE,
+            self.backend, self.precision, device_info(self.device), dict(first.requires), mode=MODE,
             model=ModelRecord(self.bundle.name, self.bundle.task, self.graphs(steps), self.bundle.source),
             generation={"steps": {kind: kind for kind in STEPS},
                         "cache": {"layers": spec.layers, "heads": spec.heads, "head_dim": spec.head_dim,
                                   "max_len": spec.max_len, "dtype": str(spec.dtype).removeprefix("torch.")},
-                        "vocab": int(self.bundle.inputs["input_ids"].high), "batch": list(first.spec.axis_ranges["batch"]),
+                        "vocab": int(self.bundle.inputs["input_ids"].high), "batch": list(first.engine["axis_ranges"]["batch"]),
                         "eos_token_id": _eos(self.bundle), "decoding": "greedy"},
             verdict=Verdict("pass", "greedy tokens identical to eager fp32's" if self.precision == Precision.FP32
                             else f"token agreement at least eager's at {self.precision}, less {AGREEMENT_MARGIN:.0%}",
-                            "the saved steps, loaded back from their files in the build's process", new_tokens=self.new_tokens,
+                            "the saved steps, loaded back from their files in a fresh worker process", new_tokens=self.new_tokens,
                             shapes=shapes),
             environment=environment(self.device, registry.libraries()), build_options=self.options.build_options(), cache_key=key,
             artifact_mb=round(size, 2), notes=tuple(notes), **pre))
         store.install(self.src, self.target)
         self.say(f"{self.backend} {self.precision}: built {self.target}")
         return self.outcome("built", "", round(size, 2))
+
+
+def _load_steps_in_worker(state: dict[str, Any], directory: str, device: str, cls_path: tuple[str, str], spec: CacheSpec) -> None:
+    """In a fresh worker: both saved steps, each by its backend's own load (hashes and versions checked first)."""
+    d = Path(directory)
+    backend = backend_of(manifest.read(d / STEPS[0]).backend, cls_path)
+    prefill, decode = (backend.load(d / kind, device) for kind in STEPS)
+    state["generation"] = (GenerationEngine.of(prefill, decode), spec, device)
 
 
 def _eos(bundle: ModelBundle) -> int | None:

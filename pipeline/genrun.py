@@ -15,21 +15,21 @@ from typing import Any
 import torch
 
 import backends as registry
-from backends.base import GenerationUnsupported
 
-from .bench import MemoryWatch, Timing, median_ci, speedup
+from .bench import MemoryWatch, Timing, median_ci, peak_rss_bytes, reset_peak_rss, speedup
 from .choices import DEFAULTS
 from .config import REFERENCE, RunConfig
 from .env import environment
-from .errors import InputError, NumericsError
+from .errors import GenerationUnsupported, InputError, KilnError, NumericsError
 from .generate import (CacheSpec, Generation, GenerationPrograms, Step, agreement, cache_spec, capture_generation, greedy,
                        module_step, quantized_generation)
 from .inputs import Shape
-from .models import ModelBundle
+from .models import ModelBundle, load_model
 from .precision import Precision
-from .progress import throttled, ticking
+from .progress import report as tell, throttled, ticking
 from .references import available_memory
 from .report import Report, Result
+from .worker import Worker, WorkerCrashed, backend_of
 
 DEFAULT_NEW_TOKENS = DEFAULTS["run-generate"].new_tokens
 GENERATE_ROUNDS = DEFAULTS["run-generate"].rounds  # whole generations per engine and shape; every decode step a sample
@@ -81,6 +81,10 @@ class Steps:
         self.bundle, self.cache_len, self.say, self.cache_dir = bundle, cache_len, say, cache_dir
         self.made: dict[Precision, GenerationPrograms] = {}
 
+    def spec(self, p: Precision) -> CacheSpec:
+        """The cache the steps at `p` hold (int8-dynamic steps keep an fp32 cache), without making them."""
+        return dataclasses.replace(cache_spec(self.bundle, self.cache_len), dtype=torch.float32 if p.quantized else p.dtype)
+
     def __call__(self, p: Precision) -> GenerationPrograms:
         if p not in self.made:
             if p == Precision.INT8_DYNAMIC:
@@ -110,9 +114,16 @@ def references(fp32: GenerationPrograms, inputs: dict[Shape, torch.Tensor], new_
     return refs
 
 
+Generate = Callable[[torch.Tensor], Generation]  # prompts [batch, seq] on the host -> their greedy generation
+
+
 def run_generation(bundle: ModelBundle, cfg: RunConfig, new_tokens: int = DEFAULT_NEW_TOKENS, cache_len: int | None = None,
-                   rounds: int = GENERATE_ROUNDS, say: Callable[[str], None] | None = None,
-                   bandwidth: bool = True, cache_dir: Path | str | None = None) -> Report:
+                   rounds: int = GENERATE_ROUNDS, say: Callable[[str], None] | None = None, bandwidth: bool = True,
+                   cache_dir: Path | str | None = None, checkpoint: Callable[[Report], Any] | None = None) -> Report:
+    """Every engine's greedy generation from the same prompts, judged against eager fp32's and
+    timed in interleaved rounds. Every backend but the reference compiles and generates in a worker
+    process of its own (`cfg.isolation`), so a crash costs its row; `checkpoint` gets the report
+    so far after each engine."""
     say = say or (lambda _m: None)
     cache_len = plan_cache(bundle, cfg, new_tokens, cache_len)
     at = Steps(bundle, cache_len, say, cache_dir)
@@ -120,58 +131,134 @@ def run_generation(bundle: ModelBundle, cfg: RunConfig, new_tokens: int = DEFAUL
     inputs = {s: prompts(bundle, s) for s in cfg.shapes}
     refs = references(fp32, inputs, new_tokens, bundle.name, say)
     eager_at: dict[Precision, dict[Shape, float]] = {}  # token agreement eager reaches at each lower precision
-
-    def rows_of(name: str, p: Precision, status: str, reason: str) -> list[Result]:
-        return [Result(name, p, s, status, reason) for s in cfg.shapes]
-
     rows: list[Result] = []
-    engines: dict[tuple[str, Precision], tuple[Step, Step, CacheSpec]] = {}
+    runs: dict[tuple[str, Precision], Generate] = {}
     by_key: dict[tuple[str, Precision, Shape], Result] = {}
-    for name in cfg.engines:  # the reference first, at every precision asked: the others are judged by it
-        backend = registry.get(name)
-        for p in cfg.precisions_of(name):
-            avail = backend.availability(cfg.device)
-            sup = backend.supports(p, cfg.device)
-            if not avail or not sup:
-                rows += rows_of(name, p, "unavailable" if not avail else "unsupported", (avail if not avail else sup).reason)
-                continue
-            try:
-                progs = at(p)
-                say(f"{name} {p}: compiling the prefill and decode steps")
-                with MemoryWatch(cfg.device) as watch, ticking(say, f"{name} {p}: compiling the steps and generating"):
-                    t0 = time.perf_counter()
-                    engine = backend.generation(progs, p, cfg.device, cfg.options[name], cfg.shapes)
-                    checks = {s: greedy(engine.prefill, engine.decode, progs.spec, x.to(cfg.device), new_tokens)
-                              for s, x in inputs.items()}
-                    compile_s = time.perf_counter() - t0
-            except Exception as e:  # a compiler may raise anything; it becomes a row
-                unsupported = isinstance(e, GenerationUnsupported)
-                reason = str(e) if unsupported else f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-                rows += rows_of(name, p, "unsupported" if unsupported else "failed", reason)
-                if not unsupported:
-                    say(f"{name} {p}: failed: {reason}")
-                continue
-            engines[(name, p)] = (engine.prefill, engine.decode, progs.spec)
-            for s, g in checks.items():
-                row = _judge(name, p, s, g, refs[s], eager_at, new_tokens)
-                row.reason = "; ".join(x for x in (row.reason, *engine.notes) if x)
-                row.metrics["cache_bytes"], row.peak_host_mb, row.compile_s = progs.spec.nbytes(s.batch), watch.peak_host_mb, compile_s
-                rows.append(row)
-                by_key[(name, p, s)] = row
-    _time(engines, by_key, {s: x.to(cfg.device) for s, x in inputs.items()}, new_tokens, rounds, say, cfg.device)
+    workers: list[Worker] = []
+    config: dict[str, Any] = {**cfg.to_dict(), "new_tokens": new_tokens, "cache_len": cache_len, "rounds": rounds}
+    weight_bytes = sum(t.numel() * t.element_size() for t in bundle.module.parameters())
+    model = {**bundle.describe(), "weight_mb": weight_bytes / 2**20}
+
+    def report() -> Report:
+        return Report(model, environment(cfg.device, registry.libraries()), config, list(rows),
+                      dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), mode="generate")
+
+    try:
+        for name in cfg.engines:  # the reference first, at every precision asked: the others are judged by it
+            backend = registry.get(name)
+            for p in cfg.precisions_of(name):
+                check = backend.availability(cfg.device)
+                check = backend.supports(p, cfg.device) if check else check
+                if not check:
+                    status = "unavailable" if not backend.availability(cfg.device) else "unsupported"
+                    rows.extend(Result(name, p, s, status, check.reason) for s in cfg.shapes)
+                    continue
+                say(f"{name} {p}: compiling the prefill and decode steps" + (" in a worker process" if _isolated(cfg, bundle, name) else ""))
+                try:
+                    run, notes, peak_mb, compile_s, checks = _compile(bundle, cfg, name, p, at, cache_len, cache_dir, inputs,
+                                                                      new_tokens, say, workers)
+                except Exception as e:  # a compiler may raise anything, a worker may die: it becomes a row
+                    unsupported = isinstance(e, GenerationUnsupported)
+                    reason = str(e) if isinstance(e, KilnError) else f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                    rows.extend(Result(name, p, s, "unsupported" if unsupported else "failed", reason,
+                                       crashed=isinstance(e, WorkerCrashed)) for s in cfg.shapes)
+                    if not unsupported:
+                        say(f"{name} {p}: failed: {reason}")
+                    continue
+                runs[(name, p)] = run
+                for s, g in checks.items():
+                    row = judge(name, p, s, g, refs[s], eager_at, new_tokens)
+                    row.reason = "; ".join(x for x in (row.reason, *notes) if x)
+                    row.metrics["cache_bytes"] = at.spec(p).nbytes(s.batch)
+                    row.peak_host_mb, row.compile_s = peak_mb, compile_s
+                    rows.append(row)
+                    by_key[(name, p, s)] = row
+                if checkpoint:
+                    checkpoint(report())
+        time_rounds(runs, by_key, inputs, rounds, say)
+    finally:
+        for w in workers:
+            w.close()
     for (_name, _p, shape), row in by_key.items():
         base = by_key.get((*REFERENCE, shape))
         if base is not None and base.latency_ms and row.latency_ms:
             row.speedup = speedup(base.latency_ms, row.latency_ms)  # decode steps, paired round by round
-    config: dict[str, Any] = {**cfg.to_dict(), "new_tokens": new_tokens, "cache_len": cache_len, "rounds": rounds}
-    weight_bytes = sum(t.numel() * t.element_size() for t in bundle.module.parameters())
     if bandwidth and cfg.device == "cpu":
         say("measuring memory bandwidth (a large tensor copy)")
         bw = memory_bandwidth()
         config.update(bandwidth_gb_s=bw, bandwidth_probe_mb=512, ceiling_tokens_per_s=bw * 1e9 / weight_bytes)
-    model = {**bundle.describe(), "weight_mb": weight_bytes / 2**20}
-    return Report(model, environment(cfg.device, registry.libraries()), config, rows,
-                  dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), mode="generate")
+    return report()
+
+
+def _isolated(cfg: RunConfig, bundle: ModelBundle, name: str) -> tuple[str, str] | None:
+    """The backend's class as an import path when it generates in a worker; None when it runs here."""
+    cls = type(registry.get(name))
+    if cfg.isolation == "none" or name == REFERENCE[0] or bundle.spec is None or cls.__module__ == "__main__":
+        return None
+    return (cls.__module__, cls.__qualname__)
+
+
+def device_sync(device: str) -> Callable[[], None]:
+    return (lambda: torch.cuda.synchronize(device)) if device.startswith("cuda") else (lambda: None)
+
+
+def _compile(bundle: ModelBundle, cfg: RunConfig, name: str, p: Precision, at: Steps, cache_len: int, cache_dir: Path | str | None,
+             inputs: dict[Shape, torch.Tensor], new_tokens: int, say: Callable[[str], None],
+             workers: list[Worker]) -> tuple[Generate, list[str], float | None, float, dict[Shape, Generation]]:
+    """One engine's steps, compiled here or in a worker, and its generation from every shape's
+    prompts (where lazy compilers compile): (generate, notes, peak host MB, compile s, generations)."""
+    cls_path, label = _isolated(cfg, bundle, name), f"{name} {p}"
+    if cls_path is None:
+        progs = at(p)
+        with MemoryWatch(cfg.device) as watch, ticking(say, f"{label}: compiling the steps and generating"):
+            t0 = time.perf_counter()
+            engine = registry.get(name).generation(progs, p, cfg.device, cfg.options[name], cfg.shapes)
+
+            def run(x: torch.Tensor) -> Generation:
+                return greedy(engine.prefill, engine.decode, progs.spec, x.to(cfg.device), new_tokens, device_sync(cfg.device))
+
+            checks = {s: run(x) for s, x in inputs.items()}
+            return run, engine.notes, watch.peak_host_mb, time.perf_counter() - t0, checks
+    worker = Worker(label, cfg.timeout_s, lambda m: say(f"{label}: {m}"))
+    workers.append(worker)
+    t0 = time.perf_counter()
+    facts = worker.call("call", f"{__name__}:_steps_in_worker", bundle.spec, bundle.load_task, str(cache_dir) if cache_dir else None,
+                        cache_len, name, cls_path, p.value, cfg.device, cfg.options[name].to_dict(), [str(s) for s in cfg.shapes])
+    t1 = time.perf_counter()
+    remote = in_worker(worker, new_tokens)
+    checks = {s: remote(x) for s, x in inputs.items()}
+    peak = worker.call("call", f"{__name__}:_peak_in_worker")
+    return remote, list(facts["notes"]), peak, float(facts["build_s"]) + time.perf_counter() - t1, checks
+
+
+def _steps_in_worker(state: dict[str, Any], model_spec: str, model_task: str | None, cache_dir: str | None, cache_len: int,
+                     name: str, cls_path: tuple[str, str] | None, precision: str, device: str, options: dict[str, Any],
+                     shapes: list[str]) -> dict[str, Any]:
+    """In a worker: the steps at `precision` made here (captured ones load from the cache) and compiled by the backend."""
+    p, backend = Precision(precision), backend_of(name, cls_path)
+    progs = Steps(load_model(model_spec, model_task), cache_len, tell, cache_dir)(p)
+    state["rss0"] = reset_peak_rss()  # the engine's peak, not the model's load
+    t0 = time.perf_counter()
+    engine = backend.generation(progs, p, device, backend.options(options), [Shape.parse(s) for s in shapes])
+    state["generation"] = (engine, progs.spec, device)
+    return {"notes": engine.notes, "build_s": time.perf_counter() - t0}
+
+
+def in_worker(worker: Worker, new_tokens: int) -> Generate:
+    """The steps a worker holds (state["generation"]) as a Generate: prompts go there, whole generations come back."""
+    def generate(prompt: torch.Tensor) -> Generation:
+        g: Generation = worker.call("call", f"{__name__}:_generate_in_worker", prompt.cpu(), new_tokens)
+        return g
+    return generate
+
+
+def _generate_in_worker(state: dict[str, Any], prompt: torch.Tensor, new_tokens: int) -> Generation:
+    engine, spec, device = state["generation"]
+    return greedy(engine.prefill, engine.decode, spec, prompt.to(device), new_tokens, device_sync(device))
+
+
+def _peak_in_worker(state: dict[str, Any]) -> float:
+    return (peak_rss_bytes() - state.get("rss0", 0)) / 2**20
 
 
 def _check_cache_memory(bundle: ModelBundle, cache_len: int, batch: int, precisions: Sequence[Precision]) -> None:
@@ -186,7 +273,7 @@ def _check_cache_memory(bundle: ModelBundle, cache_len: int, batch: int, precisi
                          f"available: use a smaller --cache-len or batch")
 
 
-def _judge(name: str, p: Precision, s: Shape, g: Generation, ref: Generation, eager_at: dict[Precision, dict[Shape, float]],
+def judge(name: str, p: Precision, s: Shape, g: Generation, ref: Generation, eager_at: dict[Precision, dict[Shape, float]],
            new_tokens: int) -> Result:
     """fp32: the same tokens as eager fp32 at every step, or a mismatch naming the step. Lower
     precisions: token agreement at least what eager at that precision reaches, less a margin."""
@@ -214,33 +301,37 @@ def _judge(name: str, p: Precision, s: Shape, g: Generation, ref: Generation, ea
     return row
 
 
-def _time(engines: dict[tuple[str, Precision], tuple[Step, Step, CacheSpec]], rows: dict[tuple[str, Precision, Shape], Result],
-          inputs: dict[Shape, torch.Tensor], new_tokens: int, rounds: int, say: Callable[[str], None], device: str) -> None:
+def time_rounds(runs: dict[tuple[str, Precision], Generate], rows: dict[tuple[str, Precision, Shape], Result],
+          inputs: dict[Shape, torch.Tensor], rounds: int, say: Callable[[str], None]) -> None:
     """Whole generations, interleaved: round r runs every engine once at a shape before round r+1.
     On a GPU every step is waited for before its time is taken. A row's latency is its decode
     steps' (every step of every round, in round order, so two engines' samples pair up); prefill
-    and end-to-end speed go to its metrics."""
-    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    and end-to-end speed go to its metrics. An engine that fails (its worker dies) loses its row only."""
     for s, x in inputs.items():
-        live = [k for k in engines if (k[0], k[1], s) in rows]
+        live = [k for k in runs if (k[0], k[1], s) in rows and rows[(k[0], k[1], s)].status in ("ok", "mismatch")]
         if not live:
             continue
-        say(f"timing generation at {s}: {len(live)} engines, {rounds} interleaved rounds of {new_tokens} tokens")
-        runs: dict[tuple[str, Precision], list[Generation]] = {k: [] for k in live}
+        say(f"timing generation at {s}: {len(live)} engines, {rounds} interleaved rounds")
+        gens: dict[tuple[str, Precision], list[Generation]] = {k: [] for k in live}
         tick = throttled(say)
         for r in range(rounds):
-            for k in live:
-                prefill, decode, spec = engines[k]
-                runs[k].append(greedy(prefill, decode, spec, x, new_tokens, sync))
+            for k in [k for k in live if k in gens]:
+                try:
+                    gens[k].append(runs[k](x))
+                except Exception as e:  # that engine's row only; the others keep their timings
+                    row = rows[(k[0], k[1], s)]
+                    row.status, row.crashed = "failed", isinstance(e, WorkerCrashed)
+                    row.reason = f"timing: {e if isinstance(e, KilnError) else type(e).__name__ + ': ' + str(e)}"[:800]
+                    del gens[k]
             tick(f"timing generation at {s}: round {r + 1}/{rounds}", r + 1 == rounds)
-        for k, gens in runs.items():
+        for k, done in gens.items():
             row = rows[(k[0], k[1], s)]
-            steps = [ms for g in gens for ms in g.decode_ms]
-            row.metrics["prefill_ms"] = statistics.median(g.prefill_ms for g in gens)
+            steps = [ms for g in done for ms in g.decode_ms]
+            row.metrics["prefill_ms"] = statistics.median(g.prefill_ms for g in done)
             if steps:
                 row.latency_ms = Timing(steps)
                 row.metrics["decode_tokens_per_s"] = 1e3 * s.batch / row.latency_ms.median
                 low_ms, high_ms = median_ci(steps)
                 row.metrics["decode_tokens_per_s_ci"] = [1e3 * s.batch / high_ms, 1e3 * s.batch / low_ms]
-            total = statistics.median(g.prefill_ms + sum(g.decode_ms) for g in gens)
-            row.metrics["e2e_tokens_per_s"] = 1e3 * s.batch * new_tokens / total
+            total = statistics.median(g.prefill_ms + sum(g.decode_ms) for g in done)
+            row.metrics["e2e_tokens_per_s"] = 1e3 * s.batch * done[0].tokens.shape[1] / total

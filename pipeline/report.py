@@ -244,7 +244,7 @@ def _lat(q: str) -> Callable[[Result], float | None]:
 
 
 def _metric(key: str, scale: int = 1) -> Callable[[Result], Any]:
-    return lambda r: r.metrics[key] if scale == 1 or r.metrics.get(key) is None else r.metrics[key] / scale
+    return lambda r: r.metrics.get(key) if scale == 1 or r.metrics.get(key) is None else r.metrics[key] / scale
 
 
 def _speedup_cell(r: Result, noisy: bool) -> str:

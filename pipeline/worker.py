@@ -80,7 +80,7 @@ def _serve(conn: Any, threads: int) -> None:
             _send(conn, ("error", (kind, str(e), isinstance(e, KilnError), traceback.format_exc(limit=8))))
 
 
-def _backend(name: str, cls_path: tuple[str, str] | None) -> Any:
+def backend_of(name: str, cls_path: tuple[str, str] | None) -> Any:
     """The registered backend, or, for one registered at run time in the parent, its class by import path."""
     import importlib
 
@@ -103,7 +103,7 @@ def _op_compile(state: dict[str, Any], model_spec: str, cache_dir: str | None, g
     captured = capture(load_model(model_spec, model_task), Path(cache_dir) if cache_dir else None, QuantSpec.from_dict(quant))
     if captured.graph_hash != graph_hash:
         raise BackendError(f"the worker captured graph {captured.graph_hash}, the run {graph_hash}: the model loaded differently")
-    backend = _backend(name, cls_path)
+    backend = backend_of(name, cls_path)
     state["rss0"] = reset_peak_rss()  # the engine's peak, as the in-process watch counts it: not the model's load
     state["engine"] = backend.compile(captured, Precision(precision), device, options, [Shape.parse(s) for s in shapes])
     return _facts(state)
@@ -112,7 +112,7 @@ def _op_compile(state: dict[str, Any], model_spec: str, cache_dir: str | None, g
 def _op_load(state: dict[str, Any], directory: str, device: str, cls_path: tuple[str, str] | None) -> dict[str, Any]:
     """The saved engine, by its backend's own load (hashes and versions checked); no model code is loaded."""
     state["rss0"] = reset_peak_rss()
-    state["engine"] = _backend(manifest.read(directory).backend, cls_path).load(directory, device)
+    state["engine"] = backend_of(manifest.read(directory).backend, cls_path).load(directory, device)
     return _facts(state)
 
 
@@ -143,8 +143,17 @@ def _op_save(state: dict[str, Any], directory: str) -> list[str]:
     return [str(p) for p in state["engine"].save(directory)]
 
 
-_OPS: dict[str, Callable[..., Any]] = {"compile": _op_compile, "load": _op_load, "run": _op_run, "stage": _op_stage, "time": _op_time, "info": _op_info,
-        "save": _op_save}
+def _op_call(state: dict[str, Any], target: str, *args: Any) -> Any:
+    """A workload's own operation, `module:function(state, *args)`, found by name in the worker
+    (generation's steps live with generation, not here)."""
+    import importlib
+
+    module, _, function = target.partition(":")
+    return getattr(importlib.import_module(module), function)(state, *args)
+
+
+_OPS: dict[str, Callable[..., Any]] = {"compile": _op_compile, "load": _op_load, "run": _op_run, "stage": _op_stage, "time": _op_time,
+                                       "info": _op_info, "save": _op_save, "call": _op_call}
 
 
 def _raise(kind: str, message: str, kiln: bool, trace: str) -> None:
@@ -163,7 +172,7 @@ class Worker:
     inherited threads, CUDA context or locks, and the caller's script is not imported again.
     Every request waits at most `timeout_s`."""
 
-    def __init__(self, label: str, timeout_s: float = 3600.0, on_progress: Callable[[str], None] | None = None) -> None:
+    def __init__(self, label: str, timeout_s: float, on_progress: Callable[[str], None] | None = None) -> None:
         self.label, self.timeout_s, self.on_progress = label, timeout_s, on_progress
         clean_stale(Path(tempfile.gettempdir()), "kiln-worker-")  # left by runs that were killed
         self.tmp = Path(tempfile.mkdtemp(prefix=f"kiln-worker-{os.getpid()}-"))
@@ -274,8 +283,8 @@ class RemoteEngine:
             raise
 
     @classmethod
-    def load(cls, label: str, directory: Path, device: str, cls_path: tuple[str, str] | None = None,
-             timeout_s: float = 600.0) -> RemoteEngine:
+    def load(cls, label: str, directory: Path, device: str, cls_path: tuple[str, str] | None,
+             timeout_s: float) -> RemoteEngine:
         worker = Worker(label, timeout_s)
         try:
             return cls(worker, worker.call("load", str(directory), device, cls_path))

@@ -15,7 +15,9 @@ import pytest
 import torch
 import transformers
 
+import backends as registry
 from helpers import keys, word_tokenizer
+from plugin_backend import ExportedProgramBackend
 from pipeline import manifest, store
 from pipeline.cli import main
 from pipeline.errors import ArtifactError, InputError
@@ -62,6 +64,7 @@ def test_a_generation_build_ships_both_steps_checked_and_timed(built: tuple[Path
             assert step["backend"] == o.backend and step["engine"]["inputs"][:2] == ["input_ids", "start"]
         assert step["engine"]["input_specs"]["input_ids"]["dims"] == ["batch", 1]  # decode: one token
         verdict = meta["verdict"]
+        assert "fresh worker process" in verdict["engine"]  # what was checked and timed: the files, loaded back
         assert verdict["status"] == "pass"
         for shape in ("1x8", "2x8"):
             v = verdict["shapes"][shape]
@@ -190,3 +193,31 @@ def test_int8_dynamic_generation_ships_as_the_quantized_steps_captured_when_save
     assert (out[1].path / "decode" / "model.pt2").is_file()
     done = subprocess.run([sys.executable, "-m", "pipeline", "verify", str(out[1].path)], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0 and "PASS" in done.stdout, done.stderr[-2000:]
+
+
+class _DriftingDecode(ExportedProgramBackend):
+    """Saves both steps as they ran, but its loader's decode step answers another token: what a
+    build would ship if only the in-memory engine were checked."""
+
+    name = "drifting-decode-for-test"
+
+    def _load(self, directory: Path, spec: Any, manifest: Any) -> Any:
+        model = super()._load(directory, spec, manifest)
+        if directory.name == "decode":
+            run = model.run
+            model.run = lambda inputs: {**(out := run(inputs)), "logits": out["logits"].roll(1, dims=-1)}  # type: ignore[method-assign]
+        return model
+
+
+def test_a_generation_build_checks_its_steps_loaded_back_in_a_fresh_worker(tmp_path: Path, cache_dir: Path) -> None:
+    """The steps that ran are right; the files loaded back (in a worker process) are not: a
+    mismatch naming the step where the tokens part, and nothing is installed."""
+    registry.register(_DriftingDecode())
+    try:
+        (drift,) = build_generation("tiny-gpt2", "drifting-decode-for-test", shapes="1x8", root=tmp_path, new_tokens=4, rounds=1,
+                                    cache_dir=cache_dir)
+    finally:
+        registry.unregister("drifting-decode-for-test")
+    assert drift.status == "mismatch" and "the saved steps, loaded back, at 1x8" in drift.reason, drift.reason
+    assert "greedy tokens diverge from eager fp32 at step 1" in drift.reason and not drift.path.exists()
+    assert not any(tmp_path.rglob("manifest.json"))  # nothing installed, nothing staged left behind

@@ -7,6 +7,8 @@ from __future__ import annotations
 import copy
 import csv
 import json
+import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -14,14 +16,18 @@ import pytest
 import torch
 import transformers
 
+import backends as registry
+from backends.base import Backend, CompiledModel
+from backends.eager import EagerModel
 from pipeline.cli import main
 from pipeline.config import make_config
 from pipeline.errors import InputError
 from pipeline.generate import Generation, agreement, capture_generation, greedy, module_step, program_step
-from pipeline.genrun import _judge, run_generation
+from pipeline.genrun import judge, run_generation
 from pipeline.inputs import Shape
 from pipeline.models import load_model
 from pipeline.precision import Precision
+from pipeline.report import Report
 
 
 @pytest.fixture(scope="module")
@@ -58,8 +64,8 @@ def test_the_captured_steps_generate_what_transformers_generates(model: str, lla
 def test_every_backend_generates_eager_fp32s_tokens(cache_dir: Path) -> None:
     pytest.importorskip("tvm")
     bundle = load_model("tiny-gpt2")
-    cfg = make_config(backends="eager,inductor,onnxruntime,tvm", shapes="1x8,2x8", device="cpu",
-                      options={"tvm": {"trials_per_task": 0}})
+    cfg = make_config(backends="eager,inductor,onnxruntime,tvm", shapes="1x8,2x8", device="cpu", isolation="none",  # the tokens
+                      options={"tvm": {"trials_per_task": 0}})  # are the point here; a worker's generation has its own test below
     report = run_generation(bundle, cfg, new_tokens=6, rounds=1, bandwidth=False)
     rows = {(r.backend, str(r.shape)): r for r in report.results}
     assert report.mode == "generate" and set(rows) == {(b, s) for b in ("eager", "inductor", "onnxruntime", "tvm") for s in ("1x8", "2x8")}
@@ -80,17 +86,17 @@ def test_a_divergence_is_a_mismatch_naming_its_step() -> None:
     off = Generation(torch.tensor([[5, 6, 9, 8]]), [torch.zeros(1, 10)] * 4, 1.0, [1.0] * 3)
     a = agreement(ref, off)
     assert a.first_divergence == 2 and a.agreement == 0.75
-    row = _judge("x", Precision.FP32, Shape(1, 4), off, ref, {}, 4)
+    row = judge("x", Precision.FP32, Shape(1, 4), off, ref, {}, 4)
     assert row.status == "mismatch" and "diverge from eager fp32 at step 2" in row.reason
-    assert _judge("x", Precision.FP32, Shape(1, 4), ref, ref, {}, 4).status == "ok"
+    assert judge("x", Precision.FP32, Shape(1, 4), ref, ref, {}, 4).status == "ok"
     nan = Generation(ref.tokens, [torch.zeros(1, 10)] * 2 + [torch.full((1, 10), float("nan"))] * 2, 1.0, [1.0] * 3)
-    row = _judge("x", Precision.FP32, Shape(1, 4), nan, ref, {}, 4)  # the same tokens, but from NaN
+    row = judge("x", Precision.FP32, Shape(1, 4), nan, ref, {}, 4)  # the same tokens, but from NaN
     assert row.status == "mismatch" and row.reason == "NaN or Inf in the logits at step 2"
     # below fp32 the bar is what eager reaches at that precision, less a margin
     eager_at = {Precision.BF16: {Shape(1, 4): 1.0}}
-    assert _judge("x", Precision.BF16, Shape(1, 4), off, ref, eager_at, 4).status == "mismatch"
+    assert judge("x", Precision.BF16, Shape(1, 4), off, ref, eager_at, 4).status == "mismatch"
     eager_at = {Precision.BF16: {Shape(1, 4): 0.75}}
-    assert _judge("x", Precision.BF16, Shape(1, 4), off, ref, eager_at, 4).status == "ok"
+    assert judge("x", Precision.BF16, Shape(1, 4), off, ref, eager_at, 4).status == "ok"
 
 
 def test_generate_from_the_command_line_and_its_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture[str],
@@ -153,7 +159,7 @@ def test_int8_dynamic_generation_quantizes_every_linear_layer_and_inductor_keeps
     programs = quantized_generation(bundle, 24)
     quantized = [m for m in programs.module.modules() if isinstance(m, torch.nn.Linear)]
     assert len(quantized) == 2 * 4 + 1 and all(isinstance(m.weight, TorchAOBaseTensor) for m in quantized)  # 4 per block + lm_head
-    cfg = make_config(backends="eager,inductor,onnxruntime", precisions="int8-dynamic", shapes="1x8", device="cpu")
+    cfg = make_config(backends="eager,inductor,onnxruntime", precisions="int8-dynamic", shapes="1x8", device="cpu", isolation="none")
     report = run_generation(bundle, cfg, new_tokens=6, rounds=1, bandwidth=False)
     rows = {(r.backend, r.precision.value): r for r in report.results}
     eager, inductor = rows[("eager", "int8-dynamic")], rows[("inductor", "int8-dynamic")]
@@ -199,3 +205,45 @@ def test_kiln_check_gates_a_generation_report(tmp_path: Path, capsys: pytest.Cap
     forward = edited("forward", "mode", "forward")  # a forward report is not compared with a generation baseline
     assert main(["check", str(forward), "--baseline", str(base)]) == 2
     assert "mode 'generate' vs 'forward'" in capsys.readouterr().err
+
+
+class _AbortOnDecode(EagerModel):
+    def run(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if inputs["input_ids"].shape[1] == 1:  # the decode step: one new token
+            print("about to abort in the decode step", file=sys.stderr, flush=True)
+            os.abort()
+        return super().run(inputs)
+
+
+class _AbortsDecoding(Backend):
+    """Compiles the captured steps as eager does, but its decode step aborts in native code."""
+
+    name = "aborts-decoding-for-test"
+    precisions = (Precision.FP32,)
+
+    def _compile(self, captured: Any, spec: Any, shapes: Any) -> CompiledModel:
+        return _AbortOnDecode(spec, captured.bundle.module.eval(), captured.program)
+
+    def _load(self, directory: Any, spec: Any, manifest: Any) -> CompiledModel:
+        raise NotImplementedError
+
+
+def test_a_decode_step_that_aborts_costs_its_row_only(tmp_path: Path, cache_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Every backend but the reference generates in a worker process: a crash is a failed row naming
+    the signal, the other rows (one of them from another worker) are kept, and the run exits 1."""
+    registry.register(_AbortsDecoding())
+    try:
+        rc = main(["run", "--model", "tiny-gpt2", "--mode", "generate", "--backends", "eager,aborts-decoding-for-test,exported-program",
+                   "--shapes", "1x8", "--new-tokens", "4", "--rounds", "2", "--out", str(tmp_path), "--cache-dir", str(cache_dir),
+                   "--quiet"])
+    finally:
+        registry.unregister("aborts-decoding-for-test")
+    assert rc == 1 and "aborts-decoding-for-test fp32 crashed" in capsys.readouterr().err
+    r = Report.load(tmp_path / "report.json")
+    aborted = r.find("aborts-decoding-for-test", "fp32", "1x8")
+    assert aborted is not None and aborted.status == "failed" and aborted.crashed and "SIGABRT" in aborted.reason
+    assert "about to abort in the decode step" in aborted.reason  # the last lines of the worker's stderr
+    for ok in ("eager", "exported-program"):
+        row = r.find(ok, "fp32", "1x8")
+        assert row is not None and row.status == "ok" and row.agreement == 1.0 and row.speedup is not None, (ok, row)
+    assert r.find("exported-program", "fp32", "1x8").peak_host_mb  # measured in its worker
