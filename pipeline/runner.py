@@ -31,7 +31,7 @@ from .models import ModelBundle
 from .precision import Precision
 from .references import References, check_memory
 from .report import Report, Result
-from .worker import RemoteEngine, WorkerCrashed
+from .worker import CompileRequest, RemoteEngine, WorkerCrashed
 
 Progress = Callable[[str], None]
 log = logging.getLogger("kiln")
@@ -145,11 +145,10 @@ class Runner:
                 results = {s: self._check(model, s, refs, precision) for s in cfg.shapes}
             return model, results, {"describe": model.describe(), "notes": model.notes(), "peak_host_mb": watch.peak_host_mb,
                            "peak_device_mb": watch.peak_device_mb}
-        remote = RemoteEngine.compile(f"{name} {precision}", cfg.timeout_s, on_progress=say, model_spec=self.bundle.spec,
-                                      cache_dir=str(captured.cache_dir), graph_hash=captured.graph_hash, name=name,
-                                      cls_path=cls_path, precision=precision.value, device=cfg.device,
-                                      options=cfg.options[name].to_dict(), shapes=[str(s) for s in cfg.shapes],
-                                      quant=captured.quant.to_dict(), model_task=self.bundle.load_task)
+        assert self.bundle.spec is not None  # isolated() runs nothing in a worker without one
+        request = CompileRequest(self.bundle.spec, self.bundle.load_task, str(captured.cache_dir), captured.graph_hash, captured.quant,
+                                 name, cls_path, precision, cfg.device, cfg.options[name].to_dict(), tuple(cfg.shapes))
+        remote = RemoteEngine.compile(f"{name} {precision}", cfg.timeout_s, request, on_progress=say)
         try:
             return remote, {s: self._check(remote, s, refs, precision) for s in cfg.shapes}, remote.info()
         except BaseException:

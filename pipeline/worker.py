@@ -21,6 +21,7 @@ import threading
 import time
 import traceback
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from multiprocessing.connection import Client, Listener
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,7 @@ from . import errors, manifest, progress
 from .errors import BackendError, KilnError
 from .fsutil import clean_stale
 from .bench import peak_rss_bytes, reset_peak_rss, time_call
+from .choices import QuantSpec, Shape
 from .precision import Precision
 
 HEARTBEAT_S = progress.TICK_S  # a worker silent this long while the caller waits gets a "still working" line
@@ -92,20 +94,35 @@ def backend_of(name: str, cls_path: tuple[str, str] | None) -> Any:
     return cls()  # type: ignore[operator]
 
 
-def _op_compile(state: dict[str, Any], model_spec: str, cache_dir: str | None, graph_hash: str, name: str,
-                cls_path: tuple[str, str] | None, precision: str, device: str, options: Mapping[str, Any],
-                shapes: list[str], quant: Mapping[str, Any], model_task: str | None) -> dict[str, Any]:
-    from .calibration import QuantSpec
+@dataclass(frozen=True)
+class CompileRequest:
+    """What a worker needs to compile one engine, sent whole: the model by its spec (loaded there,
+    its captured program read from the cache by content, checked against `graph_hash`), the
+    backend (by import path where the parent registered it at run time) and its settings."""
+
+    model_spec: str
+    model_task: str | None
+    cache_dir: str | None
+    graph_hash: str
+    quant: QuantSpec
+    backend: str
+    cls_path: tuple[str, str] | None
+    precision: Precision
+    device: str
+    options: Mapping[str, Any]
+    shapes: tuple[Shape, ...]
+
+
+def _op_compile(state: dict[str, Any], req: CompileRequest) -> dict[str, Any]:
     from .capture import capture
-    from .inputs import Shape
     from .models import load_model
 
-    captured = capture(load_model(model_spec, model_task), Path(cache_dir) if cache_dir else None, QuantSpec.from_dict(quant))
-    if captured.graph_hash != graph_hash:
-        raise BackendError(f"the worker captured graph {captured.graph_hash}, the run {graph_hash}: the model loaded differently")
-    backend = backend_of(name, cls_path)
+    captured = capture(load_model(req.model_spec, req.model_task), Path(req.cache_dir) if req.cache_dir else None, req.quant)
+    if captured.graph_hash != req.graph_hash:
+        raise BackendError(f"the worker captured graph {captured.graph_hash}, the run {req.graph_hash}: the model loaded differently")
+    backend = backend_of(req.backend, req.cls_path)
     state["rss0"] = reset_peak_rss()  # the engine's peak, as the in-process watch counts it: not the model's load
-    state["engine"] = backend.compile(captured, Precision(precision), device, options, [Shape.parse(s) for s in shapes])
+    state["engine"] = backend.compile(captured, req.precision, req.device, req.options, list(req.shapes))
     return _facts(state)
 
 
@@ -272,12 +289,11 @@ class RemoteEngine:
         self._staged: dict[int, Any] = {}
 
     @classmethod
-    def compile(cls, label: str, timeout_s: float, on_progress: Callable[[str], None] | None = None, **kw: Any) -> RemoteEngine:
+    def compile(cls, label: str, timeout_s: float, request: CompileRequest,
+                on_progress: Callable[[str], None] | None = None) -> RemoteEngine:
         worker = Worker(label, timeout_s, on_progress)
         try:
-            return cls(worker, worker.call("compile", kw["model_spec"], kw["cache_dir"], kw["graph_hash"], kw["name"],
-                                           kw["cls_path"], kw["precision"], kw["device"], kw["options"], kw["shapes"],
-                                           kw["quant"], kw.get("model_task")))
+            return cls(worker, worker.call("compile", request))
         except BaseException:
             worker.close()
             raise

@@ -4,8 +4,10 @@ one line and exit 2."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import csv
+import io
 import json
 import os
 import sys
@@ -61,14 +63,13 @@ def test_the_captured_steps_generate_what_transformers_generates(model: str, lla
 
 
 @pytest.mark.slow
-def test_every_backend_generates_eager_fp32s_tokens(cache_dir: Path) -> None:
-    pytest.importorskip("tvm")
+def test_a_generation_run_reports_each_engines_tokens_and_speed(cache_dir: Path) -> None:
+    """The run's rows and speeds; TVM's tokens (untuned) are the generation build's test (test_genbuild), at these shapes."""
     bundle = load_model("tiny-gpt2")
-    cfg = make_config(backends="eager,inductor,onnxruntime,tvm", shapes="1x8,2x8", device="cpu", isolation="none",  # the tokens
-                      options={"tvm": {"trials_per_task": 0}})  # are the point here; a worker's generation has its own test below
-    report = run_generation(bundle, cfg, new_tokens=6, rounds=1, bandwidth=False)
+    cfg = make_config(backends="eager,inductor,onnxruntime", shapes="1x8,2x8", device="cpu", isolation="none")  # the tokens are
+    report = run_generation(bundle, cfg, new_tokens=6, rounds=1, bandwidth=False)  # the point; workers have their own test below
     rows = {(r.backend, str(r.shape)): r for r in report.results}
-    assert report.mode == "generate" and set(rows) == {(b, s) for b in ("eager", "inductor", "onnxruntime", "tvm") for s in ("1x8", "2x8")}
+    assert report.mode == "generate" and set(rows) == {(b, s) for b in ("eager", "inductor", "onnxruntime") for s in ("1x8", "2x8")}
     for (backend, shape), r in rows.items():
         m = r.metrics
         assert r.status == "ok", f"{backend} {shape}: {r.reason}"
@@ -76,7 +77,6 @@ def test_every_backend_generates_eager_fp32s_tokens(cache_dir: Path) -> None:
         assert m["prefill_ms"] and r.latency_ms and m["decode_tokens_per_s"] and m["e2e_tokens_per_s"] and r.speedup  # decode speedup
         batch = int(shape.split("x")[0])
         assert m["cache_bytes"] == 2 * 2 * batch * 2 * 14 * 16 * 4  # k and v, 2 layers, 2 heads, 8 + 6 positions, 16 wide, fp32
-    assert "untuned" in rows[("tvm", "1x8")].reason
     md = report.to_markdown()
     assert "| inductor | fp32 | 2x8 | ok | 6 | 100% | none |" in md
 
@@ -168,45 +168,6 @@ def test_int8_dynamic_generation_quantizes_every_linear_layer_and_inductor_keeps
     assert rows[("onnxruntime", "int8-dynamic")].status == "unsupported"
 
 
-def test_kiln_check_gates_a_generation_report(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    out = tmp_path / "run"
-    assert main(["run", "--model", "tiny-gpt2", "--mode", "generate", "--backends", "eager", "--precisions", "fp32,bf16",
-                 "--shapes", "1x8", "--new-tokens", "6", "--rounds", "3", "--out", str(out), "--quiet"]) == 0
-    base, report = tmp_path / "baseline.json", out / "report.json"
-    assert main(["check", str(report), "--baseline", str(base), "--update-baseline"]) == 0
-    assert json.loads(base.read_text())["mode"] == "generate"
-    assert main(["check", str(report), "--baseline", str(base)]) == 0
-    capsys.readouterr()
-    data = json.loads(report.read_text())
-    bf16 = next(i for i, r in enumerate(data["results"]) if r["precision"] == "bf16")
-    fp32 = next(i for i, r in enumerate(data["results"]) if r["precision"] == "fp32")
-
-    def edited(name: str, path: str, value: Any) -> Path:
-        d = copy.deepcopy(data)
-        *keys, last = path.split(".")
-        target: Any = d
-        for k in keys:
-            target = target[int(k)] if k.isdigit() else target[k]
-        target[last] = value
-        p = tmp_path / f"{name}.json"
-        p.write_text(json.dumps(d))
-        return p
-
-    sp = data["results"][bf16]["speedup"]
-    slower = edited("slower", f"results.{bf16}.speedup", {k: v / 3 for k, v in sp.items()})  # decoding at a third of its speed
-    assert main(["check", str(slower), "--baseline", str(base)]) == 1
-    assert "| eager | bf16 | 1x8 | **regression** |" in capsys.readouterr().out
-    diverged = edited("diverged", f"results.{fp32}.status", "mismatch")  # greedy tokens no longer eager fp32's
-    assert main(["check", str(diverged), "--baseline", str(base)]) == 1
-    assert "ok → mismatch (worse)" in capsys.readouterr().out
-    other = edited("other", "model.name", "tiny-llama")
-    assert main(["check", str(other), "--baseline", str(base)]) == 2
-    assert "model 'tiny-gpt2' vs 'tiny-llama'" in capsys.readouterr().err
-    forward = edited("forward", "mode", "forward")  # a forward report is not compared with a generation baseline
-    assert main(["check", str(forward), "--baseline", str(base)]) == 2
-    assert "mode 'generate' vs 'forward'" in capsys.readouterr().err
-
-
 class _AbortOnDecode(EagerModel):
     def run(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         if inputs["input_ids"].shape[1] == 1:  # the decode step: one new token
@@ -228,18 +189,28 @@ class _AbortsDecoding(Backend):
         raise NotImplementedError
 
 
-def test_a_decode_step_that_aborts_costs_its_row_only(tmp_path: Path, cache_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """Every backend but the reference generates in a worker process: a crash is a failed row naming
-    the signal, the other rows (one of them from another worker) are kept, and the run exits 1."""
+@pytest.fixture(scope="module")
+def generation_run(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> tuple[Path, int, str]:
+    """One `kiln run --mode generate` over eager, a worker whose decode step aborts, and a worker
+    that generates: (its output directory, exit code, stderr), shared by the two tests below."""
+    out, err = tmp_path_factory.mktemp("generate-run"), io.StringIO()
     registry.register(_AbortsDecoding())
     try:
-        rc = main(["run", "--model", "tiny-gpt2", "--mode", "generate", "--backends", "eager,aborts-decoding-for-test,exported-program",
-                   "--shapes", "1x8", "--new-tokens", "4", "--rounds", "2", "--out", str(tmp_path), "--cache-dir", str(cache_dir),
-                   "--quiet"])
+        with contextlib.redirect_stderr(err):
+            rc = main(["run", "--model", "tiny-gpt2", "--mode", "generate", "--backends", "eager,aborts-decoding-for-test,exported-program",
+                       "--shapes", "1x8", "--new-tokens", "6", "--rounds", "3", "--out", str(out), "--cache-dir", str(cache_dir),
+                       "--quiet"])
     finally:
         registry.unregister("aborts-decoding-for-test")
-    assert rc == 1 and "aborts-decoding-for-test fp32 crashed" in capsys.readouterr().err
-    r = Report.load(tmp_path / "report.json")
+    return out, rc, err.getvalue()
+
+
+def test_a_decode_step_that_aborts_costs_its_row_only(generation_run: tuple[Path, int, str]) -> None:
+    """Every backend but the reference generates in a worker process: a crash is a failed row naming
+    the signal, the other rows (one of them from another worker) are kept, and the run exits 1."""
+    out, rc, err = generation_run
+    assert rc == 1 and "aborts-decoding-for-test fp32 crashed" in err
+    r = Report.load(out / "report.json")
     aborted = r.find("aborts-decoding-for-test", "fp32", "1x8")
     assert aborted is not None and aborted.status == "failed" and aborted.crashed and "SIGABRT" in aborted.reason
     assert "about to abort in the decode step" in aborted.reason  # the last lines of the worker's stderr
@@ -247,3 +218,40 @@ def test_a_decode_step_that_aborts_costs_its_row_only(tmp_path: Path, cache_dir:
         row = r.find(ok, "fp32", "1x8")
         assert row is not None and row.status == "ok" and row.agreement == 1.0 and row.speedup is not None, (ok, row)
     assert r.find("exported-program", "fp32", "1x8").peak_host_mb  # measured in its worker
+
+
+def test_kiln_check_gates_a_generation_report(generation_run: tuple[Path, int, str], tmp_path: Path,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    base, report = tmp_path / "baseline.json", generation_run[0] / "report.json"
+    assert main(["check", str(report), "--baseline", str(base), "--update-baseline"]) == 0
+    assert json.loads(base.read_text())["mode"] == "generate"
+    assert main(["check", str(report), "--baseline", str(base)]) == 0
+    capsys.readouterr()
+    data = json.loads(report.read_text())
+    worker = next(i for i, r in enumerate(data["results"]) if r["backend"] == "exported-program")
+    fp32 = next(i for i, r in enumerate(data["results"]) if r["backend"] == "eager")
+
+    def edited(name: str, path: str, value: Any) -> Path:
+        d = copy.deepcopy(data)
+        *keys, last = path.split(".")
+        target: Any = d
+        for k in keys:
+            target = target[int(k)] if k.isdigit() else target[k]
+        target[last] = value
+        p = tmp_path / f"{name}.json"
+        p.write_text(json.dumps(d))
+        return p
+
+    sp = data["results"][worker]["speedup"]
+    slower = edited("slower", f"results.{worker}.speedup", {k: v / 3 for k, v in sp.items()})  # decoding at a third of its speed
+    assert main(["check", str(slower), "--baseline", str(base)]) == 1
+    assert "| exported-program | fp32 | 1x8 | **regression** |" in capsys.readouterr().out
+    diverged = edited("diverged", f"results.{fp32}.status", "mismatch")  # greedy tokens no longer eager fp32's
+    assert main(["check", str(diverged), "--baseline", str(base)]) == 1
+    assert "ok → mismatch (worse)" in capsys.readouterr().out
+    other = edited("other", "model.name", "tiny-llama")
+    assert main(["check", str(other), "--baseline", str(base)]) == 2
+    assert "model 'tiny-gpt2' vs 'tiny-llama'" in capsys.readouterr().err
+    forward = edited("forward", "mode", "forward")  # a forward report is not compared with a generation baseline
+    assert main(["check", str(forward), "--baseline", str(base)]) == 2
+    assert "mode 'generate' vs 'forward'" in capsys.readouterr().err
