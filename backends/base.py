@@ -25,7 +25,8 @@ from pipeline.generate import GenerationEngine, GenerationPrograms, decode_shape
 
 from .options import BackendOptions, runtime_option
 
-__all__ = ["Availability", "Backend", "BackendOptions", "CompiledModel", "EngineSpec", "ServingFormat", "runtime_option"]
+__all__ = ["Availability", "Backend", "BackendOptions", "CompiledModel", "EngineSpec", "ServingFormat", "Support", "cpu_only", "ok",
+           "refused", "runtime_option"]
 
 Tensors = dict[str, torch.Tensor]
 Pin = Literal["exact", "minor"]
@@ -51,6 +52,28 @@ class Availability:
     @classmethod
     def no(cls, reason: str) -> Availability:
         return cls(False, reason)
+
+
+@dataclass(frozen=True)
+class Support:
+    """How a backend takes one precision: built, never built (`refused`, with why), or built on the
+    CPU only (`cpu_only`, with why); `generates`: its generation steps are built at it too."""
+
+    refused: str | None = None
+    cpu_only: str | None = None
+    generates: bool = True
+
+
+def ok(generates: bool = True) -> Support:
+    return Support(generates=generates)
+
+
+def refused(reason: str) -> Support:
+    return Support(refused=reason, generates=False)
+
+
+def cpu_only(reason: str, generates: bool = True) -> Support:
+    return Support(cpu_only=reason, generates=generates)
 
 
 @dataclass(frozen=True)
@@ -186,11 +209,9 @@ class CompiledModel(ABC):
 
 class Backend(ABC):
     name: ClassVar[str]
-    precisions: ClassVar[tuple[Precision, ...]]
-    # Precisions this backend refuses, each with the reason a row shows.
-    refused: ClassVar[Mapping[Precision, str]] = {}
-    # Precisions this backend runs on the CPU only, each with the reason a row on another device shows.
-    cpu_only: ClassVar[Mapping[Precision, str]] = {}
+    # The one support table: every precision this backend knows, built or refused, and why (a
+    # precision it does not name is one it has never heard of).
+    support: ClassVar[Mapping[Precision, Support]]
     devices: ClassVar[tuple[str, ...]] = ("cpu", "cuda")
     # How the availability reason names a device this backend never runs on ("TensorRT runs on CUDA devices").
     runs_on: ClassVar[str] = ""
@@ -200,8 +221,6 @@ class Backend(ABC):
     # How Triton Inference Server serves this backend's engines: its platform, and Kiln's files under Triton's names.
     serving_platform: ClassVar[str | None] = None
     serving_files: ClassVar[Mapping[str, str]] = {}
-    # Precisions `generation` compiles the captured static-cache steps at.
-    generation_precisions: ClassVar[tuple[Precision, ...]] = (Precision.FP32,)
 
     @final
     def availability(self, device: str = "cpu") -> Availability:
@@ -224,14 +243,24 @@ class Backend(ABC):
         """The backend's own libraries and tools on this machine."""
         return Availability.yes()
 
+    @property
+    def precisions(self) -> tuple[Precision, ...]:
+        """What this backend builds (on some device), in its table's order."""
+        return tuple(p for p, s in self.support.items() if s.refused is None)
+
     @final
-    def supports(self, precision: Precision, device: str) -> Availability:
-        if precision in self.refused:
-            return Availability.no(self.refused[precision])
-        if precision in self.cpu_only and device.split(":")[0] != "cpu":
-            return Availability.no(self.cpu_only[precision])
-        if precision not in self.precisions:
+    def supports(self, precision: Precision, device: str, generate: bool = False) -> Availability:
+        """Whether this backend builds `precision` on `device` (its generation steps too, with `generate`)."""
+        s = self.support.get(precision)
+        if s is None:
             return Availability.no(f"{self.name} supports {', '.join(p.value for p in self.precisions)}")
+        if s.refused is not None:
+            return Availability.no(s.refused)
+        if s.cpu_only is not None and device.split(":")[0] != "cpu":
+            return Availability.no(s.cpu_only)
+        if generate and not s.generates:
+            built = [p.value for p, x in self.support.items() if x.generates]
+            return Availability.no(f"{self.name} generation runs {', '.join(built) or 'nothing'} so far ({precision} is not built)")
         return Availability.yes()
 
     def options(self, values: Mapping[str, Any] | None = None) -> BackendOptions:
@@ -326,9 +355,9 @@ class Backend(ABC):
         as a forward model is (so it saves and loads as one); the decode step's shapes are one
         token at each batch asked. A backend that does not take them raises
         GenerationUnsupported: an `unsupported` row that says so."""
-        if precision not in self.generation_precisions or programs.steps is None:
-            raise GenerationUnsupported(f"{self.name} generation runs {', '.join(p.value for p in self.generation_precisions) or 'nothing'} "
-                                        f"so far ({precision} is not built)")
+        check = self.supports(precision, device, generate=True)
+        if not check or programs.steps is None:
+            raise GenerationUnsupported(check.reason or f"{self.name} generation of {precision} needs captured steps")
         prefill = self.compile(programs.steps[0], precision, device, self.step_options(options, "prefill"), list(shapes))
         decode = self.compile(programs.steps[1], precision, device, self.step_options(options, "decode"), decode_shapes(shapes))
         return GenerationEngine.of(prefill, decode)

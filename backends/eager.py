@@ -22,7 +22,7 @@ from pipeline.precision import Precision
 from pipeline.generate import GenerationEngine, GenerationPrograms
 from pipeline.manifest import Manifest
 
-from .base import Backend, BackendOptions, CompiledModel, EngineSpec, Tensors
+from .base import Backend, BackendOptions, CompiledModel, EngineSpec, Tensors, cpu_only, ok
 from .quantize import PT2E_CPU_ONLY
 
 
@@ -70,10 +70,9 @@ def _capture(bundle: ModelBundle) -> Callable[[], torch.export.ExportedProgram]:
 
 class EagerBackend(Backend):
     name = "eager"
-    precisions = (Precision.FP32, Precision.FP16, Precision.BF16, Precision.INT8, Precision.INT8_DYNAMIC)
+    support = {Precision.FP32: ok(), Precision.FP16: ok(), Precision.BF16: ok(),
+               Precision.INT8: cpu_only(PT2E_CPU_ONLY, generates=False), Precision.INT8_DYNAMIC: cpu_only(PT2E_CPU_ONLY)}
     options_type = EagerOptions
-    cpu_only = PT2E_CPU_ONLY
-    generation_precisions = (Precision.FP32, Precision.FP16, Precision.BF16)
 
     def _compile(self, captured: Captured, spec: EngineSpec, shapes: list[Shape]) -> CompiledModel:
         if spec.precision.quantized:

@@ -20,7 +20,7 @@ from pipeline.precision import Precision
 from pipeline.generate import GenerationEngine, GenerationPrograms
 from pipeline.manifest import Manifest
 
-from .base import Availability, Backend, BackendOptions, CompiledModel, EngineSpec, Tensors
+from .base import Availability, Backend, BackendOptions, CompiledModel, EngineSpec, Tensors, cpu_only, ok
 from .quantize import PT2E_CPU_ONLY
 
 Mode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
@@ -100,10 +100,9 @@ def _capture(bundle: ModelBundle) -> Callable[[], torch.export.ExportedProgram]:
 
 class InductorBackend(Backend):
     name = "inductor"
-    precisions = (Precision.FP32, Precision.FP16, Precision.BF16, Precision.INT8, Precision.INT8_DYNAMIC)
+    support = {Precision.FP32: ok(), Precision.FP16: ok(), Precision.BF16: ok(),
+               Precision.INT8: cpu_only(PT2E_CPU_ONLY, generates=False), Precision.INT8_DYNAMIC: cpu_only(PT2E_CPU_ONLY)}
     options_type = InductorOptions
-    cpu_only = PT2E_CPU_ONLY
-    generation_precisions = (Precision.FP32, Precision.FP16, Precision.BF16)
     requires = {"torch": "exact"}  # an AOTInductor package is compiled code for one torch build
 
     def _check(self, device: str) -> Availability:

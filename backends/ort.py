@@ -22,7 +22,7 @@ from pipeline.inputs import Shape
 from pipeline.manifest import Manifest
 from pipeline.precision import Precision
 
-from .base import Availability, Backend, BackendOptions, CompiledModel, EngineSpec, Tensors, runtime_option
+from .base import Availability, Backend, BackendOptions, CompiledModel, EngineSpec, Tensors, ok, refused, runtime_option
 
 Level = Literal["disable", "basic", "extended", "all"]
 DATA = "model.onnx.data"
@@ -175,8 +175,9 @@ _FUSED = {"Attention", "MultiHeadAttention", "SkipLayerNormalization", "EmbedLay
 
 class OrtBackend(Backend):
     name = "onnxruntime"
-    precisions = (Precision.FP32, Precision.FP16, Precision.INT8, Precision.INT8_DYNAMIC)
-    refused = {Precision.BF16: "onnxruntime has no bf16 kernels for these ops, and the ONNX converter makes fp16 only"}
+    support = {Precision.FP32: ok(), Precision.FP16: ok(generates=False), Precision.INT8: ok(generates=False),
+               Precision.INT8_DYNAMIC: ok(generates=False),
+               Precision.BF16: refused("onnxruntime has no bf16 kernels for these ops, and the ONNX converter makes fp16 only")}
     options_type = OrtOptions
     requires = {"onnxruntime": "minor"}
     serving_platform = "onnxruntime_onnx"

@@ -36,8 +36,7 @@ _METHOD_OPTIONS: dict[str, dict[str, Any]] = {"entropy": {"num_bins": 2048, "num
 
 
 # eager's and Inductor's int8: torchao's x86 quantizer targets oneDNN's CPU kernels.
-PT2E_CPU_ONLY = dict.fromkeys((Precision.INT8, Precision.INT8_DYNAMIC),
-                              "int8 through PT2E (torchao's x86 Inductor quantizer) runs on the CPU only; on CUDA use tensorrt")
+PT2E_CPU_ONLY = "int8 through PT2E (torchao's x86 Inductor quantizer) runs on the CPU only; on CUDA use tensorrt"
 
 
 def _scope(node: Any) -> tuple[str, str, str]:

@@ -85,9 +85,10 @@ def build_generation(model: str | Path | ModelBundle, backends: Sequence[str] | 
             backend = registry.get(name)
             for p in cfg.precisions:
                 target = home / f"{name}-{p.value}{SUFFIX}"
-                check = backend.availability(cfg.device) and backend.supports(p, cfg.device)
+                available = backend.availability(cfg.device)
+                check = backend.supports(p, cfg.device, generate=True) if available else available
                 if not check:
-                    status = "unavailable" if not backend.availability(cfg.device) else "unsupported"
+                    status = "unsupported" if available else "unavailable"
                     outcomes.append(BuildOutcome(name, p.value, target, status, check.reason))
                     continue
                 job = _Job(bundle, name, p, cfg.device, cfg.options[name], list(cfg.shapes), new_tokens, rounds, target,

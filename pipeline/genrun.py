@@ -147,10 +147,10 @@ def run_generation(bundle: ModelBundle, cfg: RunConfig, new_tokens: int = DEFAUL
         for name in cfg.engines:  # the reference first, at every precision asked: the others are judged by it
             backend = registry.get(name)
             for p in cfg.precisions_of(name):
-                check = backend.availability(cfg.device)
-                check = backend.supports(p, cfg.device) if check else check
+                available = backend.availability(cfg.device)
+                check = backend.supports(p, cfg.device, generate=True) if available else available
                 if not check:
-                    status = "unavailable" if not backend.availability(cfg.device) else "unsupported"
+                    status = "unsupported" if available else "unavailable"
                     rows.extend(Result(name, p, s, status, check.reason) for s in cfg.shapes)
                     continue
                 say(f"{name} {p}: compiling the prefill and decode steps" + (" in a worker process" if _isolated(cfg, bundle, name) else ""))

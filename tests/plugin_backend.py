@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from backends.base import Backend, BackendOptions, CompiledModel, EngineSpec, Tensors
+from backends.base import Backend, BackendOptions, CompiledModel, EngineSpec, Tensors, ok, refused
 from pipeline.capture import Captured
 from pipeline.inputs import Shape
 from pipeline.manifest import Manifest
@@ -39,8 +39,8 @@ class ExportedProgramModel(CompiledModel):
 
 class ExportedProgramBackend(Backend):
     name = "exported-program"
-    precisions = (Precision.FP32, Precision.FP16)
-    refused = {Precision.BF16: "exported-program is a test plugin; it refuses bf16 to show how a refusal reads"}
+    support = {Precision.FP32: ok(), Precision.FP16: ok(),
+               Precision.BF16: refused("exported-program is a test plugin; it refuses bf16 to show how a refusal reads")}
     options_type = ExportedProgramOptions
 
     def _compile(self, captured: Captured, spec: EngineSpec, shapes: list[Shape]) -> CompiledModel:

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import backends as registry
-from backends.base import Backend, CompiledModel
+from backends.base import Backend, CompiledModel, ok
 from backends.eager import EagerBackend, EagerModel
 from pipeline.cli import main
 from pipeline.precision import Precision
@@ -81,7 +81,7 @@ def test_run_writes_a_report_scripts_can_read(tmp_path: Path, capsys: pytest.Cap
 
 class _Raising(Backend):
     name = "raises-for-test"
-    precisions = (Precision.FP32,)
+    support = {Precision.FP32: ok()}
 
     def _compile(self, captured: Any, spec: Any, shapes: Any) -> CompiledModel:
         raise RuntimeError("kernel generation exploded\nsecond line")
@@ -182,7 +182,7 @@ def test_engine_directories_never_leave_the_root() -> None:
 
 class _Aborting(Backend):
     name = "aborts-for-test"
-    precisions = (Precision.FP32,)
+    support = {Precision.FP32: ok()}
 
     def _compile(self, captured: Any, spec: Any, shapes: Any) -> CompiledModel:
         print("about to abort in native code", file=sys.stderr, flush=True)
@@ -229,7 +229,7 @@ class _Ballast(Backend):
     """The eager engine holding 256 MiB it allocated while compiling: its worker's peak must show it."""
 
     name = "ballast-for-test"
-    precisions = (Precision.FP32,)
+    support = {Precision.FP32: ok()}
 
     def _compile(self, captured: Any, spec: Any, shapes: Any) -> CompiledModel:
         model = EagerModel(spec, captured.bundle.module, captured.program)
@@ -284,7 +284,7 @@ class _Chatty(Backend):
     """Reports progress while it compiles, then hands over the eager engine."""
 
     name = "chatty-for-test"
-    precisions = (Precision.FP32,)
+    support = {Precision.FP32: ok()}
 
     def _compile(self, captured: Any, spec: Any, shapes: Any) -> CompiledModel:
         from backends.eager import EagerModel
@@ -323,7 +323,7 @@ class _Sleepy(Backend):
     """Compiles for 0.3 s without a word: the runner must still show that it is at work."""
 
     name = "sleepy-for-test"
-    precisions = (Precision.FP32,)
+    support = {Precision.FP32: ok()}
 
     def _compile(self, captured: Any, spec: Any, shapes: Any) -> CompiledModel:
         time.sleep(0.3)

@@ -19,7 +19,7 @@ import torch
 import transformers
 
 import backends as registry
-from backends.base import Backend, CompiledModel
+from backends.base import Backend, CompiledModel, ok
 from backends.eager import EagerModel
 from pipeline.cli import main
 from pipeline.config import make_config
@@ -161,7 +161,7 @@ class _AbortsDecoding(Backend):
     """Compiles the captured steps as eager does, but its decode step aborts in native code."""
 
     name = "aborts-decoding-for-test"
-    precisions = (Precision.FP32,)
+    support = {Precision.FP32: ok()}
 
     def _compile(self, captured: Any, spec: Any, shapes: Any) -> CompiledModel:
         return _AbortOnDecode(spec, captured.bundle.module.eval(), captured.program)

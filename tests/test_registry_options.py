@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 import backends as registry
-from backends.base import Availability, Backend, BackendOptions, runtime_option
+from backends.base import Availability, Backend, BackendOptions, ok, runtime_option
 from backends.inductor import InductorOptions
 from backends.ort import OrtOptions
 from pipeline.errors import BackendError, InputError, UnknownChoiceError
@@ -49,7 +49,7 @@ def test_the_catalog_agrees_with_each_backend_class(monkeypatch: pytest.MonkeyPa
 
 class _Broken(Backend):
     name = "broken-for-test"
-    precisions = (Precision.FP32,)
+    support = {Precision.FP32: ok()}
 
     def _check(self, device: str) -> Availability:
         raise ImportError("libfoo.so: cannot open shared object file")
@@ -116,3 +116,17 @@ class _Opts(BackendOptions):
 def test_only_build_options_enter_the_cache_key() -> None:
     assert _Opts(threads=8).build_options() == {"level": 3}
     assert OrtOptions().build_options() == {"fuse": True, "graph_optimization": "all"}
+
+
+def test_one_support_table_answers_for_forward_and_generation() -> None:
+    """Each built-in backend names every built-in precision once, built or refused with its reason;
+    the same table says where the generation steps are built."""
+    builtin = [Precision.FP32, Precision.FP16, Precision.BF16, Precision.INT8, Precision.INT8_DYNAMIC]
+    for name in registry.BUILTIN:
+        assert set(builtin) <= set(registry.get(name).support), name
+    ort, eager = registry.get("onnxruntime"), registry.get("eager")
+    assert ort.supports(Precision.FP16, "cpu") and not ort.supports(Precision.FP16, "cpu", generate=True)
+    assert ort.supports(Precision.FP16, "cpu", generate=True).reason == "onnxruntime generation runs fp32 so far (fp16 is not built)"
+    assert "bf16 kernels" in ort.supports(Precision.BF16, "cpu").reason and Precision.BF16 not in ort.precisions
+    assert eager.supports(Precision.INT8_DYNAMIC, "cpu", generate=True) and not eager.supports(Precision.INT8, "cpu", generate=True)
+    assert "CPU only" in eager.supports(Precision.INT8, "cuda").reason

@@ -17,7 +17,7 @@ from pipeline.inputs import Shape
 from pipeline.manifest import Manifest
 from pipeline.precision import Precision
 
-from ..base import Availability, Backend, CompiledModel, EngineSpec, Tensors
+from ..base import Availability, Backend, CompiledModel, EngineSpec, Tensors, ok, refused
 from ..quantize import qdq_onnx_cached
 from .builder import TrtOptions, build_engine, logger
 from .profile import Profile, check_shapes, input_profile, max_batch, profile_from_json, profile_shapes, profile_to_json
@@ -128,10 +128,9 @@ class TrtModel(CompiledModel):
 
 class TensorRTBackend(Backend):
     name = "tensorrt"
-    precisions = (Precision.FP32, Precision.FP16, Precision.BF16, Precision.INT8)
-    generation_precisions = (Precision.FP32, Precision.FP16, Precision.BF16)
-    refused = {Precision.INT8_DYNAMIC: "TensorRT quantizes int8 activations with scales fixed at build (explicit Q/DQ); "
-                                       "its run-time quantization is for FP8/FP4 only: use int8"}
+    support = {Precision.FP32: ok(), Precision.FP16: ok(), Precision.BF16: ok(), Precision.INT8: ok(generates=False),
+               Precision.INT8_DYNAMIC: refused("TensorRT quantizes int8 activations with scales fixed at build (explicit Q/DQ); "
+                                            "its run-time quantization is for FP8/FP4 only: use int8")}
     devices = ("cuda",)
     runs_on = "TensorRT runs on CUDA devices"
     options_type = TrtOptions

@@ -17,7 +17,7 @@ from pipeline.inputs import Shape
 from pipeline.manifest import Manifest
 from pipeline.precision import Precision
 
-from ..base import Availability, Backend, CompiledModel, EngineSpec, Tensors
+from ..base import Availability, Backend, CompiledModel, EngineSpec, Tensors, ok, refused
 from .engine import library_check
 from .profile import Profile, ProfileOptions, check_shapes, input_profile, profile_from_json, profile_shapes, profile_to_json
 
@@ -70,10 +70,10 @@ class TorchTrtModel(CompiledModel):
 
 class TorchTensorRTBackend(Backend):
     name = "torch-tensorrt"
-    precisions = (Precision.FP32, Precision.FP16, Precision.BF16)
-    refused = dict.fromkeys((Precision.INT8, Precision.INT8_DYNAMIC),
-                            "torch-tensorrt's int8 path takes programs quantized by NVIDIA ModelOpt (its Q/DQ wrappers), "
-                            "not PT2E's quantize/dequantize ops: use tensorrt, which builds int8 from the Q/DQ ONNX graph")
+    support = {Precision.FP32: ok(), Precision.FP16: ok(generates=False), Precision.BF16: ok(generates=False),
+               **dict.fromkeys((Precision.INT8, Precision.INT8_DYNAMIC), refused(
+                   "torch-tensorrt's int8 path takes programs quantized by NVIDIA ModelOpt (its Q/DQ wrappers), "
+                   "not PT2E's quantize/dequantize ops: use tensorrt, which builds int8 from the Q/DQ ONNX graph"))}
     devices = ("cuda",)
     runs_on = "TensorRT runs on CUDA devices"
     options_type = TorchTrtOptions

@@ -26,7 +26,7 @@ from pipeline.inputs import Shape
 from pipeline.manifest import Manifest
 from pipeline.precision import Precision
 
-from ..base import Availability, Backend, BackendOptions, CompiledModel, EngineSpec
+from ..base import Availability, Backend, BackendOptions, CompiledModel, EngineSpec, ok, refused
 from .engine import TvmModel, library_shape
 from .lower import bind_shape, import_program, kernels, lower, target_for
 from .tune import apply_database, tune
@@ -54,11 +54,12 @@ INT8_REFUSAL = ("TVM 0.27's Relax importer for exported programs has no converte
 
 class TvmBackend(Backend):
     name = "tvm"
-    precisions = (Precision.FP32, Precision.FP16)
     # The quantized program's Q/DQ ops (quantized_decomposed.quantize_per_tensor and kin) have no
     # converter in TVM 0.27's exported-program importer (a test checks that this is still so).
-    refused = {Precision.BF16: "TVM 0.27's ToMixedPrecision makes fp16 only (bf16 fails in layer_norm)",
-               Precision.INT8: INT8_REFUSAL, Precision.INT8_DYNAMIC: INT8_REFUSAL}
+    # fp16 generation: TVM 0.27's importer refuses the fp16-cast step.
+    support = {Precision.FP32: ok(), Precision.FP16: ok(generates=False),
+               Precision.BF16: refused("TVM 0.27's ToMixedPrecision makes fp16 only (bf16 fails in layer_norm)"),
+               Precision.INT8: refused(INT8_REFUSAL), Precision.INT8_DYNAMIC: refused(INT8_REFUSAL)}
     options_type = TvmOptions
     # the .so links against this TVM runtime and its FFI
     requires = {"apache-tvm": "exact", "apache-tvm-ffi": "minor"}
