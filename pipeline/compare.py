@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from .precision import DEFAULT_TOLERANCES, INT8_FLOOR, Precision, Tolerance
+from .precision import INT8_FLOOR, Precision, Tolerance
 
 Tensors = Mapping[str, torch.Tensor]
 # Heads with one prediction per token position: agreement is top-1 over the unpadded positions.
@@ -133,7 +133,7 @@ class Comparator:
             return self.tolerances
         if self.tolerances and output in self.tolerances:
             return self.tolerances[output]
-        return DEFAULT_TOLERANCES[self.precision]
+        return self.precision.tolerance
 
     def add(self, candidate: Tensors, reference: Tensors, shadow: Tensors,
             eager_at_precision: Tensors | None = None, mask: torch.Tensor | None = None, task: bool = True) -> None:

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from pipeline.compare import Comparator, compare, pooled_embeddings
-from pipeline.precision import DEFAULT_TOLERANCES, Precision, Tolerance
+from pipeline.precision import Precision, Tolerance
 
 
 def _ref(seed: int = 0, shape: tuple[int, ...] = (4, 8, 16)) -> torch.Tensor:
@@ -55,7 +55,7 @@ def test_perturbed_output_fails_even_at_bf16() -> None:
     c = compare({"y": cand}, {"y": r}, {"y": r}, precision=Precision.BF16)
     assert not c.passed
     assert c.outputs[0].violations == 16
-    assert c.outputs[0].needed_atol > DEFAULT_TOLERANCES[Precision.BF16].atol
+    assert c.outputs[0].needed_atol > Precision.BF16.tolerance.atol
 
 
 def test_nan_and_inf_fail_loudly() -> None:
@@ -147,7 +147,7 @@ def test_shadow_widens_atol_to_what_eager_costs_at_that_precision() -> None:
     c = compare({"y": cand}, {"y": r}, {"y": r}, precision=Precision.FP16, eager_at_precision={"y": eager16})
     o = c.outputs[0]
     assert o.atol == pytest.approx(0.2)  # shadow_factor 4 x 0.05
-    assert o.min_cosine < DEFAULT_TOLERANCES[Precision.FP16].min_cosine
+    assert o.min_cosine < Precision.FP16.tolerance.min_cosine
     assert c.passed and o.error_ratio == pytest.approx(1.2)
 
 
