@@ -184,18 +184,13 @@ class Report:
         return buf.getvalue()
 
     def to_png(self) -> bytes | None:
-        """One bar per timed row with its 95% interval: the speedup over eager fp32 (not the
-        reference's own row); for generation, decode tokens/s. None when no row was timed."""
-        where = f"{self.model.get('name')} on {self.environment.get('gpu') or self.environment.get('cpu')}"
-        if self.mode == "generate":
-            timed = [r for r in self.results if r.metrics.get("decode_tokens_per_s_ci")]
-            return bars_png([f"{r.backend} {r.precision.value} {r.shape}" for r in timed],
-                            [r.metrics["decode_tokens_per_s"] for r in timed], [r.metrics["decode_tokens_per_s_ci"] for r in timed],
-                            [r.status == "ok" for r in timed], "decode tokens/s (bars: 95% interval; red: not a pass)", where)
-        rows = [r for r in self.results if r.speedup is not None and not (r.backend == "eager" and r.precision.value == "fp32")]
-        return bars_png([f"{r.backend} {r.precision.value} {r.shape}" for r in rows], [r.speedup.value for r in rows if r.speedup],
-                        [[r.speedup.ci_low, r.speedup.ci_high] for r in rows if r.speedup], [r.status == "ok" for r in rows],
-                        "speedup over eager fp32, same run (bars: 95% interval; red: not a pass)", where, ref=1.0)
+        """One bar per row its workload's plot measures (PLOTS), with its 95% interval; None when
+        no row was timed."""
+        plot = PLOTS[self.mode]
+        rows = [(r, v, ci) for r in self.results if (v := plot.value(r)) is not None and (ci := plot.ci(r))]
+        return bars_png([f"{r.backend} {r.precision.value} {r.shape}" for r, _, _ in rows], [v for _, v, _ in rows],
+                        [ci for _, _, ci in rows], [r.status == "ok" for r, _, _ in rows], plot.title,
+                        f"{self.model.get('name')} on {self.environment.get('gpu') or self.environment.get('cpu')}", ref=plot.ref)
 
     def save(self, out_dir: str | Path) -> list[Path]:
         """report.json, report.md, report.csv and, once rows are timed, report.png (linked from
@@ -296,6 +291,25 @@ COLUMNS: dict[str, list[Column]] = {
         Column("decode tokens/s ci low", lambda r: (r.metrics.get("decode_tokens_per_s_ci") or [None])[0], csv_only=True),
         Column("decode tokens/s ci high", lambda r: (r.metrics.get("decode_tokens_per_s_ci") or [None, None])[1], csv_only=True),
         Column("cache MB", _metric("cache_bytes", 2**20), ".1f"), *_TAIL],
+}
+
+
+@dataclass(frozen=True)
+class Plot:
+    """What report.png draws for a workload: one bar per row with a `value` and its interval `ci`."""
+
+    value: Callable[[Result], float | None]
+    ci: Callable[[Result], list[float] | None]
+    title: str
+    ref: float | None = None  # a line across the bars (1.0: as fast as the reference)
+
+
+PLOTS: dict[str, Plot] = {
+    "forward": Plot(lambda r: r.speedup.value if r.speedup and not (r.backend == "eager" and r.precision.value == "fp32") else None,
+                    lambda r: [r.speedup.ci_low, r.speedup.ci_high] if r.speedup else None,
+                    "speedup over eager fp32, same run (bars: 95% interval; red: not a pass)", ref=1.0),
+    "generate": Plot(_metric("decode_tokens_per_s"), _metric("decode_tokens_per_s_ci"),
+                     "decode tokens/s (bars: 95% interval; red: not a pass)"),
 }
 
 
