@@ -27,9 +27,6 @@ MODELS: dict[str, str] = {
     "tiny-distilbert-sst2": "2-layer, 32-wide DistilBERT sequence classifier for tests, seeded",
     "tiny-gpt2": "2-layer, 32-wide GPT-2 causal LM for tests, seeded (vocabulary of 1000)",
 }
-# The heads a model directory can be loaded with (pipeline.models.HEADS maps each to its Auto class).
-HEAD_NAMES = ("encoder", "classification", "token-classification", "question-answering", "masked-lm", "causal-lm",
-              "image-classification", "image-encoder")
 DEVICE_KINDS = ("cpu", "cuda")
 CALIBRATION_METHODS = ("minmax", "percentile", "entropy", "histogram")
 CALIBRATION_BATCH = 8  # rows per calibration batch: a set smaller than one batch is refused

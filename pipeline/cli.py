@@ -17,10 +17,11 @@ from typing import Any
 
 import backends as registry
 
-from .choices import (CALIBRATION_METHODS, DEFAULT_MODEL, GATE_FLOOR, HEAD_NAMES, IMAGE_SHAPES, MODELS, TEXT_SHAPES, QuantSpec,
+from .choices import (CALIBRATION_METHODS, DEFAULT_MODEL, GATE_FLOOR, IMAGE_SHAPES, MODELS, TEXT_SHAPES, QuantSpec,
                       default_cache_dir, defaults)
 from .errors import InputError, KilnError
 from .fsutil import check_writable
+from .heads import HEADS
 
 
 def _parse_options(pairs: Sequence[str]) -> dict[str, dict[str, Any]]:
@@ -73,7 +74,7 @@ def _quant(args: argparse.Namespace) -> dict[str, Any]:
 def _add_job_args(p: argparse.ArgumentParser) -> None:
     """What run and build share beyond the basics: the head a directory is loaded with, int8's calibration."""
     d = QuantSpec()
-    p.add_argument("--task", choices=HEAD_NAMES, help="the head to load a model directory with (default: the one its config.json names)")
+    p.add_argument("--task", choices=list(HEADS), help="the head to load a model directory with (default: the one its config.json names)")
     p.add_argument("--calibration", default=d.method, metavar="METHOD",
                    help=f"int8 calibration: {', '.join(CALIBRATION_METHODS)} (default {d.method})")  # checked by QuantSpec: one line, exit 2
     p.add_argument("--calibration-samples", type=int, default=d.samples, metavar="N",

@@ -12,11 +12,10 @@ from typing import Any
 
 import torch
 
+from .heads import HEADS
 from .precision import INT8_FLOOR, Precision, Tolerance
 
 Tensors = Mapping[str, torch.Tensor]
-# Heads with one prediction per token position: agreement is top-1 over the unpadded positions.
-TOKEN_TASKS = ("causal-lm", "masked-lm", "token-classification")
 
 
 @dataclass
@@ -95,27 +94,15 @@ def _cosine(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0, eps=1e-30))
 
 
-def pooled_embeddings(hidden: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """Mean over valid tokens, L2-normalized: how sentence-transformers turns MiniLM into embeddings."""
-    m = torch.ones(hidden.shape[:2], dtype=hidden.dtype) if mask is None else mask.to(hidden.dtype).cpu()
-    pooled = (hidden * m.unsqueeze(-1)).sum(1) / m.sum(1, keepdim=True).clamp(min=1)
-    return torch.nn.functional.normalize(pooled, dim=-1)
-
-
 def unpadded(mask: torch.Tensor | None, t: torch.Tensor, task: str) -> torch.Tensor:
     """Which elements of an output are at real tokens: those of a [batch, seq, ...] output whose
-    position the mask keeps (a [batch, seq] output only for span logits: a classifier's
+    position the mask keeps (a [batch, seq] output only for a per-position head's, span logits: a classifier's
     [batch, labels] could match the mask's shape by chance); every element of any other output."""
-    per_position = t.dim() >= 3 or (t.dim() == 2 and task == "question-answering")
+    head = HEADS.get(task)
+    per_position = t.dim() >= 3 or (t.dim() == 2 and head is not None and head.per_position)
     if mask is None or not per_position or tuple(t.shape[:2]) != tuple(mask.shape):
         return torch.ones(t.shape, dtype=torch.bool)
     return mask.bool().cpu().reshape(*mask.shape, *([1] * (t.dim() - 2))).expand(t.shape)
-
-
-def _nearest(emb: torch.Tensor) -> torch.Tensor:
-    sim = emb @ emb.T
-    sim.fill_diagonal_(-math.inf)
-    return sim.argmax(-1)
 
 
 class Comparator:
@@ -182,32 +169,9 @@ class Comparator:
 
     def _agreement(self, a: dict[str, Any], c: torch.Tensor, r: torch.Tensor, e: torch.Tensor, mask: torch.Tensor | None) -> None:
         valid = mask.bool().cpu() if mask is not None else torch.ones(c.shape[:2], dtype=torch.bool)
-        if self.task in ("classification", "image-classification") and c.dim() == 2:  # one label per row
-            a["kind"] = "label"
-            a["agree"].append((c.argmax(-1) == r.argmax(-1)).double())
-            a["eager_agree"].append((e.argmax(-1) == r.argmax(-1)).double())
-        elif self.task == "question-answering" and c.dim() == 2 and valid.shape == c.shape:  # a span boundary per row
-            a["kind"] = "span"
-            pick = lambda x: x.masked_fill(~valid, -math.inf).argmax(-1)  # noqa: E731 (never a padding position)
-            a["agree"].append((pick(c) == pick(r)).double())
-            a["eager_agree"].append((pick(e) == pick(r)).double())
-        elif self.task in TOKEN_TASKS and c.dim() == 3:
-            a["kind"] = "top1"
-            top_r = r.argmax(-1)[valid]
-            a["agree"].append((c.argmax(-1)[valid] == top_r).double())
-            a["eager_agree"].append((e.argmax(-1)[valid] == top_r).double())
-            k = min(5, c.shape[-1])
-            tc, tr = c.topk(k, -1).indices[valid], r.topk(k, -1).indices[valid]
-            a["top5"].append((tc.unsqueeze(-1) == tr.unsqueeze(-2)).any(-1).double().mean(-1))
-        elif self.task == "encoder" and c.dim() == 3:
-            a["kind"] = "nn-ranking"
-            ec, er, ee = (pooled_embeddings(x, mask) for x in (c, r, e))
-            a["emb_cos"].append((ec * er).sum(-1))
-            a["eager_emb_cos"].append((ee * er).sum(-1))
-            if c.shape[0] >= 3:
-                nn_r = _nearest(er)
-                a["agree"].append((_nearest(ec) == nn_r).double())
-                a["eager_agree"].append((_nearest(ee) == nn_r).double())
+        head = HEADS.get(self.task)
+        if head is not None and head.agreement is not None:  # the head's own measure (pipeline/heads.py)
+            head.agreement(a, c, r, e, valid, mask)
 
     def result(self) -> Comparison:
         outputs = []

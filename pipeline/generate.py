@@ -27,6 +27,7 @@ from torch import nn
 from torch.export import ExportedProgram
 
 from .errors import InputError
+from .heads import HEADS
 from .inputs import Shape
 from .capture import Captured, capture
 from .models import InputSpec, ModelBundle
@@ -95,7 +96,7 @@ class CacheSpec:
 
 
 def cache_spec(bundle: ModelBundle, max_len: int) -> CacheSpec:
-    if bundle.task != "causal-lm":
+    if not (bundle.task in HEADS and HEADS[bundle.task].generates):
         raise InputError(f"generation needs a causal LM; {bundle.name} is {bundle.task}")
     config: Any = bundle.module.model.config  # type: ignore[union-attr]
     text = config.get_text_config(decoder=True)

@@ -21,6 +21,7 @@ from .choices import DEFAULTS
 from .config import REFERENCE, RunConfig
 from .env import environment
 from .errors import GenerationUnsupported, InputError, KilnError, NumericsError
+from .heads import HEADS
 from .generate import (CacheSpec, Generation, GenerationPrograms, Step, agreement, cache_spec, capture_generation, greedy,
                        module_step, quantized_generation)
 from .inputs import Shape
@@ -57,7 +58,7 @@ def prompts(bundle: ModelBundle, shape: Shape) -> torch.Tensor:
 def plan_cache(bundle: ModelBundle, cfg: RunConfig, new_tokens: int, cache_len: int | None) -> int:
     """The static cache's length (default: the longest prompt and the new tokens), refused before
     anything is captured when it cannot hold them, exceeds the model's positions or this machine's memory."""
-    if bundle.task != "causal-lm":
+    if not (bundle.task in HEADS and HEADS[bundle.task].generates):
         raise InputError(f"--mode generate needs a causal LM; {bundle.name} is {bundle.task}")
     if new_tokens < 1:
         raise InputError(f"--new-tokens {new_tokens}: generate at least one token")

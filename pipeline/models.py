@@ -10,7 +10,7 @@ import inspect
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import nn
@@ -18,25 +18,10 @@ from torch import nn
 from .choices import DEFAULT_MODEL, model_source
 from .errors import InputError, UnknownChoiceError
 from .env import quiet_import
+from .heads import HEADS, of_architecture
 from .modelcheck import check_model_dir
 
-Task = Literal["encoder", "causal-lm", "classification", "token-classification", "question-answering", "masked-lm",
-               "image-classification", "image-encoder", "generic"]
-# A Hugging Face directory's head: the transformers Auto class that loads it and the outputs it returns.
-HEADS: dict[str, tuple[str, tuple[str, ...]]] = {
-    "encoder": ("AutoModel", ("last_hidden_state",)),
-    "classification": ("AutoModelForSequenceClassification", ("logits",)),
-    "token-classification": ("AutoModelForTokenClassification", ("logits",)),
-    "question-answering": ("AutoModelForQuestionAnswering", ("start_logits", "end_logits")),
-    "masked-lm": ("AutoModelForMaskedLM", ("logits",)),
-    "causal-lm": ("AutoModelForCausalLM", ("logits",)),
-    "image-classification": ("AutoModelForImageClassification", ("logits",)),
-    "image-encoder": ("AutoModel", ("last_hidden_state",)),
-}
-VISION_TASKS = ("image-classification", "image-encoder")
-_ARCHITECTURE_TASKS = (("ForImageClassification", "image-classification"), ("ForSequenceClassification", "classification"),
-                       ("ForTokenClassification", "token-classification"), ("ForQuestionAnswering", "question-answering"),
-                       ("ForMaskedLM", "masked-lm"), ("ForCausalLM", "causal-lm"), ("LMHeadModel", "causal-lm"))
+Task = str  # a head's name (pipeline/heads.py), or "generic": a module given as it is
 Axis = int | str  # a fixed size, or the name of a dynamic axis ("batch", "seq")
 
 
@@ -78,7 +63,7 @@ class ModelBundle:
 
     @property
     def vision(self) -> bool:
-        return self.task in VISION_TASKS
+        return self.task in HEADS and HEADS[self.task].vision
 
     @property
     def padding_side(self) -> str:
@@ -237,16 +222,12 @@ def is_vision(config: Any) -> bool:
     return hasattr(config, "image_size") and hasattr(config, "num_channels") and not hasattr(config, "vocab_size")
 
 
-def _task_of_architecture(arch: str) -> str | None:
-    return next((task for suffix, task in _ARCHITECTURE_TASKS if arch.endswith(suffix)), None)
-
-
 def task_of(config: Any) -> str:
     """The head a checkpoint was saved with, from its config's architectures."""
     for arch in config.architectures or []:
-        task = _task_of_architecture(arch)
-        if task is not None:
-            return task
+        head = of_architecture(arch)
+        if head is not None:
+            return head.name
     if is_vision(config):
         return "image-encoder"
     return "causal-lm" if getattr(config, "is_decoder", False) else "encoder"
@@ -256,19 +237,20 @@ def _model_class(transformers: Any, config: Any, task: str) -> Any:
     """The class the checkpoint names in its architectures when it serves `task` (so an encoder-only
     checkpoint of an encoder-decoder family, T5EncoderModel, is not loaded as the whole T5Model),
     else the task's Auto class."""
-    plain = task in ("encoder", "image-encoder")
+    head = HEADS[task]
     for arch in config.architectures or []:
         cls = getattr(transformers, arch, None)
         if cls is None:
             continue
-        if _task_of_architecture(arch) == task or (plain and _task_of_architecture(arch) is None and arch.endswith("Model")):
+        named = of_architecture(arch)
+        if named is head or (head.base and named is None and arch.endswith("Model")):
             return cls
-    return getattr(transformers, HEADS[task][0])
+    return getattr(transformers, head.auto_class)
 
 
 def _vision_bundle(name: str, model: nn.Module, source: str, processor: Any, task: str, notes: list[str]) -> ModelBundle:
     config: Any = model.config
-    outputs = HEADS[task][1]
+    outputs = HEADS[task].outputs
     size = config.image_size if isinstance(config.image_size, (list, tuple)) else (config.image_size, config.image_size)
     channels = int(config.num_channels)
     return ModelBundle(
@@ -278,26 +260,26 @@ def _vision_bundle(name: str, model: nn.Module, source: str, processor: Any, tas
         axis_ranges={"batch": (1, 64)}, processor=processor, notes=notes,
         summary={"architecture": type(model).__name__, "image_size": [int(size[0]), int(size[1])], "channels": channels,
                  "attention": getattr(config, "_attn_implementation", None),
-                 **({"labels": {int(k): str(v) for k, v in config.id2label.items()}} if task == "image-classification" else {})},
+                 **({"labels": {int(k): str(v) for k, v in config.id2label.items()}} if HEADS[task].labelled else {})},
     )
 
 
 def _hf_bundle(name: str, model: nn.Module, source: str, tokenizer: Any, task: str, notes: list[str] | None = None) -> ModelBundle:
     config: Any = model.config
-    outputs = HEADS[task][1]
+    outputs = HEADS[task].outputs
     vocab = int(config.vocab_size)
     max_pos = int(getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None) or 512)
     specs = {n: InputSpec(torch.int64, ("batch", "seq"), vocab if n == "input_ids" else 2, bounded=True)
              for n in ("input_ids", "attention_mask")}
     pad = getattr(config, "pad_token_id", None)
     return ModelBundle(
-        name=name, module=_HFWrapper(model, outputs, task == "causal-lm").eval(), inputs=specs, output_names=outputs,
+        name=name, module=_HFWrapper(model, outputs, HEADS[task].generates).eval(), inputs=specs, output_names=outputs,
         task=task, source=source,  # type: ignore[arg-type]
         axis_ranges={"batch": (1, 64), "seq": (1, max_pos)}, tokenizer=tokenizer, notes=list(notes or []),
         pad_token_id=_pad_id(tokenizer, pad),
         summary={"architecture": type(model).__name__, "vocab_size": vocab, "max_positions": max_pos,
                  "attention": getattr(config, "_attn_implementation", None),
-                 **({"labels": {int(k): str(v) for k, v in config.id2label.items()}} if task in ("classification", "token-classification") else {})},
+                 **({"labels": {int(k): str(v) for k, v in config.id2label.items()}} if HEADS[task].labelled else {})},
     )
 
 
@@ -387,8 +369,8 @@ def load_hf_dir(path: str | Path, *, name: str | None = None, source: str | None
         raise UnknownChoiceError("task", task, list(HEADS))
     vision = is_vision(config)
     task = task or task_of(config)
-    if (task in VISION_TASKS) != vision:
-        kind, fits = ("an image", VISION_TASKS) if vision else ("a text", [t for t in HEADS if t not in VISION_TASKS])
+    if HEADS[task].vision != vision:
+        kind, fits = ("an image" if vision else "a text"), [h.name for h in HEADS.values() if h.vision == vision]
         raise InputError(f"--task {task}: {path} holds {kind} model; its tasks are {', '.join(fits)}")
     cls = _model_class(transformers, config, task)
     if getattr(config, "is_encoder_decoder", False) and not cls.__name__.endswith("EncoderModel"):
@@ -396,7 +378,7 @@ def load_hf_dir(path: str | Path, *, name: str | None = None, source: str | None
                          f"Kiln takes encoders and decoders: save the encoder alone (for T5, "
                          f"T5EncoderModel.from_pretrained(DIR).save_pretrained(NEW_DIR)), or pass "
                          f"model.get_encoder() with ModelBundle.from_module")
-    causal = task == "causal-lm"
+    causal = HEADS[task].generates
     # sdpa is what fast deployments run (the exporters lower it to one fused op), and its fully
     # masked rows (a left-padded decoder's padding) stay finite in fp64, where the explicit
     # softmax's overflow to -inf turns them into NaN that spreads to every position. Not every

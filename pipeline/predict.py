@@ -10,9 +10,8 @@ from typing import Any
 import torch
 
 from . import manifest, store
-from .compare import pooled_embeddings
 from .errors import ArtifactError, InputError
-from .models import VISION_TASKS
+from .heads import HEADS, Asked
 
 
 @dataclass
@@ -35,7 +34,9 @@ class Predictor:
         engine = store.load(directory, device, allow_failed=allow_failed, public_key=public_key)
         meta = manifest.read(directory)
         task = meta.model.task if meta.model else "encoder"
-        image = task in VISION_TASKS
+        if task not in HEADS:
+            raise ArtifactError(f"{directory} is a {task!r} model: this Kiln knows no such head, so cannot answer with it")
+        image = HEADS[task].vision
         if not (meta.processor if image else meta.tokenizer):
             what, takes = ("image processor", "pixel tensors") if image else ("tokenizer", "token ids")
             raise ArtifactError(f"{directory} carries no {what} (its model had none, or it was saved by kiln run): "
@@ -54,8 +55,9 @@ class Predictor:
         (token classifier)."""
         if isinstance(texts, str) or not texts or not all(isinstance(t, str) for t in texts):
             raise InputError("predict takes a list of one or more strings" + (" (image file paths)" if self.image_dims else ""))
-        if self.task == "question-answering":
-            raise InputError("predict does not take question answering yet (it needs question and context pairs)")
+        head = HEADS[self.task]
+        if head.answer is None:
+            raise InputError(head.no_answer or f"predict does not answer with a {self.task} head")
         lo_b, hi_b = self.axis_ranges.get("batch", (1, len(texts)))
         out: list[dict[str, Any]] = []
         for at in range(0, len(texts), hi_b):
@@ -88,7 +90,7 @@ class Predictor:
     def _text(self, texts: list[str]) -> dict[str, torch.Tensor]:
         lo_s, hi_s = self.axis_ranges.get("seq", (1, 512))
         tok = self.tokenizer
-        if self.task == "causal-lm" and tok.pad_token is None:
+        if HEADS[self.task].generates and tok.pad_token is None:
             tok.pad_token = tok.eos_token  # GPT-2 style tokenizers have no pad token; the mask hides it
         # Text longer than the built range is cut to it (the tokenizer truncates); `kiln predict` warns.
         enc = tok(texts, padding="longest", truncation=True, max_length=hi_s, return_tensors="pt")
@@ -102,7 +104,6 @@ class Predictor:
         return {"input_ids": ids, "attention_mask": mask}
 
     def _batch(self, texts: list[str], min_batch: int) -> list[dict[str, Any]]:
-        tok = self.tokenizer
         inputs = self._images(texts) if self.image_dims else self._text(texts)
         rows = len(texts)
         if rows < min_batch:  # the engine's smallest batch: repeat the last row, drop its answers
@@ -111,42 +112,7 @@ class Predictor:
         outs = {k: v.detach().cpu().float()[:rows] for k, v in self.engine({k: v.to(device) for k, v in inputs.items()}).items()}
         if not all(bool(torch.isfinite(v).all()) for v in outs.values()):
             raise ArtifactError("the engine returned NaN or Inf for this input: no answer is better than a wrong one")
-        first = next(iter(outs.values()))
-        if self.task == "image-encoder":
-            emb = torch.nn.functional.normalize(first.mean(1), dim=-1)  # mean over patches
-            return [{"image": t, "embedding": [round(float(x), 6) for x in e]} for t, e in zip(texts, emb)]
-        if self.task == "image-classification":
-            score, idx = first.softmax(-1).max(-1)
-            return [{"image": t, "label": self.labels.get(int(i), str(int(i))), "score": round(float(s), 6)}
-                    for t, i, s in zip(texts, idx, score)]
-        ids, mask = inputs["input_ids"][:rows], inputs["attention_mask"][:rows]
-        if self.task == "classification":
-            probs = first.softmax(-1)
-            score, idx = probs.max(-1)
-            return [{"text": t, "label": self.labels.get(int(i), str(int(i))), "score": round(float(s), 6)}
-                    for t, i, s in zip(texts, idx, score)]
-        if self.task == "encoder":
-            emb = pooled_embeddings(first, mask)
-            return [{"text": t, "embedding": [round(float(x), 6) for x in e]} for t, e in zip(texts, emb)]
-        if self.task == "causal-lm":
-            last = (mask * torch.arange(mask.shape[1])).argmax(1)  # the last real token, whichever side the padding is
-            probs = first[torch.arange(rows), last].softmax(-1)
-            score, idx = probs.max(-1)
-            return [{"text": t, "next_token": tok.decode([int(i)]), "token_id": int(i), "score": round(float(s), 6)}
-                    for t, i, s in zip(texts, idx, score)]
-        if self.task == "masked-lm":
-            if tok.mask_token_id is None:
-                raise InputError("this tokenizer has no mask token")
-            answers = []
-            for r, t in enumerate(texts):
-                where = (ids[r] == tok.mask_token_id).nonzero().flatten().tolist()
-                answers.append({"text": t, "fills": [tok.decode([int(first[r, p].argmax())]) for p in where]})
-            return answers
-        # token classification: a label per real token
-        answers = []
-        for r, t in enumerate(texts):
-            special = set(tok.all_special_ids)
-            pairs = [(tok.decode([int(i)]), self.labels.get(int(first[r, p].argmax()), str(int(first[r, p].argmax()))))
-                     for p, i in enumerate(ids[r].tolist()) if mask[r, p] and i not in special]
-            answers.append({"text": t, "tokens": pairs})
-        return answers
+        ids, mask = (None, None) if self.image_dims else (inputs["input_ids"][:rows], inputs["attention_mask"][:rows])
+        answer = HEADS[self.task].answer
+        assert answer is not None  # checked by predict()
+        return answer(Asked(texts, next(iter(outs.values())), ids, mask, self.tokenizer, self.labels))

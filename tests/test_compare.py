@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from pipeline.compare import Comparator, compare, pooled_embeddings
+from pipeline.compare import Comparator, compare
+from pipeline.heads import pooled_embeddings
 from pipeline.precision import Precision, Tolerance
 
 
