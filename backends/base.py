@@ -16,12 +16,11 @@ from pipeline import manifest as fmt
 from pipeline.calibration import FILE as CALIBRATION_FILE, Calibration, QuantSpec
 from pipeline.capture import Captured
 from pipeline.env import device_info, version
-from pipeline.errors import ArtifactError, BackendError, GenerationUnsupported, InputError, KilnError
+from pipeline.errors import ArtifactError, BackendError, InputError, KilnError
 from pipeline.manifest import Manifest
 from pipeline.inputs import Shape, check_inputs
-from pipeline.models import InputSpec, ModelBundle
+from pipeline.models import InputSpec
 from pipeline.precision import Precision
-from pipeline.generate import GenerationEngine, GenerationPrograms, decode_shapes
 
 from .options import BackendOptions, runtime_option
 
@@ -285,12 +284,6 @@ class Backend(ABC):
         return EngineSpec(self.name, precision, device, bundle.input_names, bundle.output_names, options,
                           dict(bundle.inputs), dict(bundle.axis_ranges), self.pinned(), quant, calibration)
 
-    def step_spec(self, bundle: ModelBundle, precision: Precision, device: str, options: BackendOptions) -> EngineSpec:
-        """The spec of a generation step that is not captured (int8-dynamic runs the quantized module)."""
-        quant = QuantSpec() if precision.quantized else None
-        return EngineSpec(self.name, precision, device, bundle.input_names, bundle.output_names, options, dict(bundle.inputs),
-                          dict(bundle.axis_ranges), self.pinned(), quant)
-
     @final
     def compile(self, captured: Captured, precision: Precision = Precision.FP32, device: str = "cpu",
                 options: BackendOptions | Mapping[str, Any] | None = None, shapes: Sequence[Shape] | None = None) -> CompiledModel:
@@ -348,22 +341,9 @@ class Backend(ABC):
     def _load(self, directory: Path, spec: EngineSpec, manifest: Manifest) -> CompiledModel:
         ...
 
-    def generation(self, programs: GenerationPrograms, precision: Precision, device: str,
-                   options: BackendOptions, shapes: Sequence[Shape] = ()) -> GenerationEngine:
-        """Prefill and decode engines over the captured static-cache generation steps
-        (`kiln run --mode generate`), for calls at `shapes` (BATCHxPROMPT). Each step is compiled
-        as a forward model is (so it saves and loads as one); the decode step's shapes are one
-        token at each batch asked. A backend that does not take them raises
-        GenerationUnsupported: an `unsupported` row that says so."""
-        check = self.supports(precision, device, generate=True)
-        if not check or programs.steps is None:
-            raise GenerationUnsupported(check.reason or f"{self.name} generation of {precision} needs captured steps")
-        prefill = self.compile(programs.steps[0], precision, device, self.step_options(options, "prefill"), list(shapes))
-        decode = self.compile(programs.steps[1], precision, device, self.step_options(options, "decode"), decode_shapes(shapes))
-        return GenerationEngine.of(prefill, decode)
-
     def step_options(self, options: BackendOptions, step: Literal["prefill", "decode"]) -> BackendOptions:
-        """The options a generation step is compiled with (a backend may build its steps differently)."""
+        """The options a generation step is compiled with (pipeline.generate.compile_steps): a backend
+        may build the one-token decode step and the any-length prefill step differently."""
         return options
 
     def serving(self, manifest: Manifest) -> ServingFormat | None:

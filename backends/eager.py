@@ -4,7 +4,7 @@ program run op by op: the int8 reference every int8 engine is also compared agai
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,12 +14,10 @@ from torch import nn
 
 from pipeline.capture import Captured, export
 from pipeline.env import quiet_import
-from pipeline.errors import BackendError, GenerationUnsupported
+from pipeline.errors import BackendError
 from pipeline.inputs import Shape
-from pipeline.models import ModelBundle
 from pipeline.precision import Precision
 
-from pipeline.generate import GenerationEngine, GenerationPrograms
 from pipeline.manifest import Manifest
 
 from .base import Backend, BackendOptions, CompiledModel, EngineSpec, Tensors, cpu_only, ok
@@ -63,11 +61,6 @@ class EagerModel(CompiledModel):
         return info
 
 
-def _capture(bundle: ModelBundle) -> Callable[[], torch.export.ExportedProgram]:
-    """A quantized step captured when its engine is saved (torch.export keeps torchao's int8 weights as they are)."""
-    return lambda: export(bundle)
-
-
 class EagerBackend(Backend):
     name = "eager"
     support = {Precision.FP32: ok(), Precision.FP16: ok(), Precision.BF16: ok(),
@@ -84,18 +77,6 @@ class EagerBackend(Backend):
         if spec.precision != Precision.FP32 or spec.device != "cpu":
             module = copy.deepcopy(module).to(device=spec.device, dtype=spec.precision.dtype)
         return EagerModel(spec, module.eval(), captured.program_at(spec.precision))
-
-    def generation(self, programs: GenerationPrograms, precision: Precision, device: str,
-                   options: BackendOptions, shapes: Sequence[Shape] = ()) -> GenerationEngine:
-        """Each step as the model's own code with transformers' (functional) static-cache layers,
-        op by op, saved as its captured program; for int8-dynamic, the torchao-quantized module
-        (the int8 reference), which is not captured and so not saved."""
-        if not precision.quantized:
-            return super().generation(programs, precision, device, options, shapes)
-        if device.split(":")[0] != "cpu" or programs.bundles is None:
-            raise GenerationUnsupported("int8-dynamic generation runs on the CPU only so far")
-        models = [EagerModel(self.step_spec(b, precision, device, options), programs.module, None, _capture(b)) for b in programs.bundles]
-        return GenerationEngine.of(models[0], models[1])
 
     def _load(self, directory: Path, spec: EngineSpec, manifest: Manifest) -> CompiledModel:
         # the program's quantize/dequantize ops are torchao's, registered when it is imported

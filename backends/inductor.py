@@ -6,18 +6,16 @@ import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any, Literal
 
 import torch
 
 from pipeline.capture import Captured, export
-from pipeline.errors import BackendError, GenerationUnsupported
+from pipeline.errors import BackendError
 from pipeline.inputs import Shape
-from pipeline.models import ModelBundle
 from pipeline.precision import Precision
 
-from pipeline.generate import GenerationEngine, GenerationPrograms
 from pipeline.manifest import Manifest
 
 from .base import Availability, Backend, BackendOptions, CompiledModel, EngineSpec, Tensors, cpu_only, ok
@@ -93,11 +91,6 @@ class InductorModel(CompiledModel):
         return info
 
 
-def _capture(bundle: ModelBundle) -> Callable[[], torch.export.ExportedProgram]:
-    """A quantized step captured when its package is made (torch.export keeps torchao's int8 weights as they are)."""
-    return lambda: export(bundle)
-
-
 class InductorBackend(Backend):
     name = "inductor"
     support = {Precision.FP32: ok(), Precision.FP16: ok(), Precision.BF16: ok(),
@@ -134,28 +127,6 @@ class InductorBackend(Backend):
         program = captured.program_at(spec.precision)
         fn = torch.compile(program.module().to(spec.device), dynamic=options.dynamic, options=_inductor_options(options))
         return InductorModel(spec, fn, program, None)
-
-    def generation(self, programs: GenerationPrograms, precision: Precision, device: str,
-                   options: BackendOptions, shapes: Sequence[Shape] = ()) -> GenerationEngine:
-        """torch.compile of both captured steps (saved as AOTInductor packages); for int8-dynamic,
-        of the torchao-quantized step module as it is (not captured, so not saved)."""
-        opts: InductorOptions = options  # type: ignore[assignment]
-        if not precision.quantized:
-            return super().generation(programs, precision, device, options, shapes)
-        # its int8 weights are pre-packed as constants only with freezing on
-        if device.split(":")[0] != "cpu" or programs.bundles is None:
-            raise GenerationUnsupported("int8-dynamic generation runs on the CPU only so far")
-        if not opts.freezing:
-            raise BackendError("Inductor int8 needs freezing=true: its int8 weights are pre-packed as constants")
-        compiled = torch.compile(programs.module, dynamic=False, options=_inductor_options(opts))
-
-        def fn(**inputs: torch.Tensor) -> Any:
-            with torch._inductor.config.patch(freezing=True):
-                return compiled(**inputs)
-
-        # saved as AOTInductor packages of the quantized steps, captured then (with freezing)
-        models = [InductorModel(self.step_spec(b, precision, device, opts), fn, None, None, _capture(b)) for b in programs.bundles]
-        return GenerationEngine.of(models[0], models[1])
 
     def step_options(self, options: BackendOptions, step: Literal["prefill", "decode"]) -> BackendOptions:
         """The decode step specialized per batch (static shapes: its kernels are the one-token step's own)."""

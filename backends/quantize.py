@@ -152,11 +152,16 @@ def _quantizer(precision: Precision, spec: QuantSpec) -> Any:
     return xiq.X86InductorQuantizer().set_global(config)
 
 
-def pt2e(captured: Captured, precision: Precision) -> torch.fx.GraphModule:
+def pt2e(captured: Captured, precision: Precision) -> torch.nn.Module:
     """The captured program quantized with PT2E (torchao's x86 Inductor quantizer): int8 takes every
     linear input's range from the calibration; int8-dynamic quantizes activations at run time.
-    The converted module runs eagerly, or through torch.compile."""
+    The converted module runs eagerly, or through torch.compile. A module quantized before it was
+    captured (`Captured.prequantized`) is returned as it is: the module, not its program, because
+    torch.compile of the exported int8 decode step computes wrong logits at batch 1 (torch 2.13,
+    max error 2e4 where the module's is 6e-8; docs/generation.md)."""
     quiet_import("torchao")
+    if captured.prequantized == precision:
+        return captured.bundle.module
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
     gm = captured.program.module()

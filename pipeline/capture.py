@@ -43,11 +43,21 @@ def graph_hash(ep: ExportedProgram) -> str:
     h.update(str(ep.graph_signature).encode())
     h.update(str(sorted((str(k), str(v)) for k, v in ep.range_constraints.items())).encode())
     for name, t in sorted({**ep.state_dict, **ep.constants}.items()):
-        if isinstance(t, torch.Tensor):
-            h.update(name.encode())
-            h.update(str(t.dtype).encode() + str(tuple(t.shape)).encode())
-            h.update(t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())  # 0-dim constants too
+        for part, x in _plain(name, t):
+            h.update(part.encode())
+            h.update(str(x.dtype).encode() + str(tuple(x.shape)).encode())
+            h.update(x.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())  # 0-dim constants too
     return h.hexdigest()[:16]
+
+
+def _plain(name: str, t: Any) -> list[tuple[str, torch.Tensor]]:
+    """A weight as plain tensors: a tensor subclass (torchao's int8 weights) by the tensors it holds."""
+    if not isinstance(t, torch.Tensor):
+        return []
+    if hasattr(t, "__tensor_flatten__"):
+        inner, _ = t.__tensor_flatten__()
+        return [p for n in inner for p in _plain(f"{name}.{n}", getattr(t, n))]
+    return [(name, t)]
 
 
 def export(bundle: ModelBundle, dtype: torch.dtype = torch.float32, module: torch.nn.Module | None = None) -> ExportedProgram:
@@ -125,6 +135,9 @@ class Captured:
     quant: QuantSpec = field(default_factory=QuantSpec)  # how int8 engines are calibrated
     calibrations: dict[QuantSpec, Calibration] = field(default_factory=dict, repr=False)
     _programs: dict[Precision, ExportedProgram] = field(default_factory=dict, repr=False)
+    # the program is already this precision's (a generation step quantized before it was captured):
+    # a backend compiling it at that precision takes it as it is
+    prequantized: Precision | None = None
 
     @property
     def name(self) -> str:

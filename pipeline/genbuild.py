@@ -39,7 +39,7 @@ from .config import check_choices, make_config
 from .env import device_info, environment, version
 from .errors import ArtifactError, GenerationUnsupported, InputError
 from .fsutil import clean_stale, digest, safe_name
-from .generate import CacheSpec, Generation, GenerationEngine, agreement, engine_step, greedy, module_step
+from .generate import CacheSpec, Generation, GenerationEngine, agreement, compile_steps, engine_step, greedy, module_step
 from .genrun import (AGREEMENT_MARGIN, Generate, Steps, device_sync, in_worker, judge, plan_cache, prompts, references,
                      time_rounds)
 from .inputs import Shape
@@ -114,9 +114,8 @@ class _Job:
     say: Progress
 
     def graphs(self, steps: Steps) -> dict[str, str]:
-        """The steps' graph hashes; an int8-dynamic step is the fp32 step quantized (deterministically), so it is named by the fp32 graphs."""
-        captured = steps(self.precision).steps or steps(Precision.FP32).steps or ()
-        return {kind: c.graph_hash for kind, c in zip(STEPS, captured)}
+        """The steps' graph hashes (an int8-dynamic step's: the quantized program's)."""
+        return {kind: c.graph_hash for kind, c in zip(STEPS, steps(self.precision).steps)}
 
     def key(self, steps: Steps) -> str:
         """Everything that changes the artifact: both steps' graphs, backend, precision, options,
@@ -165,10 +164,8 @@ class _Job:
                 return self.outcome("reused", f"cache key {key}")
             self.say(f"{self.backend} {self.precision}: compiling the prefill and decode steps")
             with ticking(self.say, f"{self.backend} {self.precision}: compiling the steps"):
-                engine = backend.generation(programs, self.precision, self.device, self.options, self.shapes)
-            if engine.models is None:
-                raise GenerationUnsupported(f"{self.backend} {self.precision} generation runs a module that is not captured, "
-                                            f"so it has no files to ship (kiln run --mode generate measures it)")
+                engine = compile_steps(backend, programs, self.precision, self.device, self.options, self.shapes)
+            assert engine.models is not None  # compiled step engines, which save
             size = 0.0
             for kind, model in zip(STEPS, engine.models):
                 size += artifact_mb(model.save(self.src / kind))

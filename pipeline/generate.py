@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from torch.export import ExportedProgram
 
-from .errors import InputError
+from .errors import GenerationUnsupported, InputError
 from .heads import HEADS
 from .inputs import Shape
 from .capture import Captured, capture
@@ -146,18 +146,13 @@ class GenerationPrograms:
     module: nn.Module         # the step as the model's own code with transformers' cache layers: the reference
     # the prefill (input_ids [batch, T], T dynamic) and decode (input_ids [batch, 1]) steps, each
     # captured like a forward model, so every backend compiles, saves and loads them as it does a
-    # forward engine; None for int8-dynamic (the quantized module is not captured)
-    steps: tuple[Captured, Captured] | None
+    # forward engine (int8-dynamic ones quantized before they were captured)
+    steps: tuple[Captured, Captured]
     input_names: list[str] = field(default_factory=list)
     output_names: list[str] = field(default_factory=list)
-    # the two steps as models (inputs, ranges, an example): the captured programs' bundles, or for
-    # int8-dynamic the quantized module's, captured only when an engine of it is saved
-    bundles: tuple[ModelBundle, ModelBundle] | None = None
 
     def captured(self) -> tuple[ExportedProgram, ExportedProgram]:
-        """The prefill and decode programs; int8 steps have none (only the quantized module)."""
-        if self.steps is None:
-            raise InputError("these generation steps were not captured (int8 runs the quantized module)")
+        """The prefill and decode programs."""
         return self.steps[0].program, self.steps[1].program
 
     @property
@@ -186,11 +181,12 @@ def _linear_from_conv1d(model: nn.Module) -> nn.Module:
     return model
 
 
-def quantized_generation(bundle: ModelBundle, max_len: int) -> GenerationPrograms:
+def quantized_generation(bundle: ModelBundle, max_len: int, cache_dir: Path | str | None = None) -> GenerationPrograms:
     """int8-dynamic steps: every linear layer (GPT-2's Conv1D included) with int8 weights per
     output channel and activations quantized per token at run time (torchao's
-    Int8DynamicActivationInt8WeightConfig). The quantized module is the int8 reference and what
-    a backend compiles as it is; it is not captured with torch.export."""
+    Int8DynamicActivationInt8WeightConfig). The quantized module is the int8 reference; each step
+    is then captured with torch.export as any step is (torchao's int8 weights kept as they are),
+    so a backend compiles the quantized program as it is (`Captured.prequantized`)."""
     from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
 
     spec = cache_spec(bundle, max_len)
@@ -199,8 +195,9 @@ def quantized_generation(bundle: ModelBundle, max_len: int) -> GenerationProgram
     quantize_(hf, Int8DynamicActivationInt8WeightConfig())
     step = _named(StepModule(hf, spec)).eval()
     ranges = bundle.axis_ranges.get("batch", (1, 64))
-    return GenerationPrograms(spec, step, None, ["input_ids", "start", *spec.names()], ["logits", *spec.out_names()],
-                              (step_bundle(bundle, spec, step, True, ranges), step_bundle(bundle, spec, step, False, ranges)))
+    steps = [dataclasses.replace(capture(step_bundle(bundle, spec, step, prefill, ranges), cache_dir), prequantized=Precision.INT8_DYNAMIC)
+             for prefill in (True, False)]
+    return GenerationPrograms(spec, step, (steps[0], steps[1]), ["input_ids", "start", *spec.names()], ["logits", *spec.out_names()])
 
 
 def _explicit_attention(model: nn.Module) -> nn.Module:
@@ -252,12 +249,26 @@ def capture_generation(bundle: ModelBundle, max_len: int, batch_range: tuple[int
             captured._programs[lower] = captured.program
         steps.append(captured)
     return GenerationPrograms(spec, step, (steps[0], steps[1]), ["input_ids", "start", *spec.names()],
-                              ["logits", *spec.out_names()], (steps[0].bundle, steps[1].bundle))
+                              ["logits", *spec.out_names()])
 
 
 def decode_shapes(shapes: Sequence[Shape]) -> list[Shape]:
     """The decode step's calls for prompts at `shapes`: one token at each batch."""
     return [Shape(b, 1) for b in sorted({s.batch for s in shapes})]
+
+
+def compile_steps(backend: Any, programs: GenerationPrograms, precision: Precision, device: str, options: Any,
+                  shapes: Sequence[Shape] = ()) -> GenerationEngine:
+    """A backend's prefill and decode engines (`kiln run --mode generate`), for calls at `shapes`
+    (BATCHxPROMPT). Each step is compiled as a forward model is (so it saves and loads as one);
+    the decode step's shapes are one token at each batch asked. Where the backend's support table
+    does not build its steps at `precision`, GenerationUnsupported: an `unsupported` row that says why."""
+    check = backend.supports(precision, device, generate=True)
+    if not check:
+        raise GenerationUnsupported(check.reason)
+    prefill = backend.compile(programs.steps[0], precision, device, backend.step_options(options, "prefill"), list(shapes))
+    decode = backend.compile(programs.steps[1], precision, device, backend.step_options(options, "decode"), decode_shapes(shapes))
+    return GenerationEngine.of(prefill, decode)
 
 
 @dataclass

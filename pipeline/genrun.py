@@ -23,7 +23,7 @@ from .env import environment
 from .errors import GenerationUnsupported, InputError, KilnError, NumericsError
 from .heads import HEADS
 from .generate import (CacheSpec, Generation, GenerationPrograms, Step, agreement, cache_spec, capture_generation, greedy,
-                       module_step, quantized_generation)
+                       compile_steps, module_step, quantized_generation)
 from .inputs import Shape
 from .models import ModelBundle, load_model
 from .precision import Precision
@@ -75,8 +75,8 @@ def plan_cache(bundle: ModelBundle, cfg: RunConfig, new_tokens: int, cache_len: 
 
 
 class Steps:
-    """The generation steps at each precision, made once: captured (fp32, fp16, bf16) or
-    quantized (int8-dynamic: the torchao module, not captured)."""
+    """The generation steps at each precision, made once and captured: in the precision's dtype
+    (fp32, fp16, bf16), or quantized first (int8-dynamic: torchao's int8 linear layers)."""
 
     def __init__(self, bundle: ModelBundle, cache_len: int, say: Callable[[str], None], cache_dir: Path | str | None) -> None:
         self.bundle, self.cache_len, self.say, self.cache_dir = bundle, cache_len, say, cache_dir
@@ -90,7 +90,7 @@ class Steps:
         if p not in self.made:
             if p == Precision.INT8_DYNAMIC:
                 self.say(f"quantizing the step's linear layers (int8 weights, activations at run time; static cache of {self.cache_len})")
-                self.made[p] = quantized_generation(self.bundle, self.cache_len)
+                self.made[p] = quantized_generation(self.bundle, self.cache_len, self.cache_dir)
             elif p.quantized:
                 raise GenerationUnsupported(f"{p} generation is not built (int8-dynamic is: weights int8, activations at run time)")
             else:
@@ -213,7 +213,7 @@ def _compile(bundle: ModelBundle, cfg: RunConfig, name: str, p: Precision, at: S
         progs = at(p)
         with MemoryWatch(cfg.device) as watch, ticking(say, f"{label}: compiling the steps and generating"):
             t0 = time.perf_counter()
-            engine = registry.get(name).generation(progs, p, cfg.device, cfg.options[name], cfg.shapes)
+            engine = compile_steps(registry.get(name), progs, p, cfg.device, cfg.options[name], cfg.shapes)
 
             def run(x: torch.Tensor) -> Generation:
                 return greedy(engine.prefill, engine.decode, progs.spec, x.to(cfg.device), new_tokens, device_sync(cfg.device))
@@ -240,7 +240,7 @@ def _steps_in_worker(state: dict[str, Any], model_spec: str, model_task: str | N
     progs = Steps(load_model(model_spec, model_task), cache_len, tell, cache_dir)(p)
     state["rss0"] = reset_peak_rss()  # the engine's peak, not the model's load
     t0 = time.perf_counter()
-    engine = backend.generation(progs, p, device, backend.options(options), [Shape.parse(s) for s in shapes])
+    engine = compile_steps(backend, progs, p, device, backend.options(options), [Shape.parse(s) for s in shapes])
     state["generation"] = (engine, progs.spec, device)
     return {"notes": engine.notes, "build_s": time.perf_counter() - t0}
 
