@@ -30,7 +30,7 @@ from .precision import Precision
 from .progress import report as tell, throttled, ticking
 from .references import available_memory
 from .report import Report, Result
-from .worker import Worker, WorkerCrashed, backend_of
+from .worker import Worker, WorkerCrashed, backend_of, isolated
 
 DEFAULT_NEW_TOKENS = DEFAULTS["run-generate"].new_tokens
 GENERATE_ROUNDS = DEFAULTS["run-generate"].rounds  # whole generations per engine and shape; every decode step a sample
@@ -192,11 +192,7 @@ def run_generation(bundle: ModelBundle, cfg: RunConfig, new_tokens: int = DEFAUL
 
 
 def _isolated(cfg: RunConfig, bundle: ModelBundle, name: str) -> tuple[str, str] | None:
-    """The backend's class as an import path when it generates in a worker; None when it runs here."""
-    cls = type(registry.get(name))
-    if cfg.isolation == "none" or name == REFERENCE[0] or bundle.spec is None or cls.__module__ == "__main__":
-        return None
-    return (cls.__module__, cls.__qualname__)
+    return isolated(cfg.isolation, bundle.spec, name, REFERENCE[0])
 
 
 def device_sync(device: str) -> Callable[[], None]:

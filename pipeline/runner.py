@@ -31,7 +31,7 @@ from .models import ModelBundle
 from .precision import Precision
 from .references import References, check_memory
 from .report import Report, Result
-from .worker import CompileRequest, RemoteEngine, WorkerCrashed
+from .worker import CompileRequest, RemoteEngine, WorkerCrashed, isolated
 
 Progress = Callable[[str], None]
 log = logging.getLogger("kiln")
@@ -126,11 +126,7 @@ class Runner:
         return {s: Result(name, precision, s, status, reason, crashed=crashed) for s in self.cfg.shapes}
 
     def isolated(self, name: str) -> tuple[str, str] | None:
-        """The backend's class as an import path when it runs in a worker; None when it runs here."""
-        cls = type(registry.get(name))
-        if self.cfg.isolation == "none" or name == REFERENCE[0] or self.bundle.spec is None or cls.__module__ == "__main__":
-            return None
-        return (cls.__module__, cls.__qualname__)
+        return isolated(self.cfg.isolation, self.bundle.spec, name, REFERENCE[0])
 
     def _compile_and_check(self, captured: Captured, name: str, precision: Precision,
                            refs: References) -> tuple[Engine, dict[Shape, Result], dict[str, Any]]:

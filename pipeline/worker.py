@@ -82,6 +82,16 @@ def _serve(conn: Any, threads: int) -> None:
             _send(conn, ("error", (kind, str(e), isinstance(e, KilnError), traceback.format_exc(limit=8))))
 
 
+def isolated(isolation: str, model_spec: str | None, name: str, reference: str) -> tuple[str, str] | None:
+    """The backend's class as an import path when it runs in a worker; None when it runs here: no
+    isolation asked, the reference (timed beside everything else, in the caller), a model given
+    in memory (a worker cannot load it) or a backend class defined in __main__ (nor import it)."""
+    cls = type(registry.get(name))
+    if isolation == "none" or name == reference or model_spec is None or cls.__module__ == "__main__":
+        return None
+    return (cls.__module__, cls.__qualname__)
+
+
 def backend_of(name: str, cls_path: tuple[str, str] | None) -> Any:
     """The registered backend, or, for one registered at run time in the parent, its class by import path."""
     import importlib
