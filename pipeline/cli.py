@@ -1,4 +1,5 @@
-"""kiln: a thin argparse layer over the API. User errors print one line, no traceback."""
+"""kiln: a thin layer over the API, one function per verb (the grammar: pipeline/parser.py).
+User errors print one line, no traceback."""
 
 from __future__ import annotations
 
@@ -8,7 +9,6 @@ import datetime as dt
 import json
 import logging
 import os
-import re
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -17,22 +17,12 @@ from typing import Any
 
 import backends as registry
 
-from .choices import (CALIBRATION_METHODS, DEFAULT_MODEL, GATE_FLOOR, IMAGE_SHAPES, MODELS, TEXT_SHAPES, QuantSpec,
-                      default_cache_dir, defaults)
+from .choices import DEFAULT_MODEL, MODELS, TEXT_SHAPES, default_cache_dir, defaults
+from . import progress
 from .errors import InputError, KilnError
-from .fsutil import check_writable
-from .heads import HEADS
-
-
-def _parse_options(pairs: Sequence[str]) -> dict[str, dict[str, Any]]:
-    out: dict[str, dict[str, Any]] = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        backend, dot, name = key.partition(".")
-        if not sep or not dot or not name:
-            raise InputError(f"malformed --option {pair!r}: expected BACKEND.KEY=VALUE (kiln backends --options lists them)")
-        out.setdefault(backend, {})[name] = value
-    return out
+from .config import parse_options
+from .fsutil import check_writable, empty_dir
+from .parser import build_parser
 
 
 def cmd_backends(args: argparse.Namespace) -> int:
@@ -69,17 +59,6 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 def _quant(args: argparse.Namespace) -> dict[str, Any]:
     return {"method": args.calibration, "samples": args.calibration_samples, "per_channel": not args.per_tensor_weights}
-
-
-def _add_job_args(p: argparse.ArgumentParser) -> None:
-    """What run and build share beyond the basics: the head a directory is loaded with, int8's calibration."""
-    d = QuantSpec()
-    p.add_argument("--task", choices=list(HEADS), help="the head to load a model directory with (default: the one its config.json names)")
-    p.add_argument("--calibration", default=d.method, metavar="METHOD",
-                   help=f"int8 calibration: {', '.join(CALIBRATION_METHODS)} (default {d.method})")  # checked by QuantSpec: one line, exit 2
-    p.add_argument("--calibration-samples", type=int, default=d.samples, metavar="N",
-                   help=f"int8 calibration set size, disjoint from the evaluation batches (default {d.samples})")
-    p.add_argument("--per-tensor-weights", action="store_true", help="int8 weights with one scale per tensor (default: per channel)")
 
 
 def _preflight(args: argparse.Namespace, verb: str) -> None:
@@ -123,7 +102,7 @@ def _generate(args: argparse.Namespace, out: Path, say: Callable[[str], None] | 
     from .models import load_model
 
     cfg = make_config(backends=args.backends, precisions=args.precisions, shapes=TEXT_SHAPES if args.shapes is None else args.shapes,
-                      device=args.device, options=_parse_options(args.option), isolation=args.isolation, timeout_s=args.timeout)
+                      device=args.device, options=parse_options(args.option), isolation=args.isolation, timeout_s=args.timeout)
     if say:
         say(f"loading model {args.model}")
     report = run_generation(load_model(args.model, args.task), cfg, args.new_tokens, args.cache_len, args.rounds, say,
@@ -139,12 +118,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     from .build import run
 
     out = _out(args)
-    say = None if args.quiet else _progress()
-    report = _generate(args, out, say) if args.mode == "generate" else         run(args.model, out=out, progress=say, cache_dir=args.cache_dir, backends=args.backends, precisions=args.precisions,
-            shapes=args.shapes, device=args.device, options=_parse_options(args.option), warmup=args.warmup, rounds=args.rounds,
-            isolation=args.isolation, timeout_s=args.timeout, save_engines=out / "engines" if args.save_engines else None,
-            quant=_quant(args), task=args.task)
-    _close_progress()  # the bar gives the terminal back before the table
+    say = None if args.quiet else progress.display()
+    report = _generate(args, out, say) if args.mode == "generate" else run(
+        args.model, out=out, progress=say, cache_dir=args.cache_dir, backends=args.backends, precisions=args.precisions,
+        shapes=args.shapes, device=args.device, options=parse_options(args.option), warmup=args.warmup, rounds=args.rounds,
+        isolation=args.isolation, timeout_s=args.timeout, save_engines=out / "engines" if args.save_engines else None,
+        quant=_quant(args), task=args.task)
+    progress.close_displays()  # the bar gives the terminal back before the table
     print(report.to_json() if args.json else report.to_markdown())
     print(f"wrote {out / 'report.json'} (and .md, .csv)", file=sys.stderr)
     crashed = sorted({f"{r.backend} {r.precision}" for r in report.results if r.crashed})
@@ -168,20 +148,12 @@ def _cache(args: argparse.Namespace) -> None:
 
 def cmd_cache(args: argparse.Namespace) -> int:
     """kiln cache clean: every entry of the cache removed (exports, graphs, engines, tuning databases)."""
-    import shutil
-
     root = Path(args.cache_dir or default_cache_dir())
     if not root.is_dir():
         print(f"no cache at {root}")
         return 0
-    entries = [p for p in root.rglob("*") if p.is_file()]
-    size = sum(p.stat().st_size for p in entries) / 2**20
-    for child in root.iterdir():
-        if child.is_dir():
-            shutil.rmtree(child)
-        else:
-            child.unlink()
-    print(f"removed {len(entries)} files ({size:.1f} MB) from the cache at {root}")
+    files, mb = empty_dir(root)
+    print(f"removed {files} files ({mb:.1f} MB) from the cache at {root}")
     return 0
 
 
@@ -197,8 +169,8 @@ def cmd_build(args: argparse.Namespace) -> int:
     _fill_defaults(args, "build")
     _preflight(args, "build")
     _cache(args)
-    common = dict(root=args.root, device=args.device, options=_parse_options(args.option), rounds=args.rounds,
-                  progress=None if args.quiet else _progress(), cache_dir=args.cache_dir, task=args.task)
+    common = dict(root=args.root, device=args.device, options=parse_options(args.option), rounds=args.rounds,
+                  progress=None if args.quiet else progress.display(), cache_dir=args.cache_dir, task=args.task)
     if args.mode == "generate":
         from .genbuild import build_generation
 
@@ -209,7 +181,7 @@ def cmd_build(args: argparse.Namespace) -> int:
 
         outcomes = build(args.model, args.backends, args.precisions, args.shapes, warmup=args.warmup, isolation=args.isolation,
                          quant=_quant(args), **common)  # type: ignore[arg-type]
-    _close_progress()
+    progress.close_displays()
     from .build import build_table
 
     print(json.dumps([o.to_dict() for o in outcomes], indent=2) if args.json else build_table(outcomes))
@@ -313,7 +285,6 @@ def cmd_triton(args: argparse.Namespace) -> int:
     check_writable(args.repo, "--repo", min_free_mb=64)
     from .triton import export_triton
 
-
     path = export_triton(args.artifact, args.repo, args.name, args.version, text=args.text, allow_failed=args.allow_failed,
                          public_key=_public_key(args))
     print(f"wrote Triton model {path} (config.pbtxt, {args.version}/)")
@@ -325,7 +296,7 @@ def cmd_triton(args: argparse.Namespace) -> int:
 def cmd_check(args: argparse.Namespace) -> int:
     if args.summary:
         check_writable(args.summary, "--summary", directory=False)
-    from .gate import baseline_path, check, load_baseline, summary, update_baseline
+    from .gate import baseline_path, check, load_baseline, note, summary, update_baseline
     from .report import Report
 
     report = Report.load(args.report)
@@ -335,12 +306,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         return 0
     baseline, speed = load_baseline(args.baseline, report)
     checks = check(baseline, report, args.floor, speed=speed, allow_different_model=args.allow_different_model)
-    note = "" if speed else (f"Speed is not gated: {args.baseline} has no baseline for this host kind "
-                             f"({report.environment.get('host')}); accuracy is gated against {baseline.get('host')}'s. "
-                             f"Add one with --update-baseline on this host kind.")
-    if report.noisy:
-        note = f"Speed: not judged, machine busy ({report.noisy}); accuracy is gated. {note}".strip()
-    text = summary(checks, args.floor, note)
+    text = summary(checks, args.floor, note(report, baseline, speed, args.baseline))
     print(text)
     if args.summary:
         Path(args.summary).parent.mkdir(parents=True, exist_ok=True)  # checked writable before the work
@@ -349,180 +315,9 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 1 if any(c.failed for c in checks) else 0
 
 
-class Lines:
-    """Progress as plain lines on stderr, each with the seconds since the command started: what CI logs keep."""
-
-    def __init__(self) -> None:
-        self.t0 = time.perf_counter()
-
-    def __call__(self, msg: str) -> None:
-        print(f"[{time.perf_counter() - self.t0:7.1f}s] {msg}", file=sys.stderr, flush=True)
-
-    def close(self) -> None:
-        pass
-
-
-class Bar(Lines):
-    """Progress on a terminal: every line kept above a live `rich` bar that shows the latest one,
-    the time since the start and, while a backend autotunes, its trials measured of those planned."""
-
-    _TRIALS = re.compile(r"(\d+)/(\d+) trials measured")
-
-    def __init__(self, console: Any = None) -> None:
-        from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-
-        super().__init__()
-        self.bar = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                            TimeElapsedColumn(), console=console or Console(stderr=True), transient=True)
-        self.task = self.bar.add_task("starting", total=None)
-        self.bar.start()
-
-    def __call__(self, msg: str) -> None:
-        self.bar.console.print(f"[{time.perf_counter() - self.t0:7.1f}s] {msg}", markup=False, highlight=False)
-        trials = self._TRIALS.search(msg)
-        short = msg if len(msg) <= 60 else msg[:57] + "..."
-        if trials:
-            self.bar.update(self.task, description=short, completed=int(trials[1]), total=int(trials[2]))
-        elif self.bar.tasks[0].total is not None:  # no count now: a spinner again (update cannot unset a total)
-            self.bar.remove_task(self.task)
-            self.task = self.bar.add_task(short, total=None)
-        else:
-            self.bar.update(self.task, description=short)
-
-    def close(self) -> None:
-        self.bar.stop()
-
-
-_open: list[Lines] = []
-
-
-def _progress() -> Lines:
-    """A rich bar on a terminal, plain timestamped lines anywhere else (CI logs, pipes)."""
-    tty = sys.stderr.isatty() and os.environ.get("TERM") != "dumb"
-    _open.append(Bar() if tty else Lines())
-    return _open[-1]
-
-
-def build_parser() -> argparse.ArgumentParser:
-    run_d = defaults("run")
-    p = argparse.ArgumentParser(prog="kiln", description="Capture a Transformer once, compile it through several backends, "
-                                "check equivalence against eager, and benchmark.")
-    sub = p.add_subparsers(dest="command", required=True)
-    b = sub.add_parser("backends", help="list backends and whether they can run here")
-    b.add_argument("--device", help="cpu or cuda (default: cuda if a device is present)")
-    b.add_argument("--probe", action="store_true", help="import each backend and run its own check (default: package metadata "
-                                                        "and device nodes only, which answers at once)")
-    b.add_argument("--options", action="store_true", help="also list each backend's options and their defaults (imports them)")
-    b.set_defaults(func=cmd_backends)
-    m = sub.add_parser("models", help="list the built-in models, one line each")
-    m.set_defaults(func=cmd_models)
-
-    def job(sp: argparse.ArgumentParser, verb: str) -> None:
-        """What run and build share; each default comes from pipeline.choices.DEFAULTS."""
-        d, g = defaults(verb), defaults(verb, "generate")
-        sp.add_argument("--model", default=DEFAULT_MODEL, help=f"a built-in name (kiln models), a local Hugging Face "
-                                                               f"directory or a hub id in the local cache (default {DEFAULT_MODEL})")
-        sp.add_argument("--precisions", default="fp32", help="comma-separated from fp32,fp16,bf16,int8,int8-dynamic (default fp32)")
-        sp.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if present)")
-        sp.add_argument("--option", action="append", default=[], metavar="BACKEND.KEY=VALUE",
-                        help="a backend option, repeatable (kiln backends --options lists them)")
-        sp.add_argument("--warmup", type=int, help=f"untimed calls per engine and shape (default {d.warmup})")
-        sp.add_argument("--rounds", type=int, help=f"interleaved timed rounds (default {d.rounds}; whole generations with "
-                                                   f"--mode generate: {g.rounds})")
-        sp.add_argument("--new-tokens", type=int, help=f"--mode generate: tokens generated after each prompt (default {g.new_tokens})")
-        sp.add_argument("--cache-len", type=int, help="--mode generate: the static cache's positions, the most a prompt and its "
-                                                      "continuation take (default longest prompt + new tokens)")
-        sp.add_argument("--cache-dir", help="capture and build cache (default artifacts/cache or $KILN_CACHE)")
-        sp.add_argument("--no-cache", action="store_true", help="neither reuse nor fill the cache: every export, graph and "
-                                                                "tuning made anew in a temporary cache, removed after")
-        sp.add_argument("--quiet", action="store_true", help="no progress lines")
-        _add_job_args(sp)
-
-    r = sub.add_parser("run", help="capture, compile, compare, benchmark, report")
-    job(r, "run")
-    r.add_argument("--backends", default="", help="comma-separated (default: every registered backend; those that cannot run "
-                                                  "here are rows that say why)")
-    r.add_argument("--shapes", help=f"comma-separated BATCHxSEQ, or batch sizes for an image model (default {','.join(TEXT_SHAPES)}; "
-                                    f"images {','.join(IMAGE_SHAPES)})")
-    r.add_argument("--out", help="output directory (default artifacts/runs/<timestamp>)")
-    r.add_argument("--mode", default="forward", choices=("forward", "generate"),
-                   help="forward: one pass per call (default); generate: greedy decoding with a static KV cache (causal LMs)")
-    r.add_argument("--save-engines", action="store_true", help="also save every engine under OUT/engines/")
-    r.add_argument("--isolation", default="process", choices=("process", "none"),
-                   help="process (default): each backend in a worker process, so a crash costs one row; none: one process")
-    r.add_argument("--timeout", type=float, help=f"seconds one worker request may take (default {run_d.timeout_s:.0f})")
-    r.add_argument("--json", action="store_true", help="print the report as JSON (report.json's text) instead of the table")
-    r.set_defaults(func=cmd_run)
-
-    bd = sub.add_parser("build", help="build deployable engines under ROOT/<model>/<backend>-<precision>/ (reused when unchanged)")
-    job(bd, "build")
-    bd.add_argument("--backends", required=True, help="comma-separated: the engines to build (kiln backends lists them)")
-    bd.add_argument("--shapes", help="the shapes checked and timed at build; engines built for a shape range (profiles) span them "
-                                     f"(default {','.join(TEXT_SHAPES)}; images {','.join(IMAGE_SHAPES)})")
-    bd.add_argument("--root", default="artifacts", help="where engines go (default artifacts)")
-    bd.add_argument("--mode", default="forward", choices=("forward", "generate"),
-                    help="generate: a causal LM's prefill and decode steps with a static KV cache, ROOT/<model>/<backend>-<precision>-generate/")
-    bd.add_argument("--isolation", default="process", choices=("process", "none"),
-                    help="process (default): compile in a worker and check the saved engine in a fresh one; none: one process")
-    bd.add_argument("--json", action="store_true", help="print what was built as JSON (per engine: status, path, size, "
-                                                        "and per shape its verdict, tolerance and speed) instead of the table")
-    bd.set_defaults(func=cmd_build)
-
-    ld = sub.add_parser("load", help="load an engine (signature, hashes and versions checked first) and run its reference inputs")
-    ld.add_argument("--allow-failed", action="store_true", help="load even if its build verdict was not a pass")
-    ld.set_defaults(func=cmd_load)
-    vf = sub.add_parser("verify", help="reload an engine and re-run the comparator at every shape it was built for")
-    vf.set_defaults(func=cmd_verify)
-    pr = sub.add_parser("predict", help="answer text (or image files, for an image model) with a built engine: its tokenizer "
-                                        "or image processor, the engine, its head's post-processing")
-    pr.set_defaults(func=cmd_predict)
-    pr.add_argument("--allow-failed", action="store_true", help="answer even if its build verdict was not a pass")
-    for sp in (ld, vf, pr):
-        sp.add_argument("artifact", help="an engine directory kiln build installed")
-        sp.add_argument("--device", help="cpu, cuda or cuda:N (default: the engine's own)")
-        sp.add_argument("--require-signature", action="store_true", help="refuse it unless its signature verifies with --key")
-        sp.add_argument("--key", help="the public key (PEM) the artifact was signed for")
-    pr.add_argument("texts", nargs="+", metavar="TEXT", help="the texts (or image files) to answer")
-    pr.add_argument("--new-tokens", type=int, help=f"a generation artifact: tokens generated per prompt (default "
-                                                   f"{defaults('predict').new_tokens})")
-
-    sg = sub.add_parser("sign", help="sign an engine directory (OpenSSF model-signing, a private EC key, offline)")
-    sg.add_argument("artifact", help="the engine directory to sign (every file, the manifest included)")
-    sg.add_argument("--key", required=True, help="the private key (PEM)")
-    sg.add_argument("--password", help="the private key's password, if it has one")
-    sg.set_defaults(func=cmd_sign)
-
-    tr = sub.add_parser("triton", help="export an engine to a Triton model repository (engines whose backend Triton serves)")
-    tr.add_argument("artifact", help="an engine directory kiln build installed")
-    tr.add_argument("--repo", required=True, help="the model repository (created if missing; other models kept)")
-    tr.add_argument("--name", help="the model's name in the repository (default the artifact's model and engine)")
-    tr.add_argument("--version", type=int, default=1, help="the version directory to write (default 1)")
-    tr.add_argument("--text", action="store_true",
-                    help="also the tokenizer as a Python-backend model and an ensemble, so the repository takes text")
-    tr.add_argument("--allow-failed", action="store_true", help="export even if its build verdict was not a pass")
-    tr.add_argument("--require-signature", action="store_true", help="refuse it unless its signature verifies with --key")
-    tr.add_argument("--key", help="the public key (PEM) the artifact was signed for")
-    tr.set_defaults(func=cmd_triton)
-
-    ca = sub.add_parser("cache", help="the capture and build cache: kiln cache clean removes every entry")
-    ca.add_argument("action", choices=("clean",), help="clean: remove every entry (exports, graphs, engines, tuning databases)")
-    ca.add_argument("--cache-dir", help="the cache (default artifacts/cache or $KILN_CACHE)")
-    ca.set_defaults(func=cmd_cache)
-
-    ck = sub.add_parser("check", help="CI gate: compare a report with a baseline (exit 0 pass, 1 regression, 2 bad input)")
-    ck.add_argument("report", help="a report.json from kiln run")
-    ck.add_argument("--baseline", required=True, help="a baseline file, or a directory of <host>.json baselines "
-                                                      "(made from a report with --update-baseline)")
-    ck.add_argument("--allow-different-model", action="store_true",
-                    help="compare even if model, graph, device kind or precisions differ from the baseline's")
-    ck.add_argument("--update-baseline", action="store_true", help="write the report as the new baseline instead (into a "
-                                                                   "directory: this host kind's <host>.json)")
-    ck.add_argument("--floor", type=float, default=GATE_FLOOR,
-                    help=f"smallest allowed speedup drop, as a fraction (default {GATE_FLOOR:.2f})")
-    ck.add_argument("--summary", help="also append the Markdown summary to this file (e.g. $GITHUB_STEP_SUMMARY)")
-    ck.set_defaults(func=cmd_check)
-    return p
+COMMANDS = {"backends": cmd_backends, "models": cmd_models, "run": cmd_run, "build": cmd_build, "load": cmd_load,
+            "verify": cmd_verify, "predict": cmd_predict, "sign": cmd_sign, "triton": cmd_triton, "cache": cmd_cache,
+            "check": cmd_check}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -531,38 +326,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     if os.environ.get("KILN_DEBUG"):  # tracebacks of backends that failed and every library's chatter, for whoever debugs
         logging.basicConfig(level=logging.DEBUG, format="%(name)s: %(message)s")
     else:
-        _quiet_libraries()
+        progress.quiet_libraries()
     try:
-        return int(args.func(args))
+        return int(COMMANDS[args.func](args))
     except KilnError as e:
-        _close_progress()
+        progress.close_displays()
         print(f"kiln: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        _close_progress()
+        progress.close_displays()
         print("kiln: interrupted", file=sys.stderr)
         return 130
     finally:
-        _close_progress()
-
-
-def _quiet_libraries() -> None:
-    """What libraries print that tells a Kiln user nothing goes to the debug log (KILN_DEBUG=1 shows
-    it): Python warnings (torchao's deprecations among them), torch's own log lines and the progress
-    bars of transformers and huggingface_hub ("Loading weights"). Set before they are imported, so
-    workers inherit it; a user's own settings of these variables win. Errors still print."""
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("TORCH_LOGS", "-all")  # every torch logger at ERROR
-    logging.captureWarnings(True)
-    chatter = logging.getLogger("py.warnings")
-    chatter.addHandler(logging.NullHandler())
-    chatter.propagate = False
-
-
-def _close_progress() -> None:
-    while _open:
-        _open.pop().close()
+        progress.close_displays()
 
 
 if __name__ == "__main__":

@@ -110,3 +110,15 @@ def make_config(backends: Sequence[str] | str | None = None, precisions: Sequenc
         kw["quant"] = QuantSpec(**kw["quant"])
     opts = {n: registry.get(n).options(options.get(n)) for n in dict.fromkeys([REFERENCE[0], *names])}
     return RunConfig(tuple(names), tuple(precs), tuple(shps), device or default_device(), opts, **kw)
+
+
+def parse_options(pairs: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """--option BACKEND.KEY=VALUE pairs as {backend: {key: value}} (each backend types its own values)."""
+    out: dict[str, dict[str, Any]] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        backend, dot, name = key.partition(".")
+        if not sep or not dot or not name:
+            raise InputError(f"malformed --option {pair!r}: expected BACKEND.KEY=VALUE (kiln backends --options lists them)")
+        out.setdefault(backend, {})[name] = value
+    return out

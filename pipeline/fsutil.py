@@ -168,6 +168,18 @@ def check_writable(path: str | Path, what: str, *, directory: bool = True, min_f
     return p
 
 
+def empty_dir(root: Path) -> tuple[int, float]:
+    """Everything under `root` removed, `root` kept: (files removed, their MB)."""
+    files = [p for p in root.rglob("*") if p.is_file()]
+    mb = sum(p.stat().st_size for p in files) / 2**20
+    for child in root.iterdir():
+        if child.is_dir():
+            shutil.rmtree(child)
+        else:
+            child.unlink()
+    return len(files), mb
+
+
 def exchange(a: Path, b: Path) -> bool:
     """Swaps two paths in one step (Linux renameat2 with RENAME_EXCHANGE), so a reader of either
     never finds it missing; False where the kernel, libc or file system cannot, and nothing moved."""

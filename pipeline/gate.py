@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeGuard
@@ -171,6 +172,17 @@ def _speed(base: dict[str, Any], now: Result, floor: float) -> tuple[str, bool]:
     thr = min(max(floor, noise), floor + WIDEN_CAP)
     change = sp.value / b - 1
     return f"{b:.2f}x → {sp.value:.2f}x ({change:+.0%}, allowed -{thr:.0%})", change < -thr
+
+
+def note(report: Report, baseline: Mapping[str, Any], speed: bool, where: str | Path) -> str:
+    """What the summary says beside its table when speed is not gated: no baseline of this host
+    kind under `where` (accuracy is gated against another's), or a busy machine."""
+    out = "" if speed else (f"Speed is not gated: {where} has no baseline for this host kind "
+                            f"({report.environment.get('host')}); accuracy is gated against {baseline.get('host')}'s. "
+                            f"Add one with --update-baseline on this host kind.")
+    if report.noisy:
+        out = f"Speed: not judged, machine busy ({report.noisy}); accuracy is gated. {out}".strip()
+    return out
 
 
 def summary(checks: list[Check], floor: float, note: str = "") -> str:

@@ -388,7 +388,7 @@ def test_progress_is_a_rich_bar_on_a_terminal_and_plain_lines_elsewhere(capsys: 
 
     from rich.console import Console
 
-    from pipeline.cli import Bar, Lines, _progress
+    from pipeline.progress import Bar, Lines, display as _progress
 
     assert type(_progress()) is Lines  # stderr is captured here, not a terminal: CI logs get plain lines
     out = io.StringIO()

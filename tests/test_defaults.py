@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.choices import DEFAULTS, IMAGE_SHAPES, TEXT_SHAPES, defaults
-from pipeline.cli import build_parser
+from pipeline.parser import build_parser
 
 ROOT = Path(__file__).resolve().parents[1]
 
