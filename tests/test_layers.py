@@ -10,7 +10,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("pipeline", "backends")
 # what the backends stand on; none of these may import a backend or a job module
-CORE = {"errors", "choices", "precision", "heads", "fsutil", "env", "progress", "contention", "modelcheck", "models", "inputs",
+CORE = {"errors", "choices", "precision", "heads", "bundle", "fsutil", "env", "progress", "contention", "modelcheck", "models", "inputs",
         "capture", "calibration", "compare", "bench", "manifest", "generate"}
 
 
