@@ -24,8 +24,8 @@ _LAZY = {
     "compare": ("Comparison", "Tolerance", "compare"),
     "errors": ("ArtifactError", "BackendError", "InputError", "KilnError", "NumericsError", "ShapeError", "UnknownChoiceError"),
     "inputs": ("Shape", "make_inputs"), "models": ("ModelBundle", "load_model"), "precision": ("Precision",),
-    "references": ("References",), "report": ("Report", "Result"), "store": ("load", "verify"), "predict": ("Predictor",),
-    "genbuild": ("GenerationArtifact", "build_generation", "load_generation", "verify_generation"),
+    "references": ("References",), "report": ("Report", "Result"), "store": ("load", "verify", "GenerationArtifact", "load_generation", "verify_generation"), "predict": ("Predictor",),
+    "genbuild": ("build_generation",),
 }
 _HOME = {name: module for module, names in _LAZY.items() for name in names}
 
@@ -35,14 +35,14 @@ if TYPE_CHECKING:
     from .capture import Captured, capture
     from .compare import Comparison, Tolerance, compare
     from .errors import ArtifactError, BackendError, InputError, KilnError, NumericsError, ShapeError, UnknownChoiceError
-    from .genbuild import GenerationArtifact, build_generation, load_generation, verify_generation
+    from .genbuild import build_generation
     from .inputs import Shape, make_inputs
     from .models import ModelBundle, load_model
     from .precision import Precision
     from .predict import Predictor
     from .references import References
     from .report import Report, Result
-    from .store import load, verify
+    from .store import GenerationArtifact, load, load_generation, verify, verify_generation
 
 
 class _Api(types.ModuleType):

@@ -189,9 +189,8 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 
 def cmd_load(args: argparse.Namespace) -> int:
-    from .genbuild import is_generation
     from . import manifest
-    from .store import load, read_reference, require_build
+    from .store import is_generation, load, read_reference, require_build
 
     if is_generation(args.artifact):
         return _check_generation(args, "loaded")
@@ -214,7 +213,7 @@ def cmd_load(args: argparse.Namespace) -> int:
 def _check_generation(args: argparse.Namespace, verb: str) -> int:
     """A generation artifact loaded (checked first) and run on its build's prompts, tokens against eager fp32's."""
     from . import manifest
-    from .genbuild import verify_generation
+    from .store import verify_generation
 
     if getattr(args, "allow_failed", False):
         raise InputError("--allow-failed is for forward engines; a generation artifact that failed its build was never installed")
@@ -227,8 +226,7 @@ def _check_generation(args: argparse.Namespace, verb: str) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from .genbuild import is_generation
-    from .store import verify
+    from .store import is_generation, verify
 
     if is_generation(args.artifact):
         return _check_generation(args, "verified")
@@ -243,7 +241,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
             text.encode("utf-8")
         except UnicodeEncodeError:  # the shell handed over bytes that are not UTF-8 (kept as surrogates)
             raise InputError(f"text {i + 1} is not valid UTF-8: {text.encode('utf-8', 'backslashreplace')[:60]!r}") from None
-    from .genbuild import is_generation, load_generation
+    from .store import is_generation, load_generation
     from .predict import Predictor
 
     if is_generation(args.artifact):

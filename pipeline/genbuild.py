@@ -18,7 +18,6 @@ versions before a backend opens a file.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import shutil
 import tempfile
@@ -37,10 +36,11 @@ from .build import BuildOutcome, artifact_mb, name_cache, save_preprocessor, shi
 from .choices import DEFAULTS, TEXT_SHAPES
 from .config import check_choices, make_config
 from .env import device_info, environment, version
-from .errors import ArtifactError, GenerationUnsupported, InputError
+from .errors import GenerationUnsupported, InputError
 from .fsutil import clean_stale, digest, safe_name
-from .generate import CacheSpec, Generation, GenerationEngine, agreement, compile_steps, engine_step, greedy, module_step
-from .genrun import (AGREEMENT_MARGIN, Generate, Steps, device_sync, in_worker, judge, plan_cache, prompts, references,
+from .generate import (AGREEMENT_MARGIN, MODE, STEPS, CacheSpec, Generation, GenerationEngine, agreement, compile_steps, engine_step,
+                       greedy, module_step)
+from .genrun import (Generate, Steps, device_sync, in_worker, judge, plan_cache, prompts, references,
                      time_rounds)
 from .inputs import Shape
 from .manifest import Manifest, ModelRecord, Verdict
@@ -49,10 +49,9 @@ from .precision import Precision
 from .progress import ticking
 from .report import Result
 from .runner import Progress
-from .signing import check_signature
 from .worker import Worker, backend_of
 
-MODE, STEPS, SUFFIX = "generate", ("prefill", "decode"), "-generate"
+SUFFIX = "-generate"
 
 
 def build_generation(model: str | Path | ModelBundle, backends: Sequence[str] | str, precisions: Sequence[str] | str = ("fp32",),
@@ -248,135 +247,3 @@ def _eos(bundle: ModelBundle) -> int | None:
     eos = getattr(getattr(bundle.module, "model", None), "config", None)
     value = getattr(eos, "eos_token_id", None)
     return int(value) if isinstance(value, int) else None
-
-
-def is_generation(directory: str | Path) -> bool:
-    """Whether `directory` holds a generation artifact (its manifest says mode "generate")."""
-    try:
-        return manifest.read(directory).mode == MODE
-    except ArtifactError:
-        return False
-
-
-@dataclass
-class GenerationArtifact:
-    """A built generation engine, loaded: `generate(prompt_ids, n)` greedy tokens, `generate_text`
-    answers with the tokenizer it carries."""
-
-    directory: Path
-    meta: Manifest
-    prefill: Any  # CompiledModel
-    decode: Any
-    spec: CacheSpec
-    tokenizer: Any = None
-
-    @property
-    def device(self) -> str:
-        return str(self.prefill.device)
-
-    def generate(self, prompt: torch.Tensor, new_tokens: int) -> Generation:
-        """Greedy tokens after `prompt` [batch, S]; every call passes the engines' door checks."""
-        return greedy(self.prefill, self.decode, self.spec, prompt.to(self.device), new_tokens,
-                      sync=self.decode.synchronize)
-
-    def generate_text(self, texts: Sequence[str], new_tokens: int = DEFAULTS["predict"].new_tokens) -> list[dict[str, Any]]:
-        """One continuation per prompt (each generated alone: the steps take no padding mask), cut at
-        the end-of-text token. A prompt longer than the cache leaves room for is cut from the left,
-        and the answer says so."""
-        if isinstance(texts, str) or not texts or not all(isinstance(t, str) for t in texts):
-            raise InputError("predict takes a list of one or more strings")
-        if self.tokenizer is None:
-            raise ArtifactError(f"{self.directory} carries no tokenizer: generate from token ids with GenerationArtifact.generate")
-        if not 1 <= new_tokens < self.spec.max_len:
-            raise InputError(f"--new-tokens {new_tokens}: the static cache holds {self.spec.max_len} positions; "
-                             f"generate 1 to {self.spec.max_len - 1}")
-        room = self.spec.max_len - new_tokens
-        eos = self.meta.generation.get("eos_token_id")
-        lo_b = int(self.meta.generation["batch"][0])
-        out = []
-        for text in texts:
-            ids = self.tokenizer(text, return_tensors="pt")["input_ids"].to(torch.int64)
-            if ids.shape[1] == 0:
-                raise InputError("an empty prompt: a generation needs at least one token to start from")
-            answer: dict[str, Any] = {"text": text}
-            if ids.shape[1] > room:
-                answer["truncated"] = {"tokens": int(ids.shape[1]), "kept": room}
-                ids = ids[:, -room:]
-            g = self.generate(ids.expand(lo_b, -1) if lo_b > 1 else ids, new_tokens)
-            if not all(bool(torch.isfinite(x).all()) for x in g.step_logits):
-                raise ArtifactError("the engine returned NaN or Inf logits: no answer is better than a wrong one")
-            tokens = g.tokens[0].tolist()
-            if eos is not None and eos in tokens:
-                tokens = tokens[:tokens.index(eos)]
-            answer.update(generated=self.tokenizer.decode(tokens), token_ids=tokens)
-            out.append(answer)
-        return out
-
-
-def load_generation(directory: str | Path, device: str | None = None, allow_failed: bool = False,
-                    public_key: str | Path | None = None) -> GenerationArtifact:
-    """A generation artifact, checked (signature when a key is given, manifest, every file's
-    hash, library versions) before either step is opened."""
-    directory = Path(directory)
-    if public_key is not None:
-        check_signature(directory, public_key)
-    meta = manifest.read(directory)
-    if meta.mode != MODE:
-        raise ArtifactError(f"{directory} is a forward engine, not a generation artifact: load it with kiln load")
-    if meta.status != "pass" and not allow_failed:
-        raise ArtifactError(f"{directory}: its build verdict is {meta.status!r}; load it anyway with allow_failed=True")
-    manifest.check_files(directory, meta)
-    backend = registry.get(meta.backend)
-    manifest.check_requires(directory, meta, backend.pinned())
-    gen = meta.generation
-    cache = gen["cache"]
-    dtype = getattr(torch, str(cache["dtype"]), None)
-    if not isinstance(dtype, torch.dtype):
-        raise ArtifactError(f"{directory}: unknown cache dtype {cache['dtype']!r}")
-    spec = CacheSpec(int(cache["layers"]), int(cache["heads"]), int(cache["head_dim"]), int(cache["max_len"]), dtype)
-    for kind in STEPS:  # each step is a directory of this artifact, named by the manifest: never a path out of it
-        step = gen["steps"].get(kind) if isinstance(gen.get("steps"), dict) else None
-        if not isinstance(step, str) or step in ("", ".", "..") or "/" in step or "\\" in step:
-            raise ArtifactError(f"{directory}: the manifest's {kind} step {step!r} is not a directory inside the artifact")
-    prefill, decode = (backend.load(directory / gen["steps"][kind], device) for kind in STEPS)
-    tokenizer = None
-    if meta.tokenizer:
-        import transformers
-
-        tokenizer = transformers.AutoTokenizer.from_pretrained(directory, local_files_only=True, trust_remote_code=False)
-    return GenerationArtifact(directory, meta, prefill, decode, spec, tokenizer)
-
-
-@dataclass
-class GenerationCheck:
-    """A generation artifact re-run on its build's prompts, per shape: tokens against eager fp32's."""
-
-    shapes: dict[str, dict[str, Any]]
-    precision: Precision
-
-    @property
-    def passed(self) -> bool:
-        return bool(self.shapes) and all(v["passed"] for v in self.shapes.values())
-
-    @property
-    def reason(self) -> str:
-        return "; ".join(f"at {s}: {v['reason']}" for s, v in self.shapes.items())
-
-
-def verify_generation(directory: str | Path, device: str | None = None, public_key: str | Path | None = None) -> GenerationCheck:
-    """Load the artifact and generate again from every built shape's prompts: at fp32 the tokens
-    must be eager fp32's; below, agreement at least what the build recorded, less the margin."""
-    art = load_generation(directory, device, allow_failed=True, public_key=public_key)
-    data = store.read_reference_file(art.directory)
-    recorded = art.meta.verdict.shapes if art.meta.verdict else {}
-    precision = art.meta.precision
-    out = {}
-    for s, ref in data["shapes"].items():
-        got = art.generate(ref["prompt"], int(data["new_tokens"]))
-        a = agreement(Generation(ref["tokens"], [], 0.0, []), dataclasses.replace(got, step_logits=[]))
-        floor = 1.0 if precision == Precision.FP32 else float(recorded.get(s, {}).get("agreement") or 0.0) - AGREEMENT_MARGIN
-        ok = a.agreement >= floor and all(bool(torch.isfinite(x).all()) for x in got.step_logits)
-        out[s] = {"passed": ok, "agreement": a.agreement, "first_divergence": a.first_divergence,
-                  "reason": (f"{a.agreement:.0%} of {ref['tokens'].numel()} tokens as eager fp32's"
-                             + (f", first divergence at step {a.first_divergence}" if a.first_divergence is not None else ""))}
-    return GenerationCheck(out, precision)

@@ -34,6 +34,8 @@ from .models import InputSpec, ModelBundle
 from .precision import Precision
 
 Tensors = Mapping[str, torch.Tensor]
+AGREEMENT_MARGIN = 0.05  # below fp32, tokens may agree this much less than eager at that precision does
+MODE, STEPS = "generate", ("prefill", "decode")  # a generation artifact's manifest mode, and its two step engines
 Step = Callable[[dict[str, torch.Tensor]], Tensors]
 
 

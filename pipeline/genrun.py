@@ -22,8 +22,8 @@ from .config import REFERENCE, RunConfig
 from .env import environment
 from .errors import GenerationUnsupported, InputError, KilnError, NumericsError
 from .heads import HEADS
-from .generate import (CacheSpec, Generation, GenerationPrograms, Step, agreement, cache_spec, capture_generation, greedy,
-                       compile_steps, module_step, quantized_generation)
+from .generate import (AGREEMENT_MARGIN, CacheSpec, Generation, GenerationPrograms, agreement, cache_spec, capture_generation,
+                       compile_steps, greedy, module_step, quantized_generation)
 from .inputs import Shape
 from .models import ModelBundle, load_model
 from .precision import Precision
@@ -34,7 +34,6 @@ from .worker import Worker, WorkerCrashed, backend_of, isolated
 
 DEFAULT_NEW_TOKENS = DEFAULTS["run-generate"].new_tokens
 GENERATE_ROUNDS = DEFAULTS["run-generate"].rounds  # whole generations per engine and shape; every decode step a sample
-AGREEMENT_MARGIN = 0.05  # below fp32, tokens may agree this much less than eager at that precision does
 
 
 def memory_bandwidth(mb: int = 512) -> float:

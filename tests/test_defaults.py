@@ -37,7 +37,8 @@ def test_the_cli_help_reads_the_table() -> None:
 def test_the_api_signatures_read_the_table() -> None:
     from pipeline.build import build
     from pipeline.config import RunConfig
-    from pipeline.genbuild import GenerationArtifact, build_generation
+    from pipeline.genbuild import build_generation
+    from pipeline.store import GenerationArtifact
     from pipeline.genrun import run_generation
 
     b, bg, rg, run = DEFAULTS["build"], DEFAULTS["build-generate"], DEFAULTS["run-generate"], DEFAULTS["run"]

@@ -21,7 +21,8 @@ from plugin_backend import ExportedProgramBackend
 from pipeline import manifest, store
 from pipeline.cli import main
 from pipeline.errors import ArtifactError, InputError
-from pipeline.genbuild import build_generation, load_generation, verify_generation
+from pipeline.genbuild import build_generation
+from pipeline.store import load_generation, verify_generation
 
 BACKENDS = ("eager", "inductor", "onnxruntime", "tvm")
 PROMPT = "the model reads the sentence and"
