@@ -38,8 +38,8 @@ from .config import check_choices, make_config
 from .env import device_info, environment, version
 from .errors import GenerationUnsupported, InputError
 from .fsutil import clean_stale, digest, safe_name
-from .generate import (AGREEMENT_MARGIN, MODE, STEPS, CacheSpec, Generation, GenerationEngine, agreement, compile_steps, engine_step,
-                       greedy, module_step)
+from .decoding import AGREEMENT_MARGIN, CacheSpec, Generation, agreement, greedy, module_step
+from .generate import MODE, STEPS, GenerationEngine, compile_steps, engine_step
 from .genrun import (Generate, Steps, device_sync, in_worker, judge, plan_cache, prompts, references,
                      time_rounds)
 from .inputs import Shape

@@ -17,7 +17,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,6 +26,7 @@ import torch
 from torch import nn
 from torch.export import ExportedProgram
 
+from .decoding import CacheSpec, Step
 from .errors import GenerationUnsupported, InputError
 from .heads import HEADS
 from .inputs import Shape
@@ -34,9 +35,7 @@ from .models import InputSpec, ModelBundle
 from .precision import Precision
 
 Tensors = Mapping[str, torch.Tensor]
-AGREEMENT_MARGIN = 0.05  # below fp32, tokens may agree this much less than eager at that precision does
 MODE, STEPS = "generate", ("prefill", "decode")  # a generation artifact's manifest mode, and its two step engines
-Step = Callable[[dict[str, torch.Tensor]], Tensors]
 
 
 def _layer_class() -> type:
@@ -70,31 +69,6 @@ def _layer_class() -> type:
             return self.keys, self.values
 
     return FunctionalLayer
-
-
-@dataclass(frozen=True)
-class CacheSpec:
-    """The static cache's geometry: per layer one key and one value tensor of [batch, heads, max_len, head_dim]."""
-
-    layers: int
-    heads: int
-    head_dim: int
-    max_len: int
-    dtype: torch.dtype = torch.float32
-
-    def names(self) -> list[str]:
-        return [f"{kind}_{i}" for i in range(self.layers) for kind in ("k", "v")]
-
-    def out_names(self) -> list[str]:
-        """The updated cache among a step's outputs (ONNX wants every value named once)."""
-        return [f"{n}_out" for n in self.names()]
-
-    def empty(self, batch: int, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
-        shape = (batch, self.heads, self.max_len, self.head_dim)
-        return {n: torch.zeros(shape, dtype=self.dtype, device=device) for n in self.names()}
-
-    def nbytes(self, batch: int) -> int:
-        return 2 * self.layers * batch * self.heads * self.max_len * self.head_dim * torch.finfo(self.dtype).bits // 8
 
 
 def cache_spec(bundle: ModelBundle, max_len: int) -> CacheSpec:
@@ -295,85 +269,3 @@ def engine_step(model: Any) -> Step:
     step's feeds are made by `greedy`, which checks the prompt and the cache length)."""
     names = tuple(model.input_names)
     return lambda feeds: model.run({n: feeds[n] for n in names})
-
-
-@dataclass
-class Generation:
-    """What one greedy generation did and took."""
-
-    tokens: torch.Tensor                # [batch, new_tokens]
-    step_logits: list[torch.Tensor]     # each step's last-position logits [batch, vocab]
-    prefill_ms: float
-    decode_ms: list[float]              # one per decoded token after the first
-
-
-def greedy(prefill: Step, decode: Step, spec: CacheSpec, prompt: torch.Tensor, new_tokens: int,
-           sync: Callable[[], None] = lambda: None) -> Generation:
-    """Greedy decoding of `new_tokens` tokens after `prompt` [batch, S] with the given step engines."""
-    b, s = prompt.shape
-    if new_tokens < 1:
-        raise InputError(f"--new-tokens {new_tokens}: generate at least one token")
-    if s + new_tokens > spec.max_len:
-        raise InputError(f"a prompt of {s} tokens and {new_tokens} new ones need {s + new_tokens} cache positions; "
-                         f"the static cache holds {spec.max_len}")
-    feeds = {"input_ids": prompt, "start": torch.tensor(0, device=prompt.device), **spec.empty(b, prompt.device)}
-    t0 = time.perf_counter()
-    out = prefill(feeds)
-    sync()
-    prefill_ms = 1e3 * (time.perf_counter() - t0)
-    last = out["logits"][:, -1]
-    token = last.argmax(-1, keepdim=True)
-    logits, tokens, times = [last.float().cpu()], [token], []  # kept on the host, outside the timed region
-    for i in range(1, new_tokens):
-        feeds = {"input_ids": token, "start": torch.tensor(s + i - 1, device=prompt.device),
-                 **{n: out[o] for n, o in zip(spec.names(), spec.out_names())}}
-        t0 = time.perf_counter()
-        out = decode(feeds)
-        sync()
-        times.append(1e3 * (time.perf_counter() - t0))
-        last = out["logits"][:, -1]
-        token = last.argmax(-1, keepdim=True)
-        logits.append(last.float().cpu())
-        tokens.append(token)
-    return Generation(torch.cat(tokens, 1).cpu(), logits, prefill_ms, times)
-
-
-@dataclass
-class TokenAgreement:
-    first_divergence: int | None  # the first step where any row's token differs; None: never
-    agreement: float              # tokens equal over all steps and rows
-    max_logits_error: list[float]  # per step, against the reference's logits at that step
-
-    @property
-    def identical(self) -> bool:
-        return self.first_divergence is None
-
-
-def agreement(reference: Generation, candidate: Generation) -> TokenAgreement:
-    """Greedy tokens compared step by step. After a divergence the two continue from different
-    tokens, so later logits errors say little; they are reported as they are."""
-    same = reference.tokens == candidate.tokens
-    steps = (~same).any(0).nonzero()
-    errors = [float((c - r).abs().max()) for r, c in zip(reference.step_logits, candidate.step_logits)]
-    return TokenAgreement(int(steps[0]) if steps.numel() else None, float(same.double().mean()), errors)
-
-
-def program_step(program: ExportedProgram, names: list[str]) -> Step:
-    """A captured step run op by op (the eager reference of the captured function)."""
-    module = program.module()
-
-    def run(inputs: dict[str, torch.Tensor]) -> Tensors:
-        with torch.no_grad():
-            return dict(zip(names, module(**inputs)))
-
-    return run
-
-
-def module_step(module: nn.Module, names: list[str]) -> Step:
-    """The step module called as it is: the model's own code, op by op."""
-
-    def run(inputs: dict[str, torch.Tensor]) -> Tensors:
-        with torch.no_grad():
-            return dict(zip(names, module(**inputs)))
-
-    return run

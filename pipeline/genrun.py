@@ -22,8 +22,8 @@ from .config import REFERENCE, RunConfig
 from .env import environment
 from .errors import GenerationUnsupported, InputError, KilnError, NumericsError
 from .heads import HEADS
-from .generate import (AGREEMENT_MARGIN, CacheSpec, Generation, GenerationPrograms, agreement, cache_spec, capture_generation,
-                       compile_steps, greedy, module_step, quantized_generation)
+from .decoding import AGREEMENT_MARGIN, CacheSpec, Generation, agreement, greedy, module_step
+from .generate import GenerationPrograms, cache_spec, capture_generation, compile_steps, quantized_generation
 from .inputs import Shape
 from .models import ModelBundle, load_model
 from .precision import Precision

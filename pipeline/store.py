@@ -26,7 +26,8 @@ from .choices import DEFAULTS
 from .errors import ArtifactError, InputError
 from .fsutil import exchange, left_by_dead, lock
 from .manifest import Manifest
-from .generate import AGREEMENT_MARGIN, MODE, STEPS, CacheSpec, Generation, agreement, greedy
+from .decoding import AGREEMENT_MARGIN, CacheSpec, Generation, agreement, greedy
+from .generate import MODE, STEPS
 from .precision import Precision, Tolerance
 from .signing import check_signature
 

@@ -24,7 +24,8 @@ from backends.eager import EagerModel
 from pipeline.cli import main
 from pipeline.config import make_config
 from pipeline.errors import InputError
-from pipeline.generate import Generation, agreement, capture_generation, greedy, module_step, program_step
+from pipeline.decoding import Generation, agreement, greedy, module_step
+from pipeline.generate import capture_generation
 from pipeline.genrun import judge, run_generation
 from pipeline.inputs import Shape
 from pipeline.models import load_model
@@ -53,8 +54,8 @@ def test_the_captured_steps_generate_what_transformers_generates(model: str, lla
                            pad_token_id=0)[:, 10:]
         full = hf(input_ids=torch.cat([prompt, want], 1)).logits  # every step's logits, without a cache
     ref = module_step(programs.module, programs.output_names)
-    for prefill, decode in ((ref, ref), (program_step(programs.prefill, programs.output_names),
-                                         program_step(programs.decode, programs.output_names))):
+    for prefill, decode in ((ref, ref), (module_step(programs.prefill.module(), programs.output_names),
+                                         module_step(programs.decode.module(), programs.output_names))):
         got = greedy(prefill, decode, programs.spec, prompt, 12)
         assert torch.equal(got.tokens, want)
         for i, logits in enumerate(got.step_logits):  # the cache holds what a full forward computes

@@ -11,7 +11,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("pipeline", "backends")
 # what the backends stand on; none of these may import a backend or a job module
 CORE = {"errors", "choices", "precision", "heads", "bundle", "fsutil", "env", "progress", "contention", "modelcheck", "models", "inputs",
-        "capture", "calibration", "compare", "bench", "manifest", "generate"}
+        "capture", "calibration", "compare", "bench", "manifest", "decoding", "generate"}
 
 
 def _modules() -> dict[str, Path]:

@@ -261,7 +261,8 @@ def test_generation_profiles_span_the_runs_batches_and_prompts_over_a_static_cac
 
     from backends.tensorrt.profile import ProfileOptions, input_profile, profile_shapes
     from pipeline.errors import ShapeError
-    from pipeline.generate import CacheSpec, decode_shapes, step_bundle
+    from pipeline.decoding import CacheSpec
+    from pipeline.generate import decode_shapes, step_bundle
     from pipeline.inputs import Shape
     from pipeline.models import load_model
 
