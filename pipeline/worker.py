@@ -1,7 +1,5 @@
 """One engine in a process of its own, so that a native crash, an abort, an OOM kill or a hang costs
-that engine's row and not the run.
-
-The parent keeps the references, the comparator and the benchmark's schedule; the worker compiles
+that engine's row and not the run. The parent keeps the references, the comparator and the benchmark's schedule; the worker compiles
 or loads one engine and answers one request at a time: run these inputs, time one call on inputs
 staged earlier (so the message passing stays outside the timed region), save, describe. A worker
 that dies is reported with its signal and the last lines of its stderr.
@@ -9,6 +7,7 @@ that dies is reported with its signal and the last lines of its stderr.
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import pickle
@@ -94,8 +93,6 @@ def isolated(isolation: str, model_spec: str | None, name: str, reference: str) 
 
 def backend_of(name: str, cls_path: tuple[str, str] | None) -> Any:
     """The registered backend, or, for one registered at run time in the parent, its class by import path."""
-    import importlib
-
     if name in registry.names() or cls_path is None:
         return registry.get(name)
     cls = importlib.import_module(cls_path[0])
@@ -299,24 +296,24 @@ class RemoteEngine:
         self._staged: dict[int, Any] = {}
 
     @classmethod
-    def compile(cls, label: str, timeout_s: float, request: CompileRequest,
-                on_progress: Callable[[str], None] | None = None) -> RemoteEngine:
+    def _started(cls, label: str, timeout_s: float, on_progress: Callable[[str], None] | None, op: str, *args: Any) -> RemoteEngine:
+        """A fresh worker holding the engine `op` made there; closed if it fails to."""
         worker = Worker(label, timeout_s, on_progress)
         try:
-            return cls(worker, worker.call("compile", request))
+            return cls(worker, worker.call(op, *args))
         except BaseException:
             worker.close()
             raise
 
     @classmethod
+    def compile(cls, label: str, timeout_s: float, request: CompileRequest,
+                on_progress: Callable[[str], None] | None = None) -> RemoteEngine:
+        return cls._started(label, timeout_s, on_progress, "compile", request)
+
+    @classmethod
     def load(cls, label: str, directory: Path, device: str, cls_path: tuple[str, str] | None,
              timeout_s: float) -> RemoteEngine:
-        worker = Worker(label, timeout_s)
-        try:
-            return cls(worker, worker.call("load", str(directory), device, cls_path))
-        except BaseException:
-            worker.close()
-            raise
+        return cls._started(label, timeout_s, None, "load", str(directory), device, cls_path)
 
     def __call__(self, inputs: Mapping[str, torch.Tensor]) -> Tensors:
         return dict(self.worker.call("run", {k: v.cpu() for k, v in inputs.items()}))
