@@ -1,9 +1,8 @@
 """One engine in a process of its own, so that a native crash, an abort, an OOM kill or a hang costs
-that engine's row and not the run. The parent keeps the references, the comparator and the benchmark's schedule; the worker compiles
-or loads one engine and answers one request at a time: run these inputs, time one call on inputs
-staged earlier (so the message passing stays outside the timed region), save, describe. A worker
-that dies is reported with its signal and the last lines of its stderr.
-"""
+that engine's row and not the run. The parent keeps the references, the comparator and the
+benchmark's schedule; the worker compiles or loads one engine and answers one request at a time:
+run these inputs, time one call on inputs staged earlier (so the message passing stays outside the
+timed region), save, describe. A worker that dies is reported with its signal and its last stderr lines."""
 
 from __future__ import annotations
 
