@@ -190,6 +190,16 @@ class Backend(ABC):
             return Availability.no(f"{self.name} generation runs {', '.join(built) or 'nothing'} so far ({precision} is not built)")
         return Availability.yes()
 
+    @final
+    def refusal(self, precision: Precision, device: str, generate: bool = False) -> tuple[str, str] | None:
+        """Why no engine is built here, as a row says it: ("unavailable", reason) or ("unsupported",
+        reason); None where one is."""
+        available = self.availability(device)
+        if not available:
+            return "unavailable", available.reason
+        check = self.supports(precision, device, generate)
+        return None if check else ("unsupported", check.reason)
+
     def options(self, values: Mapping[str, Any] | None = None) -> BackendOptions:
         return self.options_type.from_mapping(values)
 

@@ -84,11 +84,9 @@ def build_generation(model: str | Path | ModelBundle, backends: Sequence[str] | 
             backend = registry.get(name)
             for p in cfg.precisions:
                 target = home / f"{name}-{p.value}{SUFFIX}"
-                available = backend.availability(cfg.device)
-                check = backend.supports(p, cfg.device, generate=True) if available else available
-                if not check:
-                    status = "unsupported" if available else "unavailable"
-                    outcomes.append(BuildOutcome(name, p.value, target, status, check.reason))
+                refusal = backend.refusal(p, cfg.device, generate=True)
+                if refusal:
+                    outcomes.append(BuildOutcome(name, p.value, target, *refusal))
                     continue
                 job = _Job(bundle, name, p, cfg.device, cfg.options[name], list(cfg.shapes), new_tokens, rounds, target,
                            staging / target.name, say)

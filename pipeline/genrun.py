@@ -139,19 +139,19 @@ def run_generation(bundle: ModelBundle, cfg: RunConfig, new_tokens: int = DEFAUL
     weight_bytes = sum(t.numel() * t.element_size() for t in bundle.module.parameters())
     model = {**bundle.describe(), "weight_mb": weight_bytes / 2**20}
 
+    env = environment(cfg.device, registry.libraries())  # read once: the report is rewritten after each engine
+
     def report() -> Report:
-        return Report(model, environment(cfg.device, registry.libraries()), config, list(rows),
+        return Report(model, env, config, list(rows),
                       dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), mode="generate")
 
     try:
         for name in cfg.engines:  # the reference first, at every precision asked: the others are judged by it
             backend = registry.get(name)
             for p in cfg.precisions_of(name):
-                available = backend.availability(cfg.device)
-                check = backend.supports(p, cfg.device, generate=True) if available else available
-                if not check:
-                    status = "unsupported" if available else "unavailable"
-                    rows.extend(Result(name, p, s, status, check.reason) for s in cfg.shapes)
+                refusal = backend.refusal(p, cfg.device, generate=True)
+                if refusal:
+                    rows.extend(Result(name, p, s, *refusal) for s in cfg.shapes)
                     continue
                 say(f"{name} {p}: compiling the prefill and decode steps" + (" in a worker process" if _isolated(cfg, bundle, name) else ""))
                 try:

@@ -153,13 +153,11 @@ class Runner:
 
     def _build(self, captured: Captured, name: str, precision: Precision, refs: References) -> dict[Shape, Result]:
         cfg, backend = self.cfg, registry.get(name)
-        avail = backend.availability(cfg.device)
-        if not avail:
-            self.say(f"{name}: unavailable: {avail.reason}")
-            return self._rows(name, precision, "unavailable", avail.reason)
-        sup = backend.supports(precision, cfg.device)
-        if not sup:
-            return self._rows(name, precision, "unsupported", sup.reason)
+        refusal = backend.refusal(precision, cfg.device)
+        if refusal:
+            if refusal[0] == "unavailable":
+                self.say(f"{name}: unavailable: {refusal[1]}")
+            return self._rows(name, precision, *refusal)
         self.say(f"{name} {precision}: compiling" + (" in a worker process" if self.isolated(name) else ""))
         try:
             model, results, info = self._compile_and_check(captured, name, precision, refs)

@@ -201,8 +201,8 @@ def test_generation_build_bad_input(tmp_path: Path, capsys: pytest.CaptureFixtur
 
 
 @pytest.mark.slow
-def test_int8_dynamic_generation_ships_as_the_quantized_steps_captured_when_saved(tmp_path: Path, cache_dir: Path) -> None:
-    """The torchao-quantized step module, captured with torch.export when saved: an AOTInductor
+def test_int8_dynamic_generation_ships_as_the_quantized_steps_captured(tmp_path: Path, cache_dir: Path) -> None:
+    """The torchao-quantized steps, captured with torch.export like any step: an AOTInductor
     package per step (and the eager archive), loaded back and judged against eager int8's own agreement."""
     out = build_generation("tiny-gpt2", "eager,inductor", precisions="int8-dynamic", shapes="1x8", root=tmp_path, new_tokens=6,
                            rounds=1, cache_dir=cache_dir)
