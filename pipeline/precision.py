@@ -48,7 +48,6 @@ class Tolerance:
         return cls(**{f.name: float(d[f.name]) for f in fields(cls) if f.name in d})
 
 
-
 class _Precisions(type):
     """Precision's class: iterating it gives every precision defined, in the order defined."""
 
@@ -83,9 +82,12 @@ class Precision(str, metaclass=_Precisions):
 
     @classmethod
     def define(cls, name: str, dtype: str, tolerance: Tolerance, quantized: bool = False) -> Precision:
-        """A new precision (`dtype`: a torch dtype's name, "float32"); a name defined twice is refused."""
+        """A new precision (`dtype`: a torch dtype's name, "float32"); a name defined twice is refused,
+        and so is one `--precisions` could not spell (upper case, blanks, commas)."""
         if name in cls._known or name == "fp64":  # fp64 is the shadow every precision is checked against
             raise ValueError(f"the precision {name!r} is already defined")
+        if not name or name != name.strip().lower() or "," in name or " " in name:
+            raise ValueError(f"a precision's name is lower case, without blanks or commas: {name!r}")
         p = str.__new__(cls, name)
         p.value, p._dtype, p.tolerance, p.quantized = name, dtype, tolerance, quantized
         cls._known[name] = p

@@ -130,3 +130,20 @@ def test_a_head_a_precision_and_a_column_registered_from_tests_run_end_to_end(ex
     md, csv = (tmp_path / "run" / "report.md").read_text(), (tmp_path / "run" / "report.csv").read_text()
     assert "tail p99/p50" in md and "| strict-plugin | fp32-strict | 3x8 | ok |" in md
     assert csv.splitlines()[0].split(",")[-1] == "tail_ratio"
+
+
+def test_a_precision_is_one_record_per_name() -> None:
+    """What a worker receives is the same record (pickled by name); a name is defined once, and
+    only one the command line can spell."""
+    import pickle
+
+    from pipeline.errors import UnknownChoiceError
+
+    assert Precision("fp16") is Precision.FP16 and pickle.loads(pickle.dumps(Precision.INT8)) is Precision.INT8
+    assert Precision.FP16 == "fp16" and str(Precision.INT8_DYNAMIC) == "int8-dynamic" and Precision.BF16.dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="already defined"):
+        Precision.define("fp16", "float16", Precision.FP16.tolerance)
+    with pytest.raises(ValueError, match="lower case"):
+        Precision.define("FP8,e4m3", "float8_e4m3fn", Precision.FP16.tolerance)
+    with pytest.raises(UnknownChoiceError, match="unknown precision 'fp8'; valid: bf16, fp16, fp32, int8, int8-dynamic"):
+        Precision.parse("fp8")
