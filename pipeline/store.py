@@ -1,4 +1,5 @@
-"""The deploy verbs over the on-disk format (`manifest`): load, verify, install, recover.
+"""The deploy verbs over the on-disk format (`manifest`): load, verify, install, recover, for a
+forward engine and for a generation artifact (two step engines and the cache they share).
 
 A directory is staged under a hidden name and installed whole, so an interrupted build leaves
 nothing that a load accepts. Loading checks the manifest, every hash and the library versions
