@@ -34,13 +34,13 @@ class Predictor:
         engine = store.load(directory, device, allow_failed=allow_failed, public_key=public_key)
         meta = manifest.read(directory)
         task = meta.model.task if meta.model else "encoder"
-        if task not in HEADS:
-            raise ArtifactError(f"{directory} is a {task!r} model: this Kiln knows no such head, so cannot answer with it")
-        image = HEADS[task].vision
+        image = task in HEADS and HEADS[task].vision
         if not (meta.processor if image else meta.tokenizer):
             what, takes = ("image processor", "pixel tensors") if image else ("tokenizer", "token ids")
             raise ArtifactError(f"{directory} carries no {what} (its model had none, or it was saved by kiln run): "
                                 f"it answers {takes} only; build it with kiln build from a model with a {what}")
+        if task not in HEADS:  # a head registered where it was built, not here
+            raise ArtifactError(f"{directory} is a {task!r} model: this Kiln knows no such head, so cannot answer with it")
         import transformers
 
         auto = transformers.AutoImageProcessor if image else transformers.AutoTokenizer
