@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from pipeline.capture import Captured, export
+from pipeline.capture import Captured
 from pipeline.env import quiet_import
 from pipeline.errors import BackendError
 from pipeline.inputs import Shape
@@ -21,7 +21,7 @@ from pipeline.precision import Precision
 from pipeline.manifest import Manifest
 
 from .base import Backend, BackendOptions, CompiledModel, EngineSpec, Tensors, cpu_only, ok
-from .quantize import PT2E_CPU_ONLY
+from .quantize import PT2E_CPU_ONLY, quantized_program
 
 
 @dataclass(frozen=True)
@@ -72,7 +72,7 @@ class EagerBackend(Backend):
             from .quantize import pt2e
 
             quantized = pt2e(captured, spec.precision)
-            return EagerModel(spec, quantized, None, lambda: export(captured.bundle, module=quantized))
+            return EagerModel(spec, quantized, None, quantized_program(captured, quantized))
         module = captured.bundle.module
         if spec.precision != Precision.FP32 or spec.device != "cpu":
             module = copy.deepcopy(module).to(device=spec.device, dtype=spec.precision.dtype)

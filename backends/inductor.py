@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 import torch
 
-from pipeline.capture import Captured, export
+from pipeline.capture import Captured
 from pipeline.errors import BackendError
 from pipeline.inputs import Shape
 from pipeline.precision import Precision
@@ -19,7 +19,7 @@ from pipeline.precision import Precision
 from pipeline.manifest import Manifest
 
 from .base import Availability, Backend, BackendOptions, CompiledModel, EngineSpec, Tensors, cpu_only, ok
-from .quantize import PT2E_CPU_ONLY
+from .quantize import PT2E_CPU_ONLY, quantized_program
 
 Mode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
 
@@ -123,7 +123,7 @@ class InductorBackend(Backend):
                 with torch._inductor.config.patch(freezing=True):
                     return compiled(**inputs)
 
-            return InductorModel(spec, fn, None, None, lambda: export(captured.bundle, module=quantized))
+            return InductorModel(spec, fn, None, None, quantized_program(captured, quantized))
         program = captured.program_at(spec.precision)
         fn = torch.compile(program.module().to(spec.device), dynamic=options.dynamic, options=_inductor_options(options))
         return InductorModel(spec, fn, program, None)

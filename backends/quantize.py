@@ -14,7 +14,7 @@ from __future__ import annotations
 import ast
 import tempfile
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from pipeline.calibration import FILE, Calibration, Layer, QuantSpec, calibration_batches, check_finite
-from pipeline.capture import Captured
+from pipeline.capture import Captured, export
 from pipeline.env import quiet_import, version
 from pipeline.errors import BackendError, InputError
 from pipeline.fsutil import cache_entry, cached_dir
@@ -181,6 +181,15 @@ def pt2e(captured: Captured, precision: Precision) -> torch.nn.Module:
     if precision == Precision.INT8:
         _apply_ranges(prepared, keys, calibrate(captured))
     return _drop_unused(convert_pt2e(prepared))
+
+
+def quantized_program(captured: Captured, module: torch.nn.Module) -> Callable[[], torch.export.ExportedProgram]:
+    """How an int8 engine's program is had when the engine is saved: a step quantized before it was
+    captured is that capture's program already (the same module, exported once); a module PT2E
+    converted is exported then."""
+    if captured.prequantized is not None:
+        return lambda: captured.program
+    return lambda: export(captured.bundle, module=module)
 
 
 def _drop_unused(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:

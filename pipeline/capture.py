@@ -136,7 +136,7 @@ class Captured:
     calibrations: dict[QuantSpec, Calibration] = field(default_factory=dict, repr=False)
     _programs: dict[Precision, ExportedProgram] = field(default_factory=dict, repr=False)
     # the program is already this precision's (a generation step quantized before it was captured):
-    # a backend compiling it at that precision takes it as it is
+    # a backend compiling it at that precision takes the quantized module as it is (backends/quantize.pt2e)
     prequantized: Precision | None = None
 
     @property

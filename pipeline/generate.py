@@ -162,7 +162,7 @@ def quantized_generation(bundle: ModelBundle, max_len: int, cache_dir: Path | st
     output channel and activations quantized per token at run time (torchao's
     Int8DynamicActivationInt8WeightConfig). The quantized module is the int8 reference; each step
     is then captured with torch.export as any step is (torchao's int8 weights kept as they are),
-    so a backend compiles the quantized program as it is (`Captured.prequantized`)."""
+    so a backend takes the quantized step as it is (`Captured.prequantized`)."""
     from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
 
     spec = cache_spec(bundle, max_len)
