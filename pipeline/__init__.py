@@ -25,7 +25,6 @@ _LAZY = {
     "errors": ("ArtifactError", "BackendError", "InputError", "KilnError", "NumericsError", "ShapeError", "UnknownChoiceError"),
     "inputs": ("Shape", "make_inputs"), "models": ("ModelBundle", "load_model"), "precision": ("Precision",),
     "references": ("References",), "report": ("Report", "Result"), "store": ("load", "verify", "GenerationArtifact", "load_generation", "verify_generation"), "predict": ("Predictor",),
-    "genbuild": ("build_generation",),
 }
 _HOME = {name: module for module, names in _LAZY.items() for name in names}
 
@@ -35,7 +34,6 @@ if TYPE_CHECKING:
     from .capture import Captured, capture
     from .compare import Comparison, Tolerance, compare
     from .errors import ArtifactError, BackendError, InputError, KilnError, NumericsError, ShapeError, UnknownChoiceError
-    from .genbuild import build_generation
     from .inputs import Shape, make_inputs
     from .models import ModelBundle, load_model
     from .precision import Precision
@@ -86,7 +84,7 @@ def compile(captured: Captured, backend: str, precision: str | Precision = "fp32
     return registry.get(backend).compile(captured, Precision.parse(precision), device, options)
 
 
-__all__ = ["ArtifactError", "BackendError", "Captured", "Comparison", "GenerationArtifact", "build_generation", "load_generation", "verify_generation", "InputError", "KilnError", "ModelBundle", "NumericsError",
+__all__ = ["ArtifactError", "BackendError", "Captured", "Comparison", "GenerationArtifact", "load_generation", "verify_generation", "InputError", "KilnError", "ModelBundle", "NumericsError",
            "Precision", "Predictor", "References", "Report", "Result", "Shape", "ShapeError", "Speedup", "Timing", "Tolerance", "UnknownChoiceError", "benchmark",
            "build", "capture", "compare", "compile", "list_backends", "load", "load_model", "make_inputs", "predictor", "run", "speedup",
            "verify"]

@@ -1,6 +1,6 @@
-"""The two jobs that compose the runner with what it leaves behind: `run` (a report, optionally the
-engines) and `build` (deployable engines under ROOT/<model>/<backend>-<precision>/: cache lookup,
-runner, store)."""
+"""The two jobs that compose the runner with what it leaves behind, for either workload: `run` (a
+report, optionally the engines) and `build` (deployable engines under
+ROOT/<model>/<backend>-<precision>[-generate]/: cache lookup, runner, acceptance, store)."""
 
 from __future__ import annotations
 
@@ -16,18 +16,16 @@ from typing import Any
 import backends as registry
 
 from . import manifest, store
-from .acceptance import accept
-from .capture import DEFAULT_CACHE, Captured, capture
-from .choices import DEFAULTS, IMAGE_SHAPES, TEXT_SHAPES
-from .config import REFERENCE, RunConfig, check_choices, make_config
-from .env import device_info, environment
-from .errors import ArtifactError, InputError
+from .capture import DEFAULT_CACHE
+from .choices import IMAGE_SHAPES, TEXT_SHAPES, defaults
+from .config import RunConfig, check_choices, make_config
+from .errors import InputError, short
+from .forward import Forward
+from .fsutil import clean_stale, safe_name
+from .generation import Generate
 from .inputs import Shape
-from .manifest import ModelRecord
-from .fsutil import clean_stale, digest, safe_name
 from .models import DEFAULT_MODEL, ModelBundle, load_model
 from .precision import Precision
-from .references import KINDS, output_axes
 from .report import Report, Result
 from .runner import Progress, Runner
 
@@ -56,18 +54,40 @@ def _default_shapes(cfg: RunConfig, bundle: ModelBundle, asked: Any) -> RunConfi
     return dataclasses.replace(cfg, shapes=tuple(Shape.parse(s) for s in IMAGE_SHAPES))
 
 
+def _workload(mode: str, verb: str, new_tokens: int | None, cache_len: int | None) -> Any:
+    """The runner's workload for `mode`: forward passes, or generation with its settings."""
+    if mode == "forward":
+        if cache_len is not None:
+            raise InputError("a cache length is for generation (mode generate)")
+        return Forward
+    if mode != "generate":
+        raise InputError(f"mode {mode!r}; valid: forward, generate")
+    tokens = defaults(verb, mode).new_tokens if new_tokens is None else new_tokens
+    return lambda runner: Generate(runner, tokens, cache_len)
+
+
+def _config(verb: str, mode: str, shapes: Any, config: dict[str, Any]) -> RunConfig:
+    """The verb's defaults in the mode (pipeline.choices.DEFAULTS) for what is not given."""
+    d = defaults(verb, mode)
+    given = {k: v for k, v in config.items() if v is not None}
+    return make_config(shapes=TEXT_SHAPES if shapes is None else shapes, **{"warmup": d.warmup, "rounds": d.rounds, **given})
+
+
 def run(model: str | Path | ModelBundle = DEFAULT_MODEL, *, out: str | Path | None = None, progress: Progress | None = None,
-        cache_dir: str | Path | None = None, task: str | None = None, **config: Any) -> Report:
+        cache_dir: str | Path | None = None, task: str | None = None, mode: str = "forward", new_tokens: int | None = None,
+        cache_len: int | None = None, **config: Any) -> Report:
     """The main job as one call. Returns the Report; writes report.json/.md/.csv under `out` when given.
-    `task`: the head to load a model directory with (default: the one its config names)."""
+    `task`: the head to load a model directory with (default: the one its config names); `mode`:
+    "forward" or "generate" (greedy generation of `new_tokens` with a static cache of `cache_len`)."""
+    workload = _workload(mode, "run", new_tokens, cache_len)
     shapes = config.pop("shapes", None)
-    cfg = make_config(shapes=TEXT_SHAPES if shapes is None else shapes, **config)
+    cfg = _config("run", mode, shapes, config)
     if progress:
         progress(f"loading model {model if not isinstance(model, ModelBundle) else model.name}")
     bundle = model if isinstance(model, ModelBundle) else load_model(model, task)
     cfg = _default_shapes(cfg, bundle, shapes)
     checkpoint = (lambda partial: partial.save(out)) if out is not None else None  # a killed run keeps its rows
-    runner = Runner(bundle, cfg, progress, Path(cache_dir) if cache_dir else None, checkpoint)
+    runner = Runner(bundle, cfg, progress, Path(cache_dir) if cache_dir else None, checkpoint, workload)
     try:
         report = runner.run()
         if cfg.save_engines:
@@ -94,14 +114,13 @@ class BuildOutcome:
         return {**dataclasses.asdict(self), "path": str(self.path)}
 
 
-def name_cache(outcomes: list[BuildOutcome], cache: Path | str | None) -> list[BuildOutcome]:
+def name_cache(o: BuildOutcome, cache: Path | str | None) -> BuildOutcome:
     """A failing engine may have been built from a cache entry that itself is bad: its reason says
     which cache, and how to build without it."""
-    for o in outcomes:
-        if o.status in ("mismatch", "failed"):
-            o.reason += (f" (built with the cache at {cache or DEFAULT_CACHE}: build again without it with --no-cache, "
-                         f"or drop it with kiln cache clean)")
-    return outcomes
+    if o.status in ("mismatch", "failed"):
+        o.reason += (f" (built with the cache at {cache or DEFAULT_CACHE}: build again without it with --no-cache, "
+                     f"or drop it with kiln cache clean)")
+    return o
 
 
 def shipped(outcome: BuildOutcome) -> BuildOutcome:
@@ -140,126 +159,77 @@ def build_table(outcomes: Sequence[BuildOutcome]) -> str:
     return "\n".join(lines + ([""] + [f"- {o.backend} {o.precision} {o.status}: {o.reason}" for o in why] if why else [])) + "\n"
 
 
-def cache_key(captured: Captured, cfg: RunConfig, backend: str, precision: Precision) -> str:
-    """Everything that changes the engine: graph, backend, precision, build options, device, libraries, shapes."""
-    return digest({"graph": captured.graph_hash, "backend": backend, "precision": precision.value,
-                   "options": cfg.options[backend].build_options(), "device": device_info(cfg.device),
-                   "requires": registry.get(backend).pinned(), "shapes": [str(s) for s in cfg.shapes],
-                   **({"quantization": cfg.quant.to_dict()} if precision.quantized else {})}, 20)
-
-
 def build(model: str | Path | ModelBundle, backends: Sequence[str] | str, precisions: Sequence[str] | str = ("fp32",),
           shapes: Sequence[str] | str | None = None, root: str | Path = "artifacts", device: str | None = None,
           options: Mapping[str, Mapping[str, Any]] | None = None, progress: Progress | None = None,
-          cache_dir: str | Path | None = None, warmup: int = DEFAULTS["build"].warmup, rounds: int = DEFAULTS["build"].rounds,
-          isolation: str = "process", quant: Mapping[str, Any] | None = None, task: str | None = None) -> list[BuildOutcome]:
-    """Engines under root/<model>/<backend>-<precision>/, each installed only once its saved files,
-    loaded back, passed at every shape; an engine that fails anywhere leaves the previous one as it was."""
+          cache_dir: str | Path | None = None, warmup: int | None = None, rounds: int | None = None,
+          isolation: str = "process", quant: Mapping[str, Any] | None = None, task: str | None = None, mode: str = "forward",
+          new_tokens: int | None = None, cache_len: int | None = None) -> list[BuildOutcome]:
+    """Engines under root/<model>/<backend>-<precision>[-generate]/, each installed only once its
+    saved files, loaded back, passed at every shape; an engine that fails anywhere leaves the
+    previous one as it was. Defaults (warmup, rounds, new tokens) are the verb's in the mode."""
     say = progress or (lambda _m: None)
     check_choices(backends, need_backends=True)
-    cfg = make_config(backends=backends, precisions=precisions, shapes=TEXT_SHAPES if shapes is None else shapes, device=device,
-                      options=options, warmup=warmup, rounds=rounds, isolation=isolation, **({"quant": quant} if quant else {}))
+    workload = _workload(mode, "build", new_tokens, cache_len)
+    cfg = _config("build", mode, shapes, dict(backends=backends, precisions=precisions, device=device, options=options, warmup=warmup,
+                                              rounds=rounds, isolation=isolation, quant=quant))
     bundle = model if isinstance(model, ModelBundle) else load_model(model, task)
     cfg = _default_shapes(cfg, bundle, shapes)
-    say(f"capturing {bundle.name}")
-    captured = capture(bundle, cache_dir, cfg.quant)
-    home = Path(root) / safe_name(bundle.name)
+    runner = Runner(bundle, cfg, say, Path(cache_dir) if cache_dir else None, workload=workload)
+    w, home = runner.workload, Path(root) / safe_name(bundle.name)
     if home.is_dir():
         clean_stale(home, ".staging-")  # left by builds that were killed, also when this one only reuses
     outcomes, todo = [], []
     for b in cfg.backends:
         for p in cfg.precisions:
-            key, target = cache_key(captured, cfg, b, p), home / f"{b}-{p.value}"
+            target = home / f"{b}-{p.value}{w.suffix}"
+            refusal = registry.get(b).refusal(p, cfg.device, generate=w.mode == "generate")
+            if refusal:
+                outcomes.append(BuildOutcome(b, p.value, target, *refusal))
+                continue
+            key = w.key(b, p)
             if store.is_current(target, key):
                 say(f"{b} {p}: reusing {target} (same graph, options, device and libraries; passed at every shape)")
                 outcomes.append(BuildOutcome(b, p.value, target, "reused", f"cache key {key}"))
             else:
-                todo.append((b, p, key))
+                todo.append((b, p, key, target))
     if not todo:
         return [shipped(o) for o in outcomes]
     home.mkdir(parents=True, exist_ok=True)
     clean_stale(home, ".staging-")  # left by builds that were killed; a build still running keeps its own
     staging = Path(tempfile.mkdtemp(prefix=f".staging-{os.getpid()}-", dir=home))
-    runner = Runner(bundle, dataclasses.replace(cfg, backends=tuple(dict.fromkeys(b for b, _, _ in todo))), say,
-                    Path(cache_dir) if cache_dir else None)
     try:
-        report = runner.run(captured, timed=False)
-        job = _Job(runner, cfg, _model_sections(bundle, captured, cfg), output_axes(bundle), staging, home, say)
-        outcomes += name_cache([job.ship(b, p, key, report.rows(b, p)) for b, p, key in todo], captured.cache_dir)
+        report = runner.run(timed=False, backends=[b for b, _, _, _ in todo])
+        for b, p, key, target in todo:
+            outcomes.append(name_cache(_ship(runner, b, p, key, report.rows(b, p), staging / target.name, target), cache_dir))
     finally:
         runner.close()
         shutil.rmtree(staging, ignore_errors=True)
     return [shipped(o) for o in outcomes]
 
 
-@dataclass
-class _Job:
-    runner: Runner
-    cfg: RunConfig
-    shared: dict[str, Any]
-    axes: dict[str, list[int | str]]
-    staging: Path
-    home: Path
-    say: Progress
-
-    def ship(self, backend: str, precision: Precision, key: str, rows: list[Result]) -> BuildOutcome:
-        """Save the engine, load it back and check and time it at every shape; install it only if all passed."""
-        target = self.home / f"{backend}-{precision.value}"
-        bad = [r for r in rows if r.status != "ok"]
-        engine = self.runner.engines.get((backend, precision))
-        if bad or engine is None:
-            worst = bad[0] if bad else rows[0]
-            reason = "; ".join(f"at {r.shape}: {r.reason}" for r in bad) or "the engine was not built"
-            self.say(f"{backend} {precision}: {worst.status}, not installed ({reason})")
-            return BuildOutcome(backend, precision.value, target, worst.status, reason)
-        src = self.staging / f"{backend}-{precision.value}"
-        refs = self.runner.references
-        reference = self.runner.engines.get(REFERENCE)
-        assert refs is not None and reference is not None
-        try:
-            size = artifact_mb(engine.save(src))
-            self.say(f"{backend} {precision}: checking the saved engine, loaded back from its files")
-            verdict = accept(src, refs, precision, self.cfg.device, reference, cls_path=self.runner.isolated(backend),
-                             isolated=self.cfg.isolation == "process", warmup=self.cfg.warmup, rounds=self.cfg.rounds,
-                             tolerances=self.cfg.tolerances, timeout_s=self.cfg.timeout_s, say=self.say)
-        except Exception as e:
-            self.say(f"{backend} {precision}: failed: {type(e).__name__}: {e}")
-            return BuildOutcome(backend, precision.value, target, "failed", f"{type(e).__name__}: {e}")
-        if not verdict.passed:
-            self.say(f"{backend} {precision}: mismatch, not installed ({verdict.reason})")
-            return BuildOutcome(backend, precision.value, target, "mismatch", f"the saved engine, loaded back: {verdict.reason}")
-        store.write_reference(src, {str(s): refs.saved(s, KINDS) for s in refs.shapes}, refs.task_batches(KINDS))
-        pre = save_preprocessor(self.runner.bundle, src)  # so the artifact can answer text or images (kiln predict)
-        manifest.write(src, manifest.read(src).with_sections(
-            **self.shared, **verdict.manifest(self.axes), build_options=self.cfg.options[backend].build_options(),
-            cache_key=key, describe=rows[0].describe, artifact_mb=size, **pre))
-        store.install(src, target)
-        self.say(f"{backend} {precision}: built {target}")
-        return BuildOutcome(backend, precision.value, target, "built", verdict.reason, size)
-
-
-def save_preprocessor(bundle: ModelBundle, directory: Path) -> dict[str, Any]:
-    """The model's tokenizer (text) or image processor (images) files beside the engine's, hashed
-    with them: the manifest's field ("tokenizer" or "processor") and its files; {} without one."""
-    key, pre = ("processor", bundle.processor) if bundle.vision else ("tokenizer", bundle.tokenizer)
-    if pre is None:
-        return {}
-    before = {p.name for p in directory.iterdir()}
-    pre.save_pretrained(directory)
-    added = sorted(p.name for p in directory.iterdir() if p.name not in before)
-    for name in added:
-        if not (directory / name).is_file():
-            raise ArtifactError(f"the {key} wrote {name}, not a file: an engine directory holds files only")
-    return {key: tuple(added)}
-
-
-def _model_sections(bundle: ModelBundle, captured: Captured, cfg: RunConfig) -> dict[str, Any]:
-    """What every engine of this build shares: the model, its inputs and its head's labels."""
-    return {
-        "model": ModelRecord(bundle.name, bundle.task, captured.graph_hash, bundle.source, tuple(bundle.output_names),
-                             bundle.summary.get("labels")),
-        "inputs": {n: {"dtype": str(s.dtype).removeprefix("torch."), "dims": list(s.dims), "high": s.high}
-                   for n, s in bundle.inputs.items()},
-        "axis_ranges": {k: list(v) for k, v in bundle.axis_ranges.items()},
-        "versions": environment(cfg.device, registry.libraries())["versions"],
-    }
+def _ship(runner: Runner, backend: str, precision: Precision, key: str, rows: list[Result], src: Path, target: Path) -> BuildOutcome:
+    """Save the engine, load it back and check and time it at every shape; install it only if all passed."""
+    w, say = runner.workload, lambda m: runner.say(f"{backend} {precision}: {m}")
+    bad = [r for r in rows if r.status != "ok"]
+    engine = runner.engines.get((backend, precision))
+    if bad or engine is None:
+        worst = bad[0] if bad else rows[0]
+        reason = "; ".join(f"at {r.shape}: {r.reason}" for r in bad) or "the engine was not built"
+        say(f"{worst.status}, not installed ({reason})")
+        return BuildOutcome(backend, precision.value, target, worst.status, reason)
+    try:
+        size = artifact_mb(engine.save(src))
+        say("checking the saved engine, loaded back from its files")
+        verdict = w.accept(src, backend, precision)
+        if verdict.passed:
+            w.seal(src, backend, precision, key, verdict, rows, size)
+    except Exception as e:
+        say(f"failed: {short(e)}")
+        return BuildOutcome(backend, precision.value, target, "failed", short(e))
+    if not verdict.passed:
+        say(f"mismatch, not installed ({verdict.reason})")
+        return BuildOutcome(backend, precision.value, target, "mismatch", f"the saved engine, loaded back: {verdict.reason}")
+    store.install(src, target)
+    say(f"built {target}")
+    return BuildOutcome(backend, precision.value, target, "built", verdict.reason, size)

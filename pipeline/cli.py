@@ -96,21 +96,6 @@ def _out(args: argparse.Namespace) -> Path:
     return Path(args.out) if args.out else Path("artifacts/runs") / dt.datetime.now().strftime("%Y%m%d-%H%M%S")
 
 
-def _generate(args: argparse.Namespace, out: Path, say: Callable[[str], None] | None) -> Any:
-    from .config import make_config
-    from .genrun import run_generation
-    from .models import load_model
-
-    cfg = make_config(backends=args.backends, precisions=args.precisions, shapes=TEXT_SHAPES if args.shapes is None else args.shapes,
-                      device=args.device, options=parse_options(args.option), isolation=args.isolation, timeout_s=args.timeout)
-    if say:
-        say(f"loading model {args.model}")
-    report = run_generation(load_model(args.model, args.task), cfg, args.new_tokens, args.cache_len, args.rounds, say,
-                            cache_dir=args.cache_dir, checkpoint=lambda partial: partial.save(out))  # a killed run keeps its rows
-    report.save(out)
-    return report
-
-
 def cmd_run(args: argparse.Namespace) -> int:
     _fill_defaults(args, "run")
     _preflight(args, "run")
@@ -119,11 +104,10 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     out = _out(args)
     say = None if args.quiet else progress.display()
-    report = _generate(args, out, say) if args.mode == "generate" else run(
-        args.model, out=out, progress=say, cache_dir=args.cache_dir, backends=args.backends, precisions=args.precisions,
-        shapes=args.shapes, device=args.device, options=parse_options(args.option), warmup=args.warmup, rounds=args.rounds,
-        isolation=args.isolation, timeout_s=args.timeout, save_engines=out / "engines" if args.save_engines else None,
-        quant=_quant(args), task=args.task)
+    report = run(args.model, out=out, progress=say, cache_dir=args.cache_dir, backends=args.backends, precisions=args.precisions,
+                 shapes=args.shapes, device=args.device, options=parse_options(args.option), warmup=args.warmup, rounds=args.rounds,
+                 isolation=args.isolation, timeout_s=args.timeout, save_engines=out / "engines" if args.save_engines else None,
+                 quant=_quant(args), task=args.task, mode=args.mode, new_tokens=args.new_tokens, cache_len=args.cache_len)
     progress.close_displays()  # the bar gives the terminal back before the table
     print(report.to_json() if args.json else report.to_markdown())
     print(f"wrote {out / 'report.json'} (and .md, .csv)", file=sys.stderr)
@@ -169,20 +153,13 @@ def cmd_build(args: argparse.Namespace) -> int:
     _fill_defaults(args, "build")
     _preflight(args, "build")
     _cache(args)
-    common = dict(root=args.root, device=args.device, options=parse_options(args.option), rounds=args.rounds,
-                  progress=None if args.quiet else progress.display(), cache_dir=args.cache_dir, task=args.task)
-    if args.mode == "generate":
-        from .genbuild import build_generation
+    from .build import build, build_table
 
-        outcomes = build_generation(args.model, args.backends, args.precisions, args.shapes, new_tokens=args.new_tokens,
-                                    cache_len=args.cache_len, **common)  # type: ignore[arg-type]
-    else:
-        from .build import build
-
-        outcomes = build(args.model, args.backends, args.precisions, args.shapes, warmup=args.warmup, isolation=args.isolation,
-                         quant=_quant(args), **common)  # type: ignore[arg-type]
+    outcomes = build(args.model, args.backends, args.precisions, args.shapes, root=args.root, device=args.device,
+                     options=parse_options(args.option), progress=None if args.quiet else progress.display(), cache_dir=args.cache_dir,
+                     warmup=args.warmup, rounds=args.rounds, isolation=args.isolation, quant=_quant(args), task=args.task,
+                     mode=args.mode, new_tokens=args.new_tokens, cache_len=args.cache_len)
     progress.close_displays()
-    from .build import build_table
 
     print(json.dumps([o.to_dict() for o in outcomes], indent=2) if args.json else build_table(outcomes))
     return 0 if all(o.status in ("built", "reused") for o in outcomes) else 1

@@ -29,13 +29,15 @@ class BackendError(KilnError):
     """A backend failed to compile, load or run."""
 
 
-class GenerationUnsupported(BackendError):
-    """This backend (or precision) does not run generation (yet): a row that says so, never a failure."""
-
-
 class NumericsError(KilnError):
     """Outputs that are not finite (NaN or Inf)."""
 
 
 class ArtifactError(KilnError):
     """An artifact that is missing, corrupted, tampered with, or from another tool or version."""
+
+
+def short(e: BaseException) -> str:
+    """An exception as a row's reason: Kiln's own in full, anything else as its type and first line."""
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0] if text else ''}"[:400] if not isinstance(e, KilnError) else str(e)[:800]

@@ -27,7 +27,7 @@ from torch import nn
 from torch.export import ExportedProgram
 
 from .decoding import CacheSpec, Step
-from .errors import GenerationUnsupported, InputError
+from .errors import InputError
 from .heads import HEADS
 from .inputs import Shape
 from .capture import Captured, capture
@@ -237,11 +237,8 @@ def compile_steps(backend: Any, programs: GenerationPrograms, precision: Precisi
                   shapes: Sequence[Shape] = ()) -> GenerationEngine:
     """A backend's prefill and decode engines (`kiln run --mode generate`), for calls at `shapes`
     (BATCHxPROMPT). Each step is compiled as a forward model is (so it saves and loads as one);
-    the decode step's shapes are one token at each batch asked. Where the backend's support table
-    does not build its steps at `precision`, GenerationUnsupported: an `unsupported` row that says why."""
-    check = backend.supports(precision, device, generate=True)
-    if not check:
-        raise GenerationUnsupported(check.reason)
+    the decode step's shapes are one token at each batch asked. The caller has read the backend's
+    support table (`Backend.refusal(..., generate=True)`)."""
     prefill = backend.compile(programs.steps[0], precision, device, backend.step_options(options, "prefill"), list(shapes))
     decode = backend.compile(programs.steps[1], precision, device, backend.step_options(options, "decode"), decode_shapes(shapes))
     return GenerationEngine.of(prefill, decode)

@@ -123,6 +123,21 @@ def write_reference(directory: Path, shapes: dict[str, tuple[list[dict[str, torc
     return path
 
 
+def save_preprocessor(bundle: Any, directory: Path) -> dict[str, Any]:
+    """The model's tokenizer (text) or image processor (images) files beside the engine's, hashed
+    with them: the manifest's field ("tokenizer" or "processor") and its files; {} without one."""
+    key, pre = ("processor", bundle.processor) if bundle.vision else ("tokenizer", bundle.tokenizer)
+    if pre is None:
+        return {}
+    before = {p.name for p in directory.iterdir()}
+    pre.save_pretrained(directory)
+    added = sorted(p.name for p in directory.iterdir() if p.name not in before)
+    for name in added:
+        if not (directory / name).is_file():
+            raise ArtifactError(f"the {key} wrote {name}, not a file: an engine directory holds files only")
+    return {key: tuple(added)}
+
+
 def read_reference(directory: str | Path) -> dict[str, dict[str, list[dict[str, torch.Tensor]]]]:
     """{shape: {"inputs": [...], "outputs": [...]}}."""
     return read_reference_file(Path(directory))["shapes"]

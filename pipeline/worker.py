@@ -119,23 +119,37 @@ class CompileRequest:
     shapes: tuple[Shape, ...]
 
 
-def _op_compile(state: dict[str, Any], req: CompileRequest) -> dict[str, Any]:
+_RSS0 = [0]  # the worker's RSS when its engine started to be made: its peak above it is the engine's
+
+
+def engine_starts() -> None:
+    """A maker calls this once what is not the engine (the model, its capture) is loaded."""
+    _RSS0[0] = reset_peak_rss()
+
+
+def compiled(req: CompileRequest) -> Any:
+    """A forward engine: the captured program read from the cache by content (checked against the run's hash), compiled."""
     from .capture import capture
     from .models import load_model
 
     captured = capture(load_model(req.model_spec, req.model_task), Path(req.cache_dir) if req.cache_dir else None, req.quant)
     if captured.graph_hash != req.graph_hash:
         raise BackendError(f"the worker captured graph {captured.graph_hash}, the run {req.graph_hash}: the model loaded differently")
-    backend = backend_of(req.backend, req.cls_path)
-    state["rss0"] = reset_peak_rss()  # the engine's peak, as the in-process watch counts it: not the model's load
-    state["engine"] = backend.compile(captured, req.precision, req.device, req.options, list(req.shapes))
-    return _facts(state)
+    engine_starts()  # the engine's peak, as the in-process watch counts it: not the model's load
+    return backend_of(req.backend, req.cls_path).compile(captured, req.precision, req.device, req.options, list(req.shapes))
 
 
-def _op_load(state: dict[str, Any], directory: str, device: str, cls_path: tuple[str, str] | None) -> dict[str, Any]:
-    """The saved engine, by its backend's own load (hashes and versions checked); no model code is loaded."""
-    state["rss0"] = reset_peak_rss()
-    state["engine"] = backend_of(manifest.read(directory).backend, cls_path).load(directory, device)
+def loaded(directory: str, device: str, cls_path: tuple[str, str] | None) -> Any:
+    """A saved forward engine, by its backend's own load (hashes and versions checked); no model code is loaded."""
+    return backend_of(manifest.read(directory).backend, cls_path).load(directory, device)
+
+
+def _op_make(state: dict[str, Any], target: str, *args: Any) -> dict[str, Any]:
+    """The worker's engine, made by `module:function(*args)`, found by name here: a workload's own
+    maker (forward engines here, generation's with generation)."""
+    module, _, function = target.partition(":")
+    engine_starts()
+    state["engine"] = getattr(importlib.import_module(module), function)(*args)
     return _facts(state)
 
 
@@ -145,8 +159,15 @@ def _facts(state: dict[str, Any]) -> dict[str, Any]:
             "output_names": e.output_names, "build_s": e.build_s}
 
 
-def _op_run(state: dict[str, Any], inputs: Tensors) -> Tensors:
-    return {k: v.cpu() for k, v in state["engine"](inputs).items()}
+def _host(x: Any) -> Any:
+    """Named tensors (or one tensor) on the host, to cross the socket; anything else as it is."""
+    if isinstance(x, Mapping):
+        return {k: v.cpu() for k, v in x.items()}
+    return x.cpu() if isinstance(x, torch.Tensor) else x
+
+
+def _op_run(state: dict[str, Any], inputs: Any) -> Any:
+    return _host(state["engine"](inputs))
 
 
 def _op_stage(state: dict[str, Any], key: int, inputs: Tensors) -> None:
@@ -159,24 +180,15 @@ def _op_time(state: dict[str, Any], key: int, calls: int) -> list[float]:
 
 def _op_info(state: dict[str, Any]) -> dict[str, Any]:
     e = state["engine"]
-    return {"describe": e.describe(), "notes": e.notes(), "peak_host_mb": (peak_rss_bytes() - state.get("rss0", 0)) / 2**20}
+    return {"describe": e.describe(), "notes": e.notes(), "peak_host_mb": (peak_rss_bytes() - _RSS0[0]) / 2**20}
 
 
 def _op_save(state: dict[str, Any], directory: str) -> list[str]:
     return [str(p) for p in state["engine"].save(directory)]
 
 
-def _op_call(state: dict[str, Any], target: str, *args: Any) -> Any:
-    """A workload's own operation, `module:function(state, *args)`, found by name in the worker
-    (generation's steps live with generation, not here)."""
-    import importlib
-
-    module, _, function = target.partition(":")
-    return getattr(importlib.import_module(module), function)(state, *args)
-
-
-_OPS: dict[str, Callable[..., Any]] = {"compile": _op_compile, "load": _op_load, "run": _op_run, "stage": _op_stage, "time": _op_time,
-                                       "info": _op_info, "save": _op_save, "call": _op_call}
+_OPS: dict[str, Callable[..., Any]] = {"make": _op_make, "run": _op_run, "stage": _op_stage, "time": _op_time, "info": _op_info,
+                                       "save": _op_save}
 
 
 def _raise(kind: str, message: str, kiln: bool, trace: str) -> None:
@@ -295,27 +307,23 @@ class RemoteEngine:
         self._staged: dict[int, Any] = {}
 
     @classmethod
-    def _started(cls, label: str, timeout_s: float, on_progress: Callable[[str], None] | None, op: str, *args: Any) -> RemoteEngine:
-        """A fresh worker holding the engine `op` made there; closed if it fails to."""
+    def make(cls, label: str, timeout_s: float, on_progress: Callable[[str], None] | None, target: str,
+             args: tuple[Any, ...]) -> RemoteEngine:
+        """A fresh worker holding the engine `target(*args)` made there; closed if it fails to."""
         worker = Worker(label, timeout_s, on_progress)
         try:
-            return cls(worker, worker.call(op, *args))
+            return cls(worker, worker.call("make", target, *args))
         except BaseException:
             worker.close()
             raise
 
     @classmethod
-    def compile(cls, label: str, timeout_s: float, request: CompileRequest,
-                on_progress: Callable[[str], None] | None = None) -> RemoteEngine:
-        return cls._started(label, timeout_s, on_progress, "compile", request)
-
-    @classmethod
     def load(cls, label: str, directory: Path, device: str, cls_path: tuple[str, str] | None,
              timeout_s: float) -> RemoteEngine:
-        return cls._started(label, timeout_s, None, "load", str(directory), device, cls_path)
+        return cls.make(label, timeout_s, None, f"{__name__}:loaded", (str(directory), device, cls_path))
 
-    def __call__(self, inputs: Mapping[str, torch.Tensor]) -> Tensors:
-        return dict(self.worker.call("run", {k: v.cpu() for k, v in inputs.items()}))
+    def __call__(self, inputs: Any) -> Any:
+        return self.worker.call("run", _host(inputs))
 
     def synchronize(self) -> None:
         """Each timed call synchronizes inside the worker."""
@@ -345,4 +353,8 @@ class RemoteEngine:
 
 
 if __name__ == "__main__":  # python -m pipeline.worker SOCKET THREADS: started by Worker
-    _serve(Client(sys.argv[1], family="AF_UNIX"), int(sys.argv[2]))
+    # served by the module imported by name, not this __main__ copy: makers found by name
+    # ("pipeline.worker:compiled") then share its state (the engine's memory baseline)
+    from pipeline import worker
+
+    worker._serve(Client(sys.argv[1], family="AF_UNIX"), int(sys.argv[2]))

@@ -35,19 +35,33 @@ def test_the_cli_help_reads_the_table() -> None:
 
 
 def test_the_api_signatures_read_the_table() -> None:
-    from pipeline.build import build
+    from pipeline.build import _config, _workload, build
     from pipeline.config import RunConfig
-    from pipeline.genbuild import build_generation
     from pipeline.store import GenerationArtifact
-    from pipeline.genrun import run_generation
 
-    b, bg, rg, run = DEFAULTS["build"], DEFAULTS["build-generate"], DEFAULTS["run-generate"], DEFAULTS["run"]
-    assert (_default(build, "warmup"), _default(build, "rounds")) == (b.warmup, b.rounds)
-    assert (_default(build_generation, "rounds"), _default(build_generation, "new_tokens")) == (bg.rounds, bg.new_tokens)
-    assert (_default(run_generation, "rounds"), _default(run_generation, "new_tokens")) == (rg.rounds, rg.new_tokens)
+    run = DEFAULTS["run"]
+    # the API leaves a default unset (None) and takes it from the table for the verb in the mode asked
+    assert all(_default(build, k) is None for k in ("warmup", "rounds", "new_tokens"))
+    for verb, mode in (("run", "forward"), ("run", "generate"), ("build", "forward"), ("build", "generate")):
+        d = defaults(verb, mode)
+        cfg = _config(verb, mode, None, {"backends": "eager", "warmup": None, "rounds": None})
+        assert (cfg.warmup, cfg.rounds) == (d.warmup, d.rounds)
+        if mode == "generate":
+            assert _workload(mode, verb, None, None)(_Probe()).new_tokens == d.new_tokens  # type: ignore[operator]
     assert _default(GenerationArtifact.generate_text, "new_tokens") == DEFAULTS["predict"].new_tokens
     config = RunConfig.__dataclass_fields__
     assert (config["warmup"].default, config["rounds"].default, config["timeout_s"].default) == (run.warmup, run.rounds, run.timeout_s)
+
+
+class _Probe:
+    """What a workload reads of its runner before anything is captured, for tiny-gpt2."""
+
+    def __init__(self) -> None:
+        from pipeline.config import make_config
+        from pipeline.models import load_model
+
+        self.bundle, self.cfg = load_model("tiny-gpt2"), make_config(backends="eager", shapes="1x8", device="cpu")
+        self.say, self.cache_dir = (lambda _m: None), None
 
 
 def test_no_other_module_spells_a_default() -> None:

@@ -4,6 +4,7 @@ and bad input."""
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 import subprocess
@@ -21,10 +22,11 @@ from plugin_backend import ExportedProgramBackend
 from pipeline import manifest, store
 from pipeline.cli import main
 from pipeline.errors import ArtifactError, InputError
-from pipeline.genbuild import build_generation
+from pipeline.build import build
 from pipeline.store import load_generation, verify_generation
 
 BACKENDS = ("eager", "inductor", "onnxruntime", "tvm")
+build_generation = functools.partial(build, mode="generate")  # kiln build --mode generate, through the API
 PROMPT = "the model reads the sentence and"
 
 
@@ -221,6 +223,6 @@ def test_a_generation_build_checks_its_steps_loaded_back_in_a_fresh_worker(built
     mismatch naming the step where the tokens part, and nothing is installed."""
     home, outcomes = built
     (drift,) = [o for o in outcomes if o.backend == _DriftingDecode.name]
-    assert drift.status == "mismatch" and "the saved steps, loaded back, at 1x8" in drift.reason, drift.reason
+    assert drift.status == "mismatch" and "the saved engine, loaded back: at 1x8" in drift.reason, drift.reason
     assert "greedy tokens diverge from eager fp32 at step 1" in drift.reason and not drift.path.exists()
     assert not any(home.glob(".staging-*"))  # nothing staged left behind

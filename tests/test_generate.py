@@ -22,11 +22,11 @@ import backends as registry
 from backends.base import Backend, CompiledModel, ok
 from backends.eager import EagerModel
 from pipeline.cli import main
-from pipeline.config import make_config
 from pipeline.errors import InputError
 from pipeline.decoding import Generation, agreement, greedy, module_step
 from pipeline.generate import capture_generation
-from pipeline.genrun import judge, run_generation
+from pipeline.build import run
+from pipeline.genrun import judge
 from pipeline.inputs import Shape
 from pipeline.models import load_model
 from pipeline.precision import Precision
@@ -141,8 +141,8 @@ def test_int8_dynamic_generation_quantizes_every_linear_layer_and_inductor_keeps
     programs = quantized_generation(bundle, 24)
     quantized = [m for m in programs.module.modules() if isinstance(m, torch.nn.Linear)]
     assert len(quantized) == 2 * 4 + 1 and all(isinstance(m.weight, TorchAOBaseTensor) for m in quantized)  # 4 per block + lm_head
-    cfg = make_config(backends="eager,inductor,onnxruntime", precisions="int8-dynamic", shapes="1x8", device="cpu", isolation="none")
-    report = run_generation(bundle, cfg, new_tokens=6, rounds=1, bandwidth=False)
+    report = run(bundle, mode="generate", backends="eager,inductor,onnxruntime", precisions="int8-dynamic", shapes="1x8", device="cpu",
+                 isolation="none", new_tokens=6, rounds=1)
     rows = {(r.backend, r.precision.value): r for r in report.results}
     eager, inductor = rows[("eager", "int8-dynamic")], rows[("inductor", "int8-dynamic")]
     assert eager.status == "ok" and eager.agreement is not None  # the int8 reference, against eager fp32
