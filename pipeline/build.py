@@ -19,10 +19,8 @@ from . import manifest, store
 from .capture import DEFAULT_CACHE
 from .choices import IMAGE_SHAPES, TEXT_SHAPES, defaults
 from .config import RunConfig, check_choices, make_config
-from .errors import InputError, short
-from .forward import Forward
+from .errors import short
 from .fsutil import clean_stale, safe_name
-from .generation import Generate
 from .inputs import Shape
 from .models import DEFAULT_MODEL, ModelBundle, load_model
 from .precision import Precision
@@ -54,23 +52,12 @@ def _default_shapes(cfg: RunConfig, bundle: ModelBundle, asked: Any) -> RunConfi
     return dataclasses.replace(cfg, shapes=tuple(Shape.parse(s) for s in IMAGE_SHAPES))
 
 
-def _workload(mode: str, verb: str, new_tokens: int | None, cache_len: int | None) -> Any:
-    """The runner's workload for `mode`: forward passes, or generation with its settings."""
-    if mode == "forward":
-        if cache_len is not None:
-            raise InputError("a cache length is for generation (mode generate)")
-        return Forward
-    if mode != "generate":
-        raise InputError(f"mode {mode!r}; valid: forward, generate")
-    tokens = defaults(verb, mode).new_tokens if new_tokens is None else new_tokens
-    return lambda runner: Generate(runner, tokens, cache_len)
-
-
-def _config(verb: str, mode: str, shapes: Any, config: dict[str, Any]) -> RunConfig:
-    """The verb's defaults in the mode (pipeline.choices.DEFAULTS) for what is not given."""
-    d = defaults(verb, mode)
+def _config(verb: str, shapes: Any, config: dict[str, Any]) -> RunConfig:
+    """The job's config: the verb's defaults in the mode (pipeline.choices.DEFAULTS) for what is not given."""
+    d = defaults(verb, config.get("mode") or "forward")
     given = {k: v for k, v in config.items() if v is not None}
-    return make_config(shapes=TEXT_SHAPES if shapes is None else shapes, **{"warmup": d.warmup, "rounds": d.rounds, **given})
+    return make_config(shapes=TEXT_SHAPES if shapes is None else shapes,
+                       **{"warmup": d.warmup, "rounds": d.rounds, "new_tokens": d.new_tokens, **given})
 
 
 def run(model: str | Path | ModelBundle = DEFAULT_MODEL, *, out: str | Path | None = None, progress: Progress | None = None,
@@ -79,15 +66,14 @@ def run(model: str | Path | ModelBundle = DEFAULT_MODEL, *, out: str | Path | No
     """The main job as one call. Returns the Report; writes report.json/.md/.csv under `out` when given.
     `task`: the head to load a model directory with (default: the one its config names); `mode`:
     "forward" or "generate" (greedy generation of `new_tokens` with a static cache of `cache_len`)."""
-    workload = _workload(mode, "run", new_tokens, cache_len)
     shapes = config.pop("shapes", None)
-    cfg = _config("run", mode, shapes, config)
+    cfg = _config("run", shapes, {**config, "mode": mode, "new_tokens": new_tokens, "cache_len": cache_len})
     if progress:
         progress(f"loading model {model if not isinstance(model, ModelBundle) else model.name}")
     bundle = model if isinstance(model, ModelBundle) else load_model(model, task)
     cfg = _default_shapes(cfg, bundle, shapes)
     checkpoint = (lambda partial: partial.save(out)) if out is not None else None  # a killed run keeps its rows
-    runner = Runner(bundle, cfg, progress, Path(cache_dir) if cache_dir else None, checkpoint, workload)
+    runner = Runner(bundle, cfg, progress, Path(cache_dir) if cache_dir else None, checkpoint)
     try:
         report = runner.run()
         if cfg.save_engines:
@@ -170,12 +156,12 @@ def build(model: str | Path | ModelBundle, backends: Sequence[str] | str, precis
     previous one as it was. Defaults (warmup, rounds, new tokens) are the verb's in the mode."""
     say = progress or (lambda _m: None)
     check_choices(backends, need_backends=True)
-    workload = _workload(mode, "build", new_tokens, cache_len)
-    cfg = _config("build", mode, shapes, dict(backends=backends, precisions=precisions, device=device, options=options, warmup=warmup,
-                                              rounds=rounds, isolation=isolation, quant=quant))
+    cfg = _config("build", shapes, dict(backends=backends, precisions=precisions, device=device, options=options, warmup=warmup,
+                                        rounds=rounds, isolation=isolation, quant=quant, mode=mode, new_tokens=new_tokens,
+                                        cache_len=cache_len))
     bundle = model if isinstance(model, ModelBundle) else load_model(model, task)
     cfg = _default_shapes(cfg, bundle, shapes)
-    runner = Runner(bundle, cfg, say, Path(cache_dir) if cache_dir else None, workload=workload)
+    runner = Runner(bundle, cfg, say, Path(cache_dir) if cache_dir else None)
     w, home = runner.workload, Path(root) / safe_name(bundle.name)
     if home.is_dir():
         clean_stale(home, ".staging-")  # left by builds that were killed, also when this one only reuses

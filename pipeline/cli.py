@@ -71,18 +71,12 @@ def _preflight(args: argparse.Namespace, verb: str) -> None:
 
     if model_source(args.model) == "dir":
         check_model_dir(args.model)
-    if args.mode == "generate":
-        if verb == "run" and args.save_engines:
-            raise InputError("--save-engines is for forward runs; deployable generation engines: kiln build --mode generate")
-        if args.new_tokens < 1:
-            raise InputError(f"--new-tokens {args.new_tokens}: generate at least one token")
-        if args.cache_len is not None and args.cache_len < 1:
-            raise InputError(f"--cache-len {args.cache_len}: must be an integer >= 1")
-    elif args.cache_len is not None:
-        raise InputError("--cache-len is for --mode generate")
+    if args.mode == "generate" and verb == "run" and args.save_engines:
+        raise InputError("--save-engines is for forward runs; deployable generation engines: kiln build --mode generate")
     timing = {"warmup": args.warmup, "rounds": args.rounds, **({"timeout_s": args.timeout} if verb == "run" else {})}
     check_choices(args.backends, args.precisions, TEXT_SHAPES if args.shapes is None else args.shapes, args.device,
-                  need_backends=verb == "build", isolation=args.isolation, quant=_quant(args), **timing)
+                  need_backends=verb == "build", isolation=args.isolation, quant=_quant(args), mode=args.mode,
+                  new_tokens=args.new_tokens, cache_len=args.cache_len, **timing)
     # where the job will write, before anything is loaded or compiled: a report is small, engines are not
     if verb == "run":
         args.out = str(_out(args))

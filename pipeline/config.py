@@ -43,6 +43,11 @@ class RunConfig:
     isolation: Literal["process", "none"] = "process"
     timeout_s: float = DEFAULTS["run"].timeout_s  # the longest one worker request may take (tuning included)
     quant: QuantSpec = field(default_factory=QuantSpec)  # how int8 precisions are calibrated
+    # what a job does with the model: forward passes, or greedy generation of `new_tokens` with a
+    # static KV cache of `cache_len` positions (None: the longest prompt and the new tokens)
+    mode: Literal["forward", "generate"] = "forward"
+    new_tokens: int = DEFAULTS["run-generate"].new_tokens
+    cache_len: int | None = None
 
     @property
     def engines(self) -> tuple[str, ...]:
@@ -66,7 +71,7 @@ def check_choices(backends: Sequence[str] | str | None = None, precisions: Seque
                   need_backends: bool = False, **kw: Any) -> tuple[list[str], list[Precision], list[Shape]]:
     """Every name and number a job is given, checked without importing torch or any backend (the CLI
     calls it first, so argument errors answer at once): backend names, precisions, shapes, the
-    device, warmup, rounds, isolation, timeout and the calibration settings. An empty list is an
+    device, warmup, rounds, isolation, timeout, the calibration and the generation settings. An empty list is an
     error; no backends named means all of them, unless `need_backends` (a build names its engines)."""
     names = backends.split(",") if isinstance(backends, str) else list(backends or [])
     names = [n.strip() for n in names if n.strip()]
@@ -85,6 +90,14 @@ def check_choices(backends: Sequence[str] | str | None = None, precisions: Seque
     for key, least in (("warmup", 0), ("rounds", 1)):
         if key in kw and (not isinstance(kw[key], int) or kw[key] < least):
             raise InputError(f"--{key} {kw[key]!r}: must be an integer >= {least}")
+    mode = kw.get("mode", "forward")
+    if mode not in ("forward", "generate"):
+        raise InputError(f"--mode {mode!r}; valid: forward, generate")
+    for key, why in (("new_tokens", "generate at least one token"), ("cache_len", "must be an integer >= 1")):
+        if kw.get(key) is not None and (not isinstance(kw[key], int) or kw[key] < 1):
+            raise InputError(f"--{key.replace('_', '-')} {kw[key]!r}: {why}")
+    if kw.get("cache_len") is not None and mode != "generate":
+        raise InputError("--cache-len is for --mode generate")
     if kw.get("isolation", "process") not in ("process", "none"):
         raise InputError(f"--isolation {kw['isolation']!r}; valid: process, none")
     if "timeout_s" in kw and not (isinstance(kw["timeout_s"], (int, float)) and 0 < kw["timeout_s"] < float("inf")):

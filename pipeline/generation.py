@@ -64,9 +64,9 @@ class Accepted:
 class Generate:
     mode, suffix = MODE, "-generate"
 
-    def __init__(self, runner: Context, new_tokens: int, cache_len: int | None) -> None:
-        self.r, self.new_tokens = runner, new_tokens
-        self.cache_len = plan_cache(runner.bundle, runner.cfg, new_tokens, cache_len)
+    def __init__(self, runner: Context) -> None:
+        self.r, self.new_tokens = runner, runner.cfg.new_tokens
+        self.cache_len = plan_cache(runner.bundle, runner.cfg)
         self.steps = Steps(runner.bundle, self.cache_len, runner.say, runner.cache_dir)
         self.inputs: dict[Shape, torch.Tensor] = {}
         self.refs: dict[Shape, Generation] = {}

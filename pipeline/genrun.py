@@ -47,15 +47,13 @@ def prompts(bundle: ModelBundle, shape: Shape) -> torch.Tensor:
     return torch.randint(0, bundle.inputs["input_ids"].high, (shape.batch, shape.seq), generator=g)
 
 
-def plan_cache(bundle: ModelBundle, cfg: RunConfig, new_tokens: int, cache_len: int | None) -> int:
+def plan_cache(bundle: ModelBundle, cfg: RunConfig) -> int:
     """The static cache's length (default: the longest prompt and the new tokens), refused before
     anything is captured when it cannot hold them, exceeds the model's positions or this machine's memory."""
     if not (bundle.task in HEADS and HEADS[bundle.task].generates):
         raise InputError(f"--mode generate needs a causal LM; {bundle.name} is {bundle.task}")
-    if new_tokens < 1:
-        raise InputError(f"--new-tokens {new_tokens}: generate at least one token")
-    longest = max(s.seq for s in cfg.shapes)
-    cache_len = cache_len or longest + new_tokens
+    new_tokens, longest = cfg.new_tokens, max(s.seq for s in cfg.shapes)
+    cache_len = cfg.cache_len or longest + new_tokens
     limit = bundle.axis_ranges.get("seq", (1, cache_len))[1]
     if cache_len > limit:
         raise InputError(f"a static cache of {cache_len} positions is beyond {bundle.name}'s {limit}")

@@ -25,6 +25,7 @@ from .config import REFERENCE, RunConfig
 from .env import environment
 from .errors import short
 from .forward import Forward
+from .generation import Generate
 from .inputs import Shape
 from .models import ModelBundle
 from .precision import Precision
@@ -33,21 +34,21 @@ from .worker import RemoteEngine, WorkerCrashed, isolated
 from .workload import Engine, Engines, Rows, Workload
 
 Progress = Callable[[str], None]
+WORKLOADS: dict[str, Callable[[Any], Workload]] = {"forward": Forward, "generate": Generate}
 log = logging.getLogger("kiln")
 
 
 class Runner:
     def __init__(self, bundle: ModelBundle, config: RunConfig, progress: Progress | None = None,
-                 cache_dir: Path | None = None, checkpoint: Callable[[Report], None] | None = None,
-                 workload: Callable[[Any], Workload] | None = None) -> None:
-        """`workload`: made from this runner (forward passes by default); it checks what it is
-        given against the model before anything is captured."""
+                 cache_dir: Path | None = None, checkpoint: Callable[[Report], None] | None = None) -> None:
+        """The config's mode names the workload, made from this runner; it checks what it is given
+        against the model before anything is captured."""
         self.bundle, self.cfg = bundle, config
         self.say = progress or (lambda _msg: None)
         self.cache_dir, self.checkpoint = cache_dir, checkpoint
         self.engines: Engines = {}
         self.env = environment(config.device, registry.libraries())  # read once: the report is rewritten after each engine
-        self.workload: Workload = (workload or Forward)(self)
+        self.workload: Workload = WORKLOADS[config.mode](self)
 
     def run(self, timed: bool = True, backends: Sequence[str] | None = None) -> Report:
         """The whole job: `timed=False` skips the timing (a build times the engines it loads back
