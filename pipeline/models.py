@@ -4,7 +4,7 @@ directories and hub ids in the local cache; each becomes a ModelBundle (pipeline
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -321,7 +321,3 @@ def load_model(spec: str | Path, task: str | None = None) -> ModelBundle:
         bundle = load_hf_dir(hub_cached(text), name=text.rsplit("/", 1)[-1], source=f"hub cache:{text}", task=task)
     bundle.spec, bundle.load_task = text, task
     return bundle
-
-
-def model_names() -> Sequence[str]:
-    return list(ZOO)
