@@ -5,6 +5,7 @@ worker, judged and timed again before its manifest is sealed."""
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import backends as registry
@@ -14,20 +15,33 @@ from .acceptance import Acceptance, accept
 from .bench import Timing, benchmark, speedup, time_call
 from .capture import Captured, capture
 from .config import REFERENCE
-from .errors import short
+from .errors import BackendError, short
 from .env import device_info
 from .fsutil import digest
 from .inputs import Shape, check_shape
 from .manifest import ModelRecord
+from .models import load_model
 from .precision import Precision
 from .references import KINDS, References, check_memory, output_axes
 from .report import Result
-from .worker import CompileRequest, WorkerCrashed
+from .worker import CompileRequest, WorkerCrashed, backend_of, engine_starts
 
 if TYPE_CHECKING:
-    from pathlib import Path
-
     from .workload import Context, Engine, Engines, Rows
+
+
+def compiled(req: CompileRequest) -> Any:
+    """A forward engine: the captured program read from the cache by content (checked against the run's hash), compiled."""
+    captured = capture(load_model(req.model_spec, req.model_task), Path(req.cache_dir) if req.cache_dir else None, req.quant)
+    if captured.graph_hash != req.graph_hash:
+        raise BackendError(f"the worker captured graph {captured.graph_hash}, the run {req.graph_hash}: the model loaded differently")
+    engine_starts()  # the engine's peak, as the in-process watch counts it: not the model's load
+    return backend_of(req.backend, req.cls_path).compile(captured, req.precision, req.device, req.options, list(req.shapes))
+
+
+def loaded(directory: str, device: str, cls_path: tuple[str, str] | None) -> Any:
+    """A saved forward engine, by its backend's own load (hashes and versions checked); no model code is loaded."""
+    return backend_of(manifest.read(directory).backend, cls_path).load(directory, device)
 
 
 class Forward:
@@ -79,7 +93,7 @@ class Forward:
     def request(self, name: str, precision: Precision, cls_path: tuple[str, str]) -> tuple[str, tuple[Any, ...]]:
         cfg, bundle, c = self.r.cfg, self.r.bundle, self.captured
         assert bundle.spec is not None  # isolated() runs nothing in a worker without one
-        return "pipeline.worker:compiled", (CompileRequest(bundle.spec, bundle.load_task, str(c.cache_dir), c.graph_hash, c.quant, name,
+        return "pipeline.forward:compiled", (CompileRequest(bundle.spec, bundle.load_task, str(c.cache_dir), c.graph_hash, c.quant, name,
                                                            cls_path, precision, cfg.device, cfg.options[name].to_dict(),
                                                            tuple(cfg.shapes)),)
 

@@ -28,7 +28,7 @@ import torch
 
 import backends as registry
 
-from . import errors, manifest, progress
+from . import errors, progress
 from .errors import BackendError, KilnError
 from .fsutil import clean_stale
 from .bench import peak_rss_bytes, reset_peak_rss, time_call
@@ -127,26 +127,9 @@ def engine_starts() -> None:
     _RSS0[0] = reset_peak_rss()
 
 
-def compiled(req: CompileRequest) -> Any:
-    """A forward engine: the captured program read from the cache by content (checked against the run's hash), compiled."""
-    from .capture import capture
-    from .models import load_model
-
-    captured = capture(load_model(req.model_spec, req.model_task), Path(req.cache_dir) if req.cache_dir else None, req.quant)
-    if captured.graph_hash != req.graph_hash:
-        raise BackendError(f"the worker captured graph {captured.graph_hash}, the run {req.graph_hash}: the model loaded differently")
-    engine_starts()  # the engine's peak, as the in-process watch counts it: not the model's load
-    return backend_of(req.backend, req.cls_path).compile(captured, req.precision, req.device, req.options, list(req.shapes))
-
-
-def loaded(directory: str, device: str, cls_path: tuple[str, str] | None) -> Any:
-    """A saved forward engine, by its backend's own load (hashes and versions checked); no model code is loaded."""
-    return backend_of(manifest.read(directory).backend, cls_path).load(directory, device)
-
-
 def _op_make(state: dict[str, Any], target: str, *args: Any) -> dict[str, Any]:
     """The worker's engine, made by `module:function(*args)`, found by name here: a workload's own
-    maker (forward engines here, generation's with generation)."""
+    maker (forward's in forward.py, generation's steps in genrun.py)."""
     module, _, function = target.partition(":")
     engine_starts()
     state["engine"] = getattr(importlib.import_module(module), function)(*args)
@@ -320,7 +303,7 @@ class RemoteEngine:
     @classmethod
     def load(cls, label: str, directory: Path, device: str, cls_path: tuple[str, str] | None,
              timeout_s: float) -> RemoteEngine:
-        return cls.make(label, timeout_s, None, f"{__name__}:loaded", (str(directory), device, cls_path))
+        return cls.make(label, timeout_s, None, "pipeline.forward:loaded", (str(directory), device, cls_path))
 
     def __call__(self, inputs: Any) -> Any:
         return self.worker.call("run", _host(inputs))
@@ -354,7 +337,7 @@ class RemoteEngine:
 
 if __name__ == "__main__":  # python -m pipeline.worker SOCKET THREADS: started by Worker
     # served by the module imported by name, not this __main__ copy: makers found by name
-    # ("pipeline.worker:compiled") then share its state (the engine's memory baseline)
+    # ("pipeline.forward:compiled") then share its state (the engine's memory baseline)
     from pipeline import worker
 
     worker._serve(Client(sys.argv[1], family="AF_UNIX"), int(sys.argv[2]))
