@@ -38,6 +38,7 @@ BUILTIN = {
     "inductor": Entry("backends.inductor:InductorBackend", cpu_compiler=True),
     "onnxruntime": Entry("backends.ort:OrtBackend", needs=(("onnxruntime", "onnxruntime-gpu"),),
                          precisions=("fp32", "fp16", "int8", "int8-dynamic")),
+    "openvino": Entry("backends.openvino:OpenVinoBackend", needs=(("openvino",), ("nncf",)), devices=("cpu",)),
     "tvm": Entry("backends.tvm:TvmBackend", needs=(("apache-tvm",),), precisions=("fp32", "fp16")),
     "tensorrt": Entry("backends.tensorrt.engine:TensorRTBackend", needs=(("tensorrt",),), devices=("cuda",),
                       precisions=("fp32", "fp16", "bf16", "int8")),

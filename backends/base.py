@@ -147,7 +147,11 @@ class Backend(ABC):
     requires: ClassVar[Mapping[str, Pin]] = {"torch": "minor"}
     # How Triton Inference Server serves this backend's engines: its platform, and Kiln's files under Triton's names.
     serving_platform: ClassVar[str | None] = None
+    serving_field: ClassVar[Literal["platform", "backend"]] = "platform"  # how Triton's config names it
     serving_files: ClassVar[Mapping[str, str]] = {}
+    # Its static int8 takes the ranges of Kiln's one calibration (calibration.json travels with the
+    # engine); False: its own quantizer estimates them from Kiln's calibration batches.
+    calibrates: ClassVar[bool] = True
 
     @final
     def availability(self, device: str = "cpu") -> Availability:
@@ -185,10 +189,17 @@ class Backend(ABC):
             return Availability.no(s.refused)
         if s.cpu_only is not None and device.split(":")[0] != "cpu":
             return Availability.no(s.cpu_only)
+        here = self._unsupported_here(precision, device)
+        if here:
+            return Availability.no(here)
         if generate and not s.generates:
             built = [p.value for p, x in self.support.items() if x.generates]
             return Availability.no(f"{self.name} generation runs {', '.join(built) or 'nothing'} so far ({precision} is not built)")
         return Availability.yes()
+
+    def _unsupported_here(self, precision: Precision, device: str) -> str | None:
+        """Why this machine cannot build `precision` though the backend can (a CPU without the arithmetic)."""
+        return None
 
     @final
     def refusal(self, precision: Precision, device: str, generate: bool = False) -> tuple[str, str] | None:
@@ -215,7 +226,7 @@ class Backend(ABC):
         bundle = captured.bundle
         quant = captured.quant if precision.quantized else None
         calibration = None
-        if precision == Precision.INT8:
+        if precision == Precision.INT8 and self.calibrates:
             from .quantize import calibrate
 
             calibration = calibrate(captured)
@@ -256,7 +267,7 @@ class Backend(ABC):
         check = self.availability(device)
         if not check:
             raise BackendError(f"{self.name} cannot load on {device}: {check.reason}")
-        calibration = Calibration.load(directory / CALIBRATION_FILE) if meta.precision == Precision.INT8 else None
+        calibration = Calibration.load(directory / CALIBRATION_FILE) if CALIBRATION_FILE in meta.files else None
         try:  # a manifest is sealed, but one written by another tool (or resealed on purpose) may still lie
             spec = EngineSpec.from_dict(self.name, meta.precision, device, meta.engine, self.options_type, self.pinned(), calibration)
         except ArtifactError as e:
@@ -288,7 +299,7 @@ class Backend(ABC):
         """How Triton serves one of this backend's engines; None where Triton has no backend for it."""
         if self.serving_platform is None:
             return None
-        return ServingFormat(self.serving_platform, self.serving_files, self._max_batch(manifest))
+        return ServingFormat(self.serving_platform, self.serving_files, self._max_batch(manifest), self.serving_field)
 
     def _max_batch(self, manifest: Manifest) -> int | None:
         """The largest batch an engine takes, where it is narrower than the model's range (a built profile)."""

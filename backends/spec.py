@@ -46,7 +46,7 @@ class EngineSpec:
         """An int8 engine's settings as data (the QuantSpec, and its calibration where it has one)."""
         if self.quant is None:
             return {}
-        out: dict[str, Any] = {**self.quant.to_dict(), "activations": "static" if self.calibration else "dynamic"}
+        out: dict[str, Any] = {**self.quant.to_dict(), "activations": "static" if self.precision == Precision.INT8 else "dynamic"}
         if self.calibration is not None:
             out.update(calibration=CALIBRATION_FILE, calibration_digest=self.calibration.digest, rows=self.calibration.rows,
                        layers=len(self.calibration.layers))
@@ -58,8 +58,10 @@ class EngineSpec:
         if self.quant is None:
             return ""
         weights = "int8 per channel" if self.quant.per_channel else "int8 per tensor"
-        return f"weights {weights}, activations " + (f"int8, ranges calibrated ({self.quant.method}, {self.quant.samples} samples)"
-                                                     if self.calibration else "int8, quantized at run time")
+        if self.precision != Precision.INT8:
+            return f"weights {weights}, activations int8, quantized at run time"
+        how = "calibrated" if self.calibration else f"estimated by {self.backend}'s quantizer"
+        return f"weights {weights}, activations int8, ranges {how} ({self.quant.method}, {self.quant.samples} samples)"
 
     @classmethod
     def from_dict(cls, backend: str, precision: Precision, device: str, engine: Mapping[str, Any],
@@ -86,3 +88,4 @@ class ServingFormat:
     platform: str
     files: Mapping[str, str]
     max_batch: int | None = None
+    field: str = "platform"  # Triton names some runtimes by `backend` instead (openvino)

@@ -87,7 +87,7 @@ def model_config(name: str, meta: Manifest) -> Any:
     if serving is None:
         raise InputError(f"a {meta.backend!r} engine has no Triton backend")
     tensors, batched = _tensors(meta)
-    cfg = pb.ModelConfig(name=name, platform=serving.platform, max_batch_size=_max_batch(meta, batched))
+    cfg = pb.ModelConfig(name=name, max_batch_size=_max_batch(meta, batched), **{serving.field: serving.platform})
     for kind, n, dtype, dims in tensors:
         shown = dims[1:] if batched else dims
         entry = (cfg.input if kind == "input" else cfg.output).add()

@@ -25,7 +25,7 @@ from pipeline.errors import ArtifactError, InputError
 from pipeline.build import build
 from pipeline.store import load_generation, verify_generation
 
-BACKENDS = ("eager", "inductor", "onnxruntime", "tvm")
+BACKENDS = ("eager", "inductor", "onnxruntime", "tvm", "openvino")
 build_generation = functools.partial(build, mode="generate")  # kiln build --mode generate, through the API
 PROMPT = "the model reads the sentence and"
 

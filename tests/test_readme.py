@@ -27,4 +27,4 @@ def test_the_gpu_lane_gates_and_never_writes_its_own_baseline() -> None:
     assert "head.repo.full_name == github.repository" in gpu  # no fork's code on the self-hosted runner
     assert "--update-baseline" not in gpu.replace("kiln check build/gpu-gate/report.json --baseline .ci/baseline-gpu.json --update-baseline, and commit it", "")
     assert "exit 1" in gpu and '".[gpu,test]"' in gpu
-    assert '"kiln[tvm,sign,triton]"' in (Path(__file__).parent.parent / "pyproject.toml").read_text()  # test extra pulls no onnxruntime
+    assert '"kiln[tvm,sign,triton,openvino]"' in (Path(__file__).parent.parent / "pyproject.toml").read_text()  # test extra pulls no onnxruntime
