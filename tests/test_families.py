@@ -1,5 +1,5 @@
 """Capture that does not give up early: tiny checkpoints of many Hugging Face families, saved with
-`save_pretrained` as a user would, through `kiln run --model DIR` on eager, Inductor, ONNX Runtime
+`save_pretrained` as a user would, through `kiln run --model DIR` on eager, Inductor, ONNX Runtime, OpenVINO
 and untuned TVM. Each family below once failed inside Kiln for a reason of its own class: an
 attention implementation it does not offer, torch.export refusing the declared sequence range, an
 encoder-only checkpoint of an encoder-decoder family, left padding, images instead of text."""
@@ -57,11 +57,15 @@ FAMILIES: dict[str, tuple[Callable[[], Any], Any, dict[str, Any]]] = {
                                              window_size=4, num_labels=2),
              transformers.SwinForImageClassification, {"task": "image-classification"}),
 }
-BACKENDS = ["eager", "inductor", "onnxruntime", "tvm"]
+BACKENDS = ["eager", "inductor", "onnxruntime", "tvm", "openvino"]
 # What a backend cannot take yet, asserted as it is so that the day it works this test says so.
 # GPT-Neo slices its 2048x2048 causal-bias buffer to seq: TVM 0.27's importer types the slice
 # min(seq, 2048), loses the shape at the `where` after it, and its legalizer then fails.
-KNOWN_FAILURES = {("gpt-neo", "tvm"): "emit_te now only supports Tensor that has ShapeExpr shape"}
+# Llama with left padding on OpenVINO 2026.4: a padded query row attends to nothing, which torch's
+# sdpa answers with zeros and OpenVINO's converted attention with NaN; through the pads' values the
+# NaN reaches every real token, so Kiln's comparator calls it a mismatch (docs/backends.md).
+KNOWN_FAILURES = {("gpt-neo", "tvm"): ("failed", "emit_te now only supports Tensor that has ShapeExpr shape"),
+                  ("llama", "openvino"): ("mismatch", "values are NaN or Inf")}
 
 
 def _save(family: str, root: Path) -> Path:
@@ -95,7 +99,8 @@ def test_family_runs_through_every_backend(family: str, tmp_path: Path, cache_di
     for name, row in rows.items():
         known = KNOWN_FAILURES.get((family, name))
         if known is not None:
-            assert row.status == "failed" and known in row.reason, f"{family} {name} no longer fails as recorded: {row.reason}"
+            status, says = known
+            assert row.status == status and says in row.reason, f"{family} {name} no longer fails as recorded: {row.status}: {row.reason}"
             continue
         assert row.status == "ok", f"{family} {name}: {row.status}: {row.reason}"
         if "note" in expect:
