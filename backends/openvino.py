@@ -62,6 +62,31 @@ def _missing_units(hint: str) -> str | None:
             f"precision where {hint} is asked")
 
 
+# A mask value that is finite in f32, bf16 and f16 alike, and far below any attention score.
+MASKED = -65504.0
+
+
+def _finite_masks(model: Any) -> int:
+    """Every boolean attention mask made additive with a large finite negative, as Hugging Face's
+    float masks are. A query row that attends to nothing (a left pad) then gets finite weights
+    where OpenVINO's boolean SDPA gives NaN, which the pads' values carry to every real token
+    (torch's sdpa gives zeros there); every other row is unchanged, exp(-65504) being 0."""
+    import openvino as ov
+    from openvino import opset13 as ops
+
+    changed = 0
+    for op in model.get_ordered_ops():
+        if (op.get_type_name() == "ScaledDotProductAttention" and op.get_input_size() > 3
+                and op.input(3).get_element_type() == ov.Type.boolean):
+            dtype = op.input(0).get_element_type()
+            additive = ops.select(op.input(3).get_source_output(), ops.constant(0.0, dtype), ops.constant(MASKED, dtype))
+            op.input(3).replace_source_output(additive.output(0))
+            changed += 1
+    if changed:
+        model.validate_nodes_and_infer_types()
+    return changed
+
+
 def _quiet_nncf() -> Any:
     import nncf
 
@@ -204,12 +229,13 @@ class OpenVinoBackend(Backend):
             raise BackendError(missing)
         quant = spec.quantization() if spec.precision.quantized else {}
         final = cache_entry(captured.cache_dir, "openvino", f"{captured.graph_hash}-{spec.precision.value}",
-                            {"quantization": quant, **{d: version(d) for d in ("torch", "openvino", "nncf")}})
+                            {"quantization": quant, "passes": ["finite-masks"], **{d: version(d) for d in ("torch", "openvino", "nncf")}})
 
         def make(tmp: Path) -> None:
             import openvino as ov
 
             model = ov.convert_model(captured.program)
+            _finite_masks(model)
             how = ""
             if spec.precision.quantized:
                 model, how = _quantize(model, captured, spec.precision)

@@ -61,11 +61,7 @@ BACKENDS = ["eager", "inductor", "onnxruntime", "tvm", "openvino"]
 # What a backend cannot take yet, asserted as it is so that the day it works this test says so.
 # GPT-Neo slices its 2048x2048 causal-bias buffer to seq: TVM 0.27's importer types the slice
 # min(seq, 2048), loses the shape at the `where` after it, and its legalizer then fails.
-# Llama with left padding on OpenVINO 2026.4: a padded query row attends to nothing, which torch's
-# sdpa answers with zeros and OpenVINO's converted attention with NaN; through the pads' values the
-# NaN reaches every real token, so Kiln's comparator calls it a mismatch (docs/backends.md).
-KNOWN_FAILURES = {("gpt-neo", "tvm"): ("failed", "emit_te now only supports Tensor that has ShapeExpr shape"),
-                  ("llama", "openvino"): ("mismatch", "values are NaN or Inf")}
+KNOWN_FAILURES = {("gpt-neo", "tvm"): ("failed", "emit_te now only supports Tensor that has ShapeExpr shape")}
 
 
 def _save(family: str, root: Path) -> Path:

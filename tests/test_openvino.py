@@ -58,6 +58,33 @@ def test_a_cpu_without_the_arithmetic_is_refused_before_any_work(monkeypatch: py
     assert b.refusal(Precision.FP32, "cuda") == ("unavailable", b.availability("cuda").reason)
 
 
+def test_a_query_that_attends_to_nothing_is_finite() -> None:
+    """A left pad's row of a boolean mask is all False: OpenVINO's boolean SDPA answers NaN there
+    (recorded, so the day it stops this test says so), which the pads' values would carry to every
+    real token; with the mask made additive the other rows are torch's to 1e-6."""
+    import openvino as ov
+
+    class Attend(torch.nn.Module):
+        def forward(self, q: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+            return torch.nn.functional.scaled_dot_product_attention(q, q, q, attn_mask=mask)
+
+    q = torch.randn(1, 2, 4, 8)
+    mask = torch.tensor([[False] * 4, [True, False, False, False], [True, True, False, False], [True, True, True, False]])
+    mask = mask.reshape(1, 1, 4, 4).expand(1, 2, 4, 4).contiguous()
+    program = torch.export.export(Attend(), (q, mask))
+    core = ov.Core()
+
+    def answer(model: Any) -> torch.Tensor:
+        return torch.from_numpy(core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})([q.numpy(), mask.numpy()])[0])
+
+    assert torch.isnan(answer(ov.convert_model(program))[0, :, 0]).all()  # OpenVINO's own answer
+    model = ov.convert_model(program)
+    assert ov_backend._finite_masks(model) == 1
+    out = answer(model)
+    assert torch.isfinite(out).all()
+    assert torch.allclose(out[0, :, 1:], Attend()(q, mask)[0, :, 1:], atol=1e-6)
+
+
 def test_bf16_tensors_cross_by_their_bits() -> None:
     x = torch.randn(3, 5).to(torch.bfloat16)
     import openvino as ov
