@@ -24,7 +24,7 @@ from .models import load_model
 from .precision import Precision
 from .references import KINDS, References, check_memory, output_axes
 from .report import Result
-from .worker import CompileRequest, WorkerCrashed, backend_of, engine_starts
+from .worker import CompileRequest, WorkerCrashed, backend_of, engine_starts, loads_in_worker
 
 if TYPE_CHECKING:
     from .workload import Context, Engine, Engines, Rows
@@ -172,7 +172,7 @@ class Forward:
         cfg, refs = self.r.cfg, self.refs
         assert refs is not None
         return accept(directory, refs, precision, cfg.device, self.r.engines[REFERENCE], cls_path=self.r.isolated(name),
-                      isolated=cfg.isolation == "process", warmup=cfg.warmup, rounds=cfg.rounds, tolerances=cfg.tolerances,
+                      isolated=loads_in_worker(cfg.isolation, name), warmup=cfg.warmup, rounds=cfg.rounds, tolerances=cfg.tolerances,
                       timeout_s=cfg.timeout_s, say=self.r.say)
 
     def seal(self, directory: Path, name: str, precision: Precision, key: str, verdict: Acceptance, rows: list[Result],

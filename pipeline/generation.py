@@ -37,7 +37,7 @@ from .inputs import Shape
 from .manifest import Manifest, ModelRecord, Verdict
 from .precision import Precision
 from .report import Result
-from .worker import CompileRequest, RemoteEngine
+from .worker import CompileRequest, RemoteEngine, loads_in_worker
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -149,7 +149,7 @@ class Generate:
         cfg, say, cls = self.r.cfg, self.r.say, type(registry.get(name))
         args = (str(directory), cfg.device, (cls.__module__, cls.__qualname__), self.steps(precision).spec, self.new_tokens)
         engine: Any = RemoteEngine.make(f"loaded {directory.name}", cfg.timeout_s, say, "pipeline.genrun:loaded_steps", args) \
-            if self._fresh(name) else loaded_steps(*args)
+            if loads_in_worker(self.r.cfg.isolation, name) else loaded_steps(*args)
         try:
             # a copy of the floors: an eager artifact's own row must not become its bar
             rows = self.check(engine, name, precision, {p: dict(v) for p, v in self.eager_at.items()})
@@ -161,9 +161,6 @@ class Generate:
         finally:
             if isinstance(engine, RemoteEngine):
                 engine.close()
-
-    def _fresh(self, name: str) -> bool:
-        return self.r.cfg.isolation == "process" and type(registry.get(name)).__module__ != "__main__"
 
     def seal(self, directory: Path, name: str, precision: Precision, key: str, verdict: Accepted, rows: list[Result],
              size_mb: float) -> None:
@@ -196,7 +193,7 @@ class Generate:
             verdict=Verdict("pass", "greedy tokens identical to eager fp32's" if precision == Precision.FP32
                             else f"token agreement at least eager's at {precision}, less {AGREEMENT_MARGIN:.0%}",
                             "the saved steps, loaded back from their files in "
-                            + ("a fresh worker process" if self._fresh(name) else "this process"), new_tokens=self.new_tokens,
+                            + ("a fresh worker process" if loads_in_worker(self.r.cfg.isolation, name) else "this process"), new_tokens=self.new_tokens,
                             shapes=shapes),
             environment=environment(cfg.device, registry.libraries()), build_options=cfg.options[name].build_options(), cache_key=key,
             artifact_mb=round(size_mb, 2), notes=tuple(dict.fromkeys([*bundle.notes, *self.r.engines[(name, precision)].notes()])),

@@ -90,6 +90,13 @@ def isolated(isolation: str, model_spec: str | None, name: str, reference: str) 
     return (cls.__module__, cls.__qualname__)
 
 
+def loads_in_worker(isolation: str, name: str) -> bool:
+    """Where a build accepts the files it saved: in a fresh worker, which has none of the model's
+    code, unless no isolation is asked or the backend's class is defined in __main__ (a worker
+    cannot import it). One rule for every workload."""
+    return isolation == "process" and type(registry.get(name)).__module__ != "__main__"
+
+
 def backend_of(name: str, cls_path: tuple[str, str] | None) -> Any:
     """The registered backend, or, for one registered at run time in the parent, its class by import path."""
     if name in registry.names() or cls_path is None:

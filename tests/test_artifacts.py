@@ -702,3 +702,28 @@ def test_an_artifact_without_a_tokenizer_says_so(tmp_path: Path, cache_dir: Path
     assert [o.status for o in out] == ["built"]
     with pytest.raises(ArtifactError, match="carries no tokenizer"):
         Predictor.load(out[0].path)
+
+
+class _ScriptEager(EagerBackend):
+    """A backend as a user's script would define one: its class lives in __main__, which no worker can import."""
+
+    name = "script-eager-for-test"
+
+
+_ScriptEager.__module__ = "__main__"
+
+
+def test_a_backend_defined_in_a_script_is_built_and_accepted_in_this_process(tmp_path: Path, cache_dir: Path) -> None:
+    """One rule decides where a build accepts its saved files, for forward and generation alike: in
+    a fresh worker, except for a backend class a worker cannot import."""
+    from pipeline.worker import loads_in_worker
+
+    registry.register(_ScriptEager())
+    try:
+        assert not loads_in_worker("process", _ScriptEager.name) and loads_in_worker("process", "eager")
+        assert not loads_in_worker("none", "eager")
+        [outcome] = build("tiny-bert", _ScriptEager.name, shapes="1x8", root=tmp_path, cache_dir=cache_dir, warmup=1, rounds=2)
+        assert outcome.status == "built", outcome.reason
+        assert manifest.read(outcome.path).verdict.status == "pass"
+    finally:
+        registry.unregister(_ScriptEager.name)
