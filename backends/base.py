@@ -267,7 +267,8 @@ class Backend(ABC):
         check = self.availability(device)
         if not check:
             raise BackendError(f"{self.name} cannot load on {device}: {check.reason}")
-        calibration = Calibration.load(directory / CALIBRATION_FILE) if CALIBRATION_FILE in meta.files else None
+        # a static int8 engine of a calibrating backend must carry its calibration; another's has none
+        calibration = Calibration.load(directory / CALIBRATION_FILE) if meta.precision == Precision.INT8 and self.calibrates else None
         try:  # a manifest is sealed, but one written by another tool (or resealed on purpose) may still lie
             spec = EngineSpec.from_dict(self.name, meta.precision, device, meta.engine, self.options_type, self.pinned(), calibration)
         except ArtifactError as e:

@@ -204,7 +204,7 @@ class Worker:
         self.stderr_path = self.tmp / "stderr.log"
         # The socket lives in a directory only this user can enter (mkdtemp: 0700), so no one else connects.
         listener = Listener(str(self.tmp / "socket"), family="AF_UNIX")
-        # the caller's backends and plugins, and its OpenMP spin count (see pipeline/__init__.py)
+        # the caller's backends and plugins
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(p or os.getcwd() for p in sys.path)}
         with open(self.stderr_path, "wb") as err:
             self.process = subprocess.Popen([sys.executable, "-m", "pipeline.worker", str(self.tmp / "socket"),
