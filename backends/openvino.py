@@ -202,7 +202,7 @@ class OpenVinoBackend(Backend):
     support = {Precision.FP32: ok(), Precision.FP16: ok(generates=False), Precision.BF16: ok(),
                Precision.INT8: ok(generates=False), Precision.INT8_DYNAMIC: ok(generates=False)}
     devices = ("cpu",)
-    runs_on = "Kiln's OpenVINO backend runs on the CPU plugin (OpenVINO has no CUDA plugin)"
+    runs_on = "OpenVINO runs on the CPU here (it has no CUDA plugin)"
     options_type = OpenVinoOptions
     requires = {"openvino": "minor"}
     # Triton names OpenVINO by backend, not platform; its model files are model.xml/.bin
