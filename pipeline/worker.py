@@ -84,9 +84,9 @@ def isolated(isolation: str, model_spec: str | None, name: str, reference: str) 
     """The backend's class as an import path when it runs in a worker; None when it runs here: no
     isolation asked, the reference (timed beside everything else, in the caller), a model given
     in memory (a worker cannot load it) or a backend class defined in __main__ (nor import it)."""
-    cls = type(registry.get(name))
-    if isolation == "none" or name == reference or model_spec is None or cls.__module__ == "__main__":
+    if not loads_in_worker(isolation, name) or name == reference or model_spec is None:
         return None
+    cls = type(registry.get(name))
     return (cls.__module__, cls.__qualname__)
 
 
