@@ -80,6 +80,17 @@ def get(name: str) -> Backend:
     return _REGISTRY[name]
 
 
+def resolve(name: str, cls_path: tuple[str, str] | None) -> Backend:
+    """The registered backend, or, for one registered at run time in another process (a worker's
+    parent), a new one of its class by import path."""
+    if name in names() or cls_path is None:
+        return get(name)
+    cls: Any = importlib.import_module(cls_path[0])
+    for part in cls_path[1].split("."):
+        cls = getattr(cls, part)
+    return cls()  # type: ignore[no-any-return]
+
+
 def names() -> list[str]:
     _load_all()
     return list(_REGISTRY)

@@ -1,4 +1,16 @@
-"""Timing: warm-up outside the numbers, interleaved rounds, each engine's own sync, raw samples, statistics, memory."""
+"""Timing: warm-up outside the numbers, interleaved rounds, each engine's own sync, raw samples, statistics, memory.
+
+Every process that times an engine (the run's own and each worker) runs under one harness, so an
+engine's speed does not depend on which process holds it (measured on the CI machine kind in
+docs/timing.md):
+- the allocator keeps freed memory (`steady_allocator`): glibc hands a forward pass's freed
+  activations back to the system when they sit at the top of its heap, and the next call faults
+  them in again, page by page. A fresh worker did so on every call (11,000-16,000 page faults per
+  MiniLM 8x128 call) where the long-lived run process did not (0): the same eager engine timed
+  9-16% slower in a worker than beside it;
+- after each timed call the process waits until its own threads are quiet (`settle`): OpenMP
+  threads spin for milliseconds after a parallel region, and on two cores that spin would run
+  over the next engine's call, in whichever process it is."""
 
 from __future__ import annotations
 
@@ -144,12 +156,68 @@ def _time_call(model: Timeable, inputs: Mapping[str, torch.Tensor]) -> float:
 
 K = TypeVar("K", bound=Hashable)
 
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
+TRIM_BYTES, MMAP_BYTES = 1 << 30, 32 << 20  # glibc's largest mmap threshold: bigger blocks are mapped and unmapped per call
+
+
+def steady_allocator() -> str:
+    """Sets this process's allocator to keep what a call frees for the next call; says what it set."""
+    import ctypes
+
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (AttributeError, OSError):  # not glibc: its own policy stays
+        return "the C library's own allocator policy"
+    if mallopt(_M_TRIM_THRESHOLD, TRIM_BYTES) != 1 or mallopt(_M_MMAP_THRESHOLD, MMAP_BYTES) != 1:
+        return "glibc's default allocator policy (mallopt refused)"
+    return f"glibc keeps freed memory (trim threshold {TRIM_BYTES >> 20} MiB, blocks up to {MMAP_BYTES >> 20} MiB from the heap)"
+
+
+SETTLE_WINDOW_S, SETTLE_LIMIT_S = 0.005, 0.1
+
+
+def settle(window_s: float = SETTLE_WINDOW_S, limit_s: float = SETTLE_LIMIT_S) -> float:
+    """Returns once this process's threads have used (almost) no CPU over one window, or after
+    `limit_s`; the seconds it waited. The caller sleeps meanwhile, so what CPU time grows is
+    other threads' (an OpenMP pool still spinning). The window is a few ms: some kernels account
+    thread time in batches of that order."""
+    start = time.perf_counter()
+    c0 = time.process_time()
+    while time.perf_counter() - start < limit_s:
+        time.sleep(window_s)
+        c = time.process_time()
+        if c - c0 < window_s * 0.1:
+            break
+        c0 = c
+    return time.perf_counter() - start
+
+
+def quiet_call(model: Timeable, inputs: Mapping[str, torch.Tensor]) -> float:
+    """One timed call, then this process quiet before anything else runs (on a CPU; a GPU's host
+    threads are not what is timed)."""
+    t = time_call(model, inputs)
+    if not model.device.startswith("cuda"):
+        settle()
+    return t
+
+
+class Noop:
+    """An engine that does nothing: timed the same way as the others, the harness's own cost."""
+
+    backend, device = "no-op", "cpu"
+
+    def __call__(self, inputs: Mapping[str, torch.Tensor]) -> None:
+        return None
+
+    def synchronize(self) -> None:
+        pass
+
 
 def _timed(model: Timeable, inputs: Mapping[str, torch.Tensor]) -> float:
     """One timed call: by the engine itself where it times its own calls (an engine in a worker
     process), else here."""
     own = getattr(model, "timed", None)
-    return float(own(inputs)) if own is not None else time_call(model, inputs)
+    return float(own(inputs)) if own is not None else quiet_call(model, inputs)
 
 
 def benchmark(entries: Mapping[K, tuple[Timeable, Mapping[str, torch.Tensor]]], *, warmup: int, rounds: int,
@@ -158,6 +226,7 @@ def benchmark(entries: Mapping[K, tuple[Timeable, Mapping[str, torch.Tensor]]], 
     """Times every entry. Each round runs every entry `iters` times, in a fresh random order,
     so that drift (thermal, other load) hits all entries alike. With `failures`, an entry that
     raises is recorded there and left out of the later rounds; the others go on."""
+    steady_allocator()
     rng = random.Random(seed)
     keys = list(entries)
     samples: dict[K, list[float]] = {k: [] for k in keys}

@@ -12,7 +12,7 @@ import backends as registry
 
 from . import contention, manifest, progress, store
 from .acceptance import Acceptance, accept
-from .bench import Timing, benchmark, speedup, time_call
+from .bench import Noop, Timing, benchmark, speedup, steady_allocator, time_call
 from .capture import Captured, capture
 from .config import REFERENCE
 from .errors import BackendError, short
@@ -24,7 +24,7 @@ from .models import load_model
 from .precision import Precision
 from .references import KINDS, References, check_memory, output_axes
 from .report import Result
-from .worker import CompileRequest, WorkerCrashed, backend_of, engine_starts, loads_in_worker
+from .worker import CompileRequest, RemoteEngine, WorkerCrashed, engine_starts, loads_in_worker
 
 if TYPE_CHECKING:
     from .workload import Context, Engine, Engines, Rows
@@ -36,12 +36,12 @@ def compiled(req: CompileRequest) -> Any:
     if captured.graph_hash != req.graph_hash:
         raise BackendError(f"the worker captured graph {captured.graph_hash}, the run {req.graph_hash}: the model loaded differently")
     engine_starts()  # the engine's peak, as the in-process watch counts it: not the model's load
-    return backend_of(req.backend, req.cls_path).compile(captured, req.precision, req.device, req.options, list(req.shapes))
+    return registry.resolve(req.backend, req.cls_path).compile(captured, req.precision, req.device, req.options, list(req.shapes))
 
 
 def loaded(directory: str, device: str, cls_path: tuple[str, str] | None) -> Any:
     """A saved forward engine, by its backend's own load (hashes and versions checked); no model code is loaded."""
-    return backend_of(manifest.read(directory).backend, cls_path).load(directory, device)
+    return registry.resolve(manifest.read(directory).backend, cls_path).load(directory, device)
 
 
 class Forward:
@@ -56,6 +56,7 @@ class Forward:
         self.refs: References | None = None
         self._reference_engines: dict[tuple[str, Precision], Engine] = {}  # the int8 references, reused for their rows
         self.contention: dict[str, Any] = {"load_before": contention.load_average(), "shapes": [], "noisy": None}
+        self.harness: dict[str, Any] = {}
 
     @property
     def captured(self) -> Captured:
@@ -119,6 +120,10 @@ class Forward:
     def time(self, engines: Engines, rows: Rows) -> None:
         cfg, say, refs = self.r.cfg, self.r.say, self.refs
         assert refs is not None
+        # the harness's own cost, timed in the same rounds: an empty call here and in a worker
+        remote = next((e for e in engines.values() if isinstance(e, RemoteEngine)), None)
+        probes: dict[Any, Any] = {("no-op", "in process"): Noop(), **({("no-op", "in a worker"): remote.noop()} if remote else {})}
+        self.harness = {"allocator": steady_allocator(), "noop_ms": {}}
         for s in cfg.shapes:
             live = [k for k in engines if rows[k][s].status in ("ok", "mismatch")]
             if not live:
@@ -131,8 +136,9 @@ class Forward:
                 say(f"benchmark {shape}: {message}")
 
             watch = contention.Watch(self.r.worker_pids).start()
-            timings = benchmark({k: (engines[k], inputs) for k in live}, warmup=cfg.warmup, rounds=cfg.rounds,
-                                failures=failures, progress=rounds_done)
+            timings = benchmark({**{k: (engines[k], inputs) for k in live}, **{k: (p, inputs) for k, p in probes.items()}},
+                                warmup=cfg.warmup, rounds=cfg.rounds, failures=failures, progress=rounds_done)
+            self.harness["noop_ms"][str(s)] = {k[1]: timings.pop(k).median for k in probes if k in timings}
             ref_samples = timings[REFERENCE].samples_ms if REFERENCE in timings else []
             reading = contention.judge(str(s), watch.stop(), ref_samples,
                                        {f"{k[0]} {k[1]}": t.samples_ms for k, t in timings.items() if k != REFERENCE})
@@ -142,6 +148,8 @@ class Forward:
             if reading["noisy"]:
                 say(f"benchmark {s}: the machine was busy, speed not judged ({reading['noisy']})")
             for k, e in failures.items():  # that engine's row only; the others keep their timings
+                if k in probes:
+                    continue
                 row = rows[k][s]
                 row.status, row.reason, row.crashed = "failed", f"benchmark: {short(e)}", isinstance(e, WorkerCrashed)
             ref: Timing | None = timings.get(REFERENCE)
@@ -158,7 +166,7 @@ class Forward:
         return self.r.cfg.to_dict()
 
     def environment(self) -> dict[str, Any]:
-        return {"contention": self.contention} if self.contention["shapes"] else {}
+        return {"contention": self.contention, "harness": self.harness} if self.contention["shapes"] else {}
 
     def key(self, name: str, precision: Precision) -> str:
         """Everything that changes the engine: graph, backend, precision, build options, device, libraries, shapes."""

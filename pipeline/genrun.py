@@ -13,8 +13,10 @@ from typing import Any, TypeVar
 
 import torch
 
+import backends as registry
+
 from . import manifest
-from .bench import Timing, median_ci
+from .bench import Timing, median_ci, steady_allocator
 from .config import REFERENCE, RunConfig
 from .decoding import AGREEMENT_MARGIN, CacheSpec, Generation, agreement, greedy, module_step
 from .errors import BackendError, InputError, NumericsError, short
@@ -26,7 +28,7 @@ from .precision import Precision
 from .progress import report as tell, throttled, ticking
 from .references import available_memory
 from .report import Result
-from .worker import CompileRequest, WorkerCrashed, backend_of, engine_starts
+from .worker import CompileRequest, WorkerCrashed, engine_starts
 
 
 def memory_bandwidth(mb: int = 512) -> float:
@@ -154,6 +156,7 @@ def time_rounds(engines: Mapping[K, Any], rows: Mapping[K, dict[Shape, Result]],
     On a GPU every step is waited for before its time is taken. A row's latency is its decode
     steps' (every step of every round, in round order, so two engines' samples pair up); prefill
     and end-to-end speed go to its metrics. An engine that fails (its worker dies) loses its row only."""
+    steady_allocator()  # as every worker's is
     for s, x in inputs.items():
         live = [k for k in engines if s in rows.get(k, {}) and rows[k][s].status in ("ok", "mismatch")]
         if not live:
@@ -226,7 +229,7 @@ def steps_engine(backend: Any, programs: GenerationPrograms, p: Precision, devic
 
 def compiled_steps(req: CompileRequest, cache_len: int, new_tokens: int) -> StepsEngine:
     """In a worker: the steps at the request's precision made here (captured ones load from the cache) and compiled."""
-    backend = backend_of(req.backend, req.cls_path)
+    backend = registry.resolve(req.backend, req.cls_path)
     programs = Steps(load_model(req.model_spec, req.model_task), cache_len, tell, req.cache_dir)(req.precision)
     engine_starts()  # the engine's peak, not the model's load
     return steps_engine(backend, programs, req.precision, req.device, backend.options(req.options), req.shapes, new_tokens)
@@ -235,6 +238,6 @@ def compiled_steps(req: CompileRequest, cache_len: int, new_tokens: int) -> Step
 def loaded_steps(directory: str, device: str, cls_path: tuple[str, str] | None, spec: CacheSpec, new_tokens: int) -> StepsEngine:
     """Both saved steps, each by its backend's own load (hashes and versions checked first)."""
     d = Path(directory)
-    backend = backend_of(manifest.read(d / STEPS[0]).backend, cls_path)
+    backend = registry.resolve(manifest.read(d / STEPS[0]).backend, cls_path)
     prefill, decode = (backend.load(d / kind, device) for kind in STEPS)
     return StepsEngine(prefill.precision, device, GenerationEngine.of(prefill, decode), spec, new_tokens, 0.0)

@@ -162,6 +162,11 @@ class Report:
         if c.get("bandwidth_gb_s"):
             lines += [f"memory bandwidth {c['bandwidth_gb_s']:.1f} GB/s (a {c['bandwidth_probe_mb']} MB copy): reading every "
                       f"weight once per token bounds batch-1 decoding at {c['ceiling_tokens_per_s']:.1f} tokens/s", ""]
+        harness = env.get("harness") or {}
+        if harness.get("noop_ms"):
+            noop = "; ".join(f"{shape}: " + ", ".join(f"{ms:.3f} ms {where}" for where, ms in by.items())
+                             for shape, by in harness["noop_ms"].items())
+            lines += [f"harness: {harness.get('allocator')}; an empty call, timed the same way, {noop}", ""]
         if self.noisy:
             lines += [f"**Speed not judged: the machine was busy.** {self.noisy}. The ratios below are what was measured, "
                       f"not the engines' speedups; run again on a quiet machine.", ""]

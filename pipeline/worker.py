@@ -22,6 +22,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from multiprocessing.connection import Client, Listener
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -31,7 +32,7 @@ import backends as registry
 from . import errors, progress
 from .errors import BackendError, KilnError
 from .fsutil import clean_stale
-from .bench import peak_rss_bytes, reset_peak_rss, time_call
+from .bench import Noop, peak_rss_bytes, quiet_call, reset_peak_rss, steady_allocator
 from .choices import QuantSpec, Shape
 from .precision import Precision
 
@@ -62,6 +63,7 @@ def _recv(conn: Any) -> Any:
 def _serve(conn: Any, threads: int) -> None:
     """The worker's loop: one request at a time, every error sent back as a message."""
     torch.set_num_threads(threads)
+    steady_allocator()  # as the caller's timing sets its own: an engine's speed is not its process's
     state: dict[str, Any] = {"inputs": {}}
     while True:
         try:
@@ -95,16 +97,6 @@ def loads_in_worker(isolation: str, name: str) -> bool:
     code, unless no isolation is asked or the backend's class is defined in __main__ (a worker
     cannot import it). One rule for every workload."""
     return isolation == "process" and type(registry.get(name)).__module__ != "__main__"
-
-
-def backend_of(name: str, cls_path: tuple[str, str] | None) -> Any:
-    """The registered backend, or, for one registered at run time in the parent, its class by import path."""
-    if name in registry.names() or cls_path is None:
-        return registry.get(name)
-    cls = importlib.import_module(cls_path[0])
-    for part in cls_path[1].split("."):
-        cls = getattr(cls, part)
-    return cls()  # type: ignore[operator]
 
 
 @dataclass(frozen=True)
@@ -164,8 +156,10 @@ def _op_stage(state: dict[str, Any], key: int, inputs: Tensors) -> None:
     state["inputs"][key] = {k: v.to(state["engine"].device) for k, v in inputs.items()}
 
 
-def _op_time(state: dict[str, Any], key: int, calls: int) -> list[float]:
-    return [time_call(state["engine"], state["inputs"][key]) for _ in range(calls)]
+def _op_time(state: dict[str, Any], key: int | None, calls: int) -> list[float]:
+    """`calls` timed calls on inputs staged earlier; key None: an empty call (the harness's own cost)."""
+    engine, inputs = (Noop(), {}) if key is None else (state["engine"], state["inputs"][key])
+    return [quiet_call(engine, inputs) for _ in range(calls)]
 
 
 def _op_info(state: dict[str, Any]) -> dict[str, Any]:
@@ -325,6 +319,10 @@ class RemoteEngine:
             self.worker.call("stage", key, {k: v.cpu() for k, v in inputs.items()})
             self._staged[key] = inputs  # kept alive, so the id stays this batch's
         return float(self.worker.call("time", key, 1)[0])
+
+    def noop(self) -> Any:
+        """An empty engine in this worker, timed as this worker times its engine."""
+        return SimpleNamespace(device="cpu", synchronize=lambda: None, timed=lambda _: float(self.worker.call("time", None, 1)[0]))
 
     def info(self) -> dict[str, Any]:
         return dict(self.worker.call("info"))

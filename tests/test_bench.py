@@ -8,8 +8,46 @@ from typing import Any
 import pytest
 import torch
 
-from pipeline.bench import MemoryWatch, Timing, benchmark, speedup, time_call
+from pipeline.bench import SETTLE_LIMIT_S, SETTLE_WINDOW_S, MemoryWatch, Timing, benchmark, settle, speedup, steady_allocator, time_call
 from pipeline.env import environment
+
+
+def test_settle_waits_while_a_thread_of_this_process_still_runs() -> None:
+    """What follows a timed call: the process's own spinning threads (an OpenMP pool's) must be
+    quiet before the next engine is timed. A thread spinning 80 ms keeps settle waiting; a quiet
+    process settles in about one window; a thread that never stops is given up on at the limit."""
+    import threading
+    import time
+
+    assert settle() < 3 * SETTLE_WINDOW_S
+
+    def spinner(seconds: float) -> threading.Thread:
+        stop = time.perf_counter() + seconds
+
+        def spin() -> None:
+            while time.perf_counter() < stop:
+                pass
+
+        t = threading.Thread(target=spin)
+        t.start()
+        return t
+
+    t = spinner(0.08)
+    assert settle() >= 0.06
+    t.join()
+    t = spinner(SETTLE_LIMIT_S * 3)
+    assert SETTLE_LIMIT_S <= settle() < SETTLE_LIMIT_S * 2
+    t.join()
+
+
+def test_the_allocator_keeps_what_a_call_frees() -> None:
+    """glibc's mallopt takes both settings here (the CI machine is glibc); the text says what was set."""
+    import platform
+
+    text = steady_allocator()
+    if platform.libc_ver()[0] != "glibc":
+        pytest.skip(f"not glibc: {text}")
+    assert text.startswith("glibc keeps freed memory"), text
 
 
 def test_timing_statistics_on_known_samples() -> None:

@@ -264,6 +264,12 @@ def test_a_worker_reports_its_own_peak_memory(tmp_path: Path, cache_dir: Path) -
     assert 250 <= ballast.peak_host_mb < 600, ballast.peak_host_mb  # 256 MiB and what compiling tiny-bert adds
     assert 0 < ort.peak_host_mb < 250  # its own: the other worker's 256 MiB are not in it
     assert not stale.exists()  # cleaned when the next worker started
+    # the harness's own cost, an empty call timed in the same rounds here and in a worker: both
+    # well under a millisecond and within half of one of each other (the message passing is outside the timed region)
+    noop = report.environment["harness"]["noop_ms"]["1x8"]
+    assert set(noop) == {"in process", "in a worker"}, noop
+    assert max(noop.values()) < 1.0 and abs(noop["in process"] - noop["in a worker"]) < 0.5, noop
+    assert "an empty call, timed the same way" in report.to_markdown()
 
 
 def test_the_report_is_written_after_every_backend(tmp_path: Path, cache_dir: Path) -> None:
