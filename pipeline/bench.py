@@ -14,6 +14,7 @@ docs/timing.md):
 
 from __future__ import annotations
 
+import functools
 import gc
 import os
 import random
@@ -160,8 +161,10 @@ _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (mal
 TRIM_BYTES, MMAP_BYTES = 1 << 30, 32 << 20  # glibc's largest mmap threshold: bigger blocks are mapped and unmapped per call
 
 
+@functools.cache
 def steady_allocator() -> str:
-    """Sets this process's allocator to keep what a call frees for the next call; says what it set."""
+    """Sets this process's allocator to keep what a call frees for the next call; says what it set.
+    Once per process: every timing path calls it, the first one sets it."""
     import ctypes
 
     try:
