@@ -32,6 +32,9 @@ DATA = "model.onnx.data"
 class OrtOptions(BackendOptions):
     # onnxscript's ORT fusions (Attention, SkipLayerNorm, BiasGelu) on the dynamo graph before ORT sees it.
     fuse: bool = True
+    # then ONNX Runtime's own recipe on that graph (backends/ort_graph.py): its transformers optimizer
+    # (EmbedLayerNormalization) and attention on a mask index, which int8-dynamic quantizes to QAttention
+    transformers_optimizer: bool = True
     graph_optimization: Level = "all"
     intra_op_threads: int = runtime_option(0)  # 0: as many as torch uses
     # ORT's worker threads spin after each run by default; beside torch's threads in one process
@@ -69,6 +72,7 @@ def _build_onnx(captured: Captured, precision: Precision, options: OrtOptions, o
     """Write the engine's model.onnx into `out`; returns the fusions applied."""
     import onnx
     import onnx_ir as ir
+    from onnx_ir.passes.common import RemoveUnusedNodesPass
 
     src = captured.onnx_path()
     fusions: dict[str, int] = {}
@@ -91,15 +95,29 @@ def _build_onnx(captured: Captured, precision: Precision, options: OrtOptions, o
         onnx.save_model(proto, str(out / "model.onnx"), save_as_external_data=True, location=DATA)
         return fusions
     model = ir.load(str(src))
+    ir.external_data.load_to_model(model)  # the steps below take protos with their weights inside
     if options.fuse:
         from onnxscript.rewriter.ort_fusions import optimize_for_ort
 
         model, counts = optimize_for_ort(model)
         fusions = {k: v for k, v in counts.items() if v}
-    if precision == Precision.INT8_DYNAMIC:  # after the fusions: quantize_dynamic also quantizes fused Attention's MatMuls
+    if options.fuse and options.transformers_optimizer:
+        from . import ort_graph
+
+        proto, stats = ort_graph.transformers_optimizer(ir.to_proto(model))
+        fusions.update({f"ort.{k}": v for k, v in stats.items()})
+        if masked := ort_graph.attention_on_mask_index(proto):
+            fusions["ort.AttentionOnMaskIndex"] = masked
+        model = ir.from_proto(proto)
+        RemoveUnusedNodesPass()(model)  # the attention bias's arithmetic, now unused
+    if precision == Precision.INT8_DYNAMIC:  # after the fusions: quantize_dynamic also quantizes fused Attention
         from .quantize import dynamic_onnx
 
-        ir.save(model, str(out / "fused.onnx"), external_data="fused.onnx.data")
+        # without recorded shapes: the exporter's and the optimizer's value_info (the weights' among
+        # them) contradict the quantizer's own inference once it transposes a Gemm's weight
+        proto = ir.to_proto(model)
+        del proto.graph.value_info[:]
+        onnx.save_model(proto, str(out / "fused.onnx"), save_as_external_data=True, location="fused.onnx.data")
         dynamic_onnx(out / "fused.onnx", out, captured.quant.per_channel)
         for name in ("fused.onnx", "fused.onnx.data"):
             (out / name).unlink()
@@ -152,12 +170,19 @@ class OrtModel(CompiledModel):
         return files
 
     def notes(self) -> list[str]:
-        return [self.fallback] if self.fallback else []
+        import onnx
+
+        from .ort_graph import unfused
+
+        graph = onnx.load(str(self.path), load_external_data=False).graph
+        lost = unfused(collections.Counter(n.op_type for n in graph.node), self.precision == Precision.INT8_DYNAMIC)
+        return ([self.fallback] if self.fallback else []) + lost
 
     def describe(self) -> dict[str, Any]:
         info = super().describe()
         info["providers"] = self.providers
-        info["fusions_onnxscript"] = self.fusions
+        info["fusions_onnxscript"] = {k: v for k, v in self.fusions.items() if not k.startswith("ort.")}
+        info["fusions_ort_recipe"] = {k[4:]: v for k, v in self.fusions.items() if k.startswith("ort.")}
         if self.record_optimized and self.optimized.exists():
             import onnx
 
@@ -170,7 +195,7 @@ class OrtModel(CompiledModel):
 
 _NP = {torch.int64: np.int64, torch.int32: np.int32, torch.float32: np.float32, torch.float16: np.float16, torch.bool: np.bool_}
 _FUSED = {"Attention", "MultiHeadAttention", "SkipLayerNormalization", "EmbedLayerNormalization", "BiasGelu",
-          "FastGelu", "Gelu", "FusedMatMul", "LayerNormalization", "SkipSimplifiedLayerNormalization", "MatMulNBits", "GroupQueryAttention"}
+          "FastGelu", "Gelu", "FusedMatMul", "QAttention", "QEmbedLayerNormalization", "LayerNormalization", "SkipSimplifiedLayerNormalization", "MatMulNBits", "GroupQueryAttention"}
 
 
 class OrtBackend(Backend):
@@ -203,16 +228,22 @@ class OrtBackend(Backend):
         cached_dir(final, make)
         fusions = {k: int(v) for k, v in (line.split() for line in (final / "fusions.txt").read_text().splitlines())}
         try:
-            return OrtModel(spec, final / "model.onnx", fusions)
-        except BackendError as e:
-            if not options.fuse:
+            model = OrtModel(spec, final / "model.onnx", fusions)
+            # some fused graphs ORT loads but refuses to run (a Gemm fed rank 3)
+            model.run({k: v.to(model.device) for k, v in captured.example.items()})
+            return model
+        except Exception as e:
+            # a fused graph ORT refuses (a Gemm fed rank 3 in GPT-2's graphs): the graph one recipe
+            # step earlier still runs, and the engine says so (its manifest records the options
+            # it was built with)
+            lighter = ({"transformers_optimizer": False} if options.fuse and options.transformers_optimizer
+                       else {"fuse": False} if options.fuse else None)
+            if lighter is None:
                 raise
-            # onnxscript's fusions, then ORT's own, can leave a graph ORT refuses (a Gemm fed rank
-            # 3 in GPT-2's generation steps, at some cache lengths): the unfused graph still runs,
-            # and the engine says so (its manifest records fuse=false)
-            model = self._compile(captured, dataclasses.replace(spec, options=dataclasses.replace(options, fuse=False)), shapes)
+            model = self._compile(captured, dataclasses.replace(spec, options=dataclasses.replace(options, **lighter)), shapes)
             assert isinstance(model, OrtModel)
-            model.fallback = f"runs unfused: with onnxscript's fusions ORT refused the graph ({str(e)[:160]})"
+            step = "ORT's transformers optimizer" if "transformers_optimizer" in lighter else "onnxscript's fusions"
+            model.fallback = model.fallback or f"runs without {step}: with it ORT refused the graph ({str(e)[:160]})"
             return model
 
     def _load(self, directory: Path, spec: EngineSpec, manifest: Manifest) -> CompiledModel:

@@ -267,8 +267,11 @@ def dynamic_onnx(src: Path, out: Path, per_channel: bool) -> None:
     names = [n.name for n in onnx.load(str(src), load_external_data=False).graph.node]
     if not any(names):
         raise BackendError("the ONNX graph's nodes have no names; quantize_dynamic needs them")
-    quantize_dynamic(str(src), str(out / "model.onnx"), op_types_to_quantize=["MatMul", "Gemm"], per_channel=per_channel,
-                     weight_type=QuantType.QInt8, use_external_data_format=True)
+    # Attention (ORT's fused op, on a mask index) becomes QAttention; the type default covers tensors
+    # of ORT's own ops, which ONNX's shape inference cannot type
+    quantize_dynamic(str(src), str(out / "model.onnx"), op_types_to_quantize=["MatMul", "Gemm", "Attention"],
+                     per_channel=per_channel, weight_type=QuantType.QInt8, use_external_data_format=True,
+                     extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
 
 
 def qdq_onnx_cached(captured: Captured, symmetric: bool) -> Path:

@@ -143,6 +143,11 @@ class Captured:
     def name(self) -> str:
         return self.bundle.name
 
+    @property
+    def example(self) -> dict[str, torch.Tensor]:
+        """Inputs the program was captured and exported with."""
+        return _example(self.bundle)
+
     def program_at(self, precision: Precision) -> ExportedProgram:
         """The fp32 capture, or the same module captured with its weights cast to `precision`."""
         if precision.dtype == torch.float32:
