@@ -23,9 +23,18 @@ def transformers_optimizer(model: Any) -> tuple[Any, dict[str, int]]:
     its pattern fusions; the session applies ORT's own graph optimizations at load, as always."""
     from onnxruntime.transformers.optimizer import optimize_model
 
-    # it logs every fusion pass at WARNING for patterns a graph does not have
-    logging.getLogger("onnxruntime.transformers").setLevel(logging.ERROR)
-    optimized = optimize_model(model, model_type="bert", opt_level=0)
+    from onnxruntime.transformers.fusion_options import FusionOptions
+
+    options = FusionOptions("bert")
+    # its symbolic shape inference copies the whole model several times (5x its size at the peak)
+    # and serves only the removal of casts and reshapes that ORT's own optimizer removes at load
+    options.enable_shape_inference = False
+    previous = logging.root.manager.disable
+    logging.disable(logging.WARNING)  # its passes warn, on loggers of their own, of every pattern a graph lacks
+    try:
+        optimized = optimize_model(model, model_type="bert", opt_level=0, optimization_options=options)
+    finally:
+        logging.disable(previous)
     stats = {k: int(v) for k, v in optimized.get_fused_operator_statistics().items() if v}
     return optimized.model, stats
 
