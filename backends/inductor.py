@@ -40,6 +40,19 @@ def _inductor_options(options: InductorOptions) -> dict[str, Any]:
     return {**mode_opts, "freezing": options.freezing}
 
 
+def _frozen(compiled: Callable[..., Any], freezing: bool) -> Callable[..., Any]:
+    """Calls `compiled` under Inductor's global freezing flag. Inductor decides whether weights are
+    constants (folded, and pre-packed for oneDNN's and MKL's matrix products) from that flag when it
+    compiles, lazily, at a call; the `freezing` option given to torch.compile does not reach the
+    decision (tests/test_inductor.py reads the generated code)."""
+
+    def fn(**inputs: torch.Tensor) -> Any:
+        with torch._inductor.config.patch(freezing=freezing):
+            return compiled(**inputs)
+
+    return fn
+
+
 class InductorModel(CompiledModel):
     options: InductorOptions
 
@@ -116,17 +129,10 @@ class InductorBackend(Backend):
             quantized = pt2e(captured, spec.precision)
             # Compiled as converted; captured again only for an AOTInductor package.
             compiled = torch.compile(quantized, dynamic=options.dynamic, options=_inductor_options(options))
-
-            def fn(**inputs: torch.Tensor) -> Any:
-                # Inductor decides whether weights are constants (so the int8 weights can be
-                # pre-packed) from its global freezing flag, not from the options given to compile.
-                with torch._inductor.config.patch(freezing=True):
-                    return compiled(**inputs)
-
-            return InductorModel(spec, fn, None, None, quantized_program(captured, quantized))
+            return InductorModel(spec, _frozen(compiled, True), None, None, quantized_program(captured, quantized))
         program = captured.program_at(spec.precision)
-        fn = torch.compile(program.module().to(spec.device), dynamic=options.dynamic, options=_inductor_options(options))
-        return InductorModel(spec, fn, program, None)
+        compiled = torch.compile(program.module().to(spec.device), dynamic=options.dynamic, options=_inductor_options(options))
+        return InductorModel(spec, _frozen(compiled, options.freezing), program, None)
 
     def step_options(self, options: BackendOptions, step: Literal["prefill", "decode"]) -> BackendOptions:
         """The decode step specialized per batch (static shapes: its kernels are the one-token step's own)."""
