@@ -60,7 +60,7 @@ def test_manifest_records_what_a_deployment_needs(built: Path) -> None:
     assert all(v["batches"] == 3 for v in meta["verdict"]["shapes"].values())
     assert set(meta["verdict"]["shapes"]["2x24"]["tolerances"]["last_hidden_state"]) >= {"atol", "rtol", "min_cosine"}
     assert meta["benchmark"]["1x16"]["reference_median_ms"] > 0
-    assert meta["build_options"] == {"fuse": True, "graph_optimization": "all"}
+    assert meta["build_options"] == {"fuse": True, "transformers_optimizer": True, "graph_optimization": "all"}
 
 
 def test_kiln_build_prints_what_it_shipped(built: Path, cache_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:

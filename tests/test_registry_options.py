@@ -115,7 +115,7 @@ class _Opts(BackendOptions):
 
 def test_only_build_options_enter_the_cache_key() -> None:
     assert _Opts(threads=8).build_options() == {"level": 3}
-    assert OrtOptions().build_options() == {"fuse": True, "graph_optimization": "all"}
+    assert OrtOptions().build_options() == {"fuse": True, "transformers_optimizer": True, "graph_optimization": "all"}
 
 
 def test_one_support_table_answers_for_forward_and_generation() -> None:
