@@ -198,6 +198,10 @@ _FUSED = {"Attention", "MultiHeadAttention", "SkipLayerNormalization", "EmbedLay
           "FastGelu", "Gelu", "FusedMatMul", "QAttention", "QEmbedLayerNormalization", "LayerNormalization", "SkipSimplifiedLayerNormalization", "MatMulNBits", "GroupQueryAttention"}
 
 
+# built from the unfused graph whatever the options say (backends/ort_graph.py, docs/backends.md)
+_UNFUSED = (Precision.INT8, Precision.FP16)
+
+
 class OrtBackend(Backend):
     name = "onnxruntime"
     support = {Precision.FP32: ok(), Precision.FP16: ok(generates=False), Precision.INT8: ok(generates=False),
@@ -236,15 +240,15 @@ class OrtBackend(Backend):
             # a fused graph ORT refuses (a Gemm fed rank 3 in GPT-2's graphs): the graph one recipe
             # step earlier still runs, and the engine says so (its manifest records the options
             # it was built with)
-            lighter = ({"transformers_optimizer": False} if options.fuse and options.transformers_optimizer
-                       else {"fuse": False} if options.fuse else None)
-            if lighter is None:
+            if not options.fuse or spec.precision in _UNFUSED:
                 raise
-            model = self._compile(captured, dataclasses.replace(spec, options=dataclasses.replace(options, **lighter)), shapes)
-            assert isinstance(model, OrtModel)
-            step = "ORT's transformers optimizer" if "transformers_optimizer" in lighter else "onnxscript's fusions"
-            model.fallback = model.fallback or f"runs without {step}: with it ORT refused the graph ({str(e)[:160]})"
-            return model
+            step = "ORT's transformers optimizer" if options.transformers_optimizer else "onnxscript's fusions"
+            lighter = (dataclasses.replace(options, transformers_optimizer=False) if options.transformers_optimizer
+                       else dataclasses.replace(options, fuse=False))
+            fallback = self._compile(captured, dataclasses.replace(spec, options=lighter), shapes)
+            assert isinstance(fallback, OrtModel)
+            fallback.fallback = fallback.fallback or f"runs without {step}: with it ORT refused the graph ({str(e)[:160]})"
+            return fallback
 
     def _load(self, directory: Path, spec: EngineSpec, manifest: Manifest) -> CompiledModel:
         return OrtModel(spec, directory / "model.onnx", {}, record_optimized=False)
