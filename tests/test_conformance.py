@@ -18,6 +18,7 @@ import backends as registry
 from backends.base import CompiledModel
 from pipeline.errors import ArtifactError, InputError, ShapeError
 from pipeline import manifest
+from pipeline.env import cpu_flags
 from pipeline.inputs import Shape, make_inputs
 from pipeline.manifest import Manifest
 from pipeline.precision import Precision
@@ -209,5 +210,11 @@ def test_int8_engine_keeps_the_task_or_says_why_not(name: str, precision: Precis
     else:
         assert "calibration.json" not in files and quant["activations"] == "dynamic"
     loaded = backend.load(tmp_path / "e", DEVICE)
+    assert _int8_refs(tiny_captured, precision).judge(loaded, SHAPES, precision).passed  # what ships keeps the task too
     x = _on(make_inputs(tiny_captured.bundle, Shape(2, 20), "text"))
-    assert torch.allclose(loaded(x)["last_hidden_state"], model(x)["last_hidden_state"], atol=1e-4)
+    # Without int8 dot-product instructions (VNNI) oneDNN's int8 kernels, which Inductor's in-memory
+    # engine calls, round differently from the AOTInductor package, which matches eager PT2E to 5e-7:
+    # on a Zen 3 host the two engines differed by 5.9e-3 where either differs from fp32 by 5.5e-3.
+    vnni = bool(cpu_flags() & {"avx512_vnni", "avx_vnni", "amx_int8"})
+    atol = 1e-4 if vnni or DEVICE != "cpu" else max(1e-4, 2 * out.max_abs)
+    assert torch.allclose(loaded(x)["last_hidden_state"], model(x)["last_hidden_state"], atol=atol)
