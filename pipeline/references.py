@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from .compare import Comparator, Comparison, unpadded
-from .errors import InputError, NumericsError
+from .errors import BackendError, InputError, KilnError, NumericsError, short
 from .inputs import Inputs, Shape, make_inputs
 from .models import ModelBundle
 from .modelcheck import available_memory
@@ -32,6 +32,8 @@ class References:
     bundle: ModelBundle
     batches: dict[Shape, list[Inputs]]
     outputs: dict[str, dict[Shape, list[Tensors]]]  # "fp32", "fp64" and each lower precision's value
+    # a lower precision whose eager reference could not be made, and why: its rows fail, the others go on
+    failed: dict[str, str] = field(default_factory=dict)
 
     @classmethod
     def compute(cls, bundle: ModelBundle, shapes: Sequence[Shape], precisions: Sequence[Precision] = (),
@@ -53,13 +55,21 @@ class References:
                     if not all(torch.isfinite(t)[unpadded(b.get("attention_mask"), t, bundle.task)].all()
                                for o, b in zip(outs, batches[s]) for t in o.values()):
                         raise NumericsError(f"eager {key} itself gives NaN or Inf on {bundle.name} at {s}: the model or inputs are broken")
+        failed: dict[str, str] = {}
         for p in (p for p in lower if p.quantized):
             if quantized is None:
                 raise InputError(f"{p} needs a quantized reference engine, and none was given")
-            engine = quantized(p)
-            with torch.no_grad():
-                outputs[p.value] = {s: [engine(b) for b in bs] for s, bs in batches.items()}
-        return cls(bundle, batches, outputs)
+            try:
+                engine = quantized(p)
+                with torch.no_grad():
+                    outputs[p.value] = {s: [engine(b) for b in bs] for s, bs in batches.items()}
+            except KilnError:  # Kiln's own refusals (nothing to quantize) stop the run before any work, as ever
+                raise
+            except Exception as e:  # a quantizer may raise anything on a model it does not fit
+                failed[p.value] = f"the eager {p} reference failed on {bundle.name}: {short(e)}"
+                if say:
+                    say(failed[p.value])
+        return cls(bundle, batches, outputs, failed)
 
     @property
     def shapes(self) -> list[Shape]:
@@ -68,6 +78,8 @@ class References:
     def judge(self, model: Any, shapes: Sequence[Shape], precision: Precision,
               tolerances: Tolerance | Mapping[str, Tolerance] | None = None) -> Comparison:
         """One verdict for `model` (anything called with named tensors) over every batch at `shapes`."""
+        if precision.value in self.failed:
+            raise BackendError(f"nothing at {precision} can be judged: {self.failed[precision.value]}")
         comp = Comparator(precision, self.bundle.task, tolerances)
         at_precision = self.outputs[precision.value]
         for s in shapes:

@@ -240,6 +240,33 @@ def test_the_int8_reference_is_quantized_once_per_run(tiny_bert: ModelBundle, ca
     assert calls == [Precision.INT8] and report.find("eager", "int8", "2x16").status == "ok"
 
 
+def test_a_failing_int8_reference_fails_its_precision_only(tiny_bert: ModelBundle, cache_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A quantizer that raises on a model (PT2E int8-dynamic on GPT-2's forward graph: "Expecting
+    input to have dtype torch.float32/16/b16, but got dtype: torch.int64") costs the rows at that
+    precision, each saying why, never the run and its other rows."""
+    from backends.eager import EagerModel
+    from pipeline.runner import Runner
+
+    real = EagerModel.run
+
+    def run(self: EagerModel, inputs: Any) -> Any:
+        if self.precision == Precision.INT8_DYNAMIC:
+            raise AssertionError("Expecting input to have dtype torch.float32/16/b16, but got dtype: torch.int64")
+        return real(self, inputs)
+
+    monkeypatch.setattr(EagerModel, "run", run)
+    cfg = make_config(backends="eager,onnxruntime", precisions="fp32,int8-dynamic", shapes="2x16", device="cpu", rounds=1,
+                      warmup=0, isolation="none")
+    runner = Runner(tiny_bert, cfg, cache_dir=cache_dir)
+    report = runner.run()
+    runner.close()
+    assert all(report.find(name, "fp32", "2x16").status == "ok" for name in ("eager", "onnxruntime"))
+    eager, ort = report.find("eager", "int8-dynamic", "2x16"), report.find("onnxruntime", "int8-dynamic", "2x16")
+    assert eager.status == "failed" and eager.reason.startswith("AssertionError: Expecting input")  # its own call, first
+    assert ort.status == "failed" and ort.reason.startswith(
+        "nothing at int8-dynamic can be judged: the eager int8-dynamic reference failed on tiny-bert: AssertionError: Expecting")
+
+
 def test_a_loaded_int8_dynamic_engine_keeps_its_weight_scheme(tiny_bert: ModelBundle, cache_dir: Path, tmp_path: Path) -> None:
     captured = capture(tiny_bert, cache_dir, QuantSpec(samples=16, per_channel=False))
     registry.get("eager").compile(captured, Precision.INT8_DYNAMIC, "cpu").save(tmp_path / "e")
