@@ -108,9 +108,10 @@ def attention_on_mask_index(model: Any) -> int:
         sizes = next((list(a.ints) for a in node.attribute if a.name == "qkv_hidden_sizes"), [])
         if mask is None or len(set(sizes)) > 1:
             continue
-        if rewritten == 0:
-            model.graph.node.insert(0, helper.make_node("Cast", [mask], [MASK_INDEX], to=TensorProto.INT32, name=MASK_INDEX))
-        inputs = [*node.input[:3], MASK_INDEX]
+        index = f"{MASK_INDEX}_{mask}"  # one int32 cast per mask input, made once
+        if not any(index in n.output for n in model.graph.node):
+            model.graph.node.insert(0, helper.make_node("Cast", [mask], [index], to=TensorProto.INT32, name=index))
+        inputs = [*node.input[:3], index]
         del node.input[:]
         node.input.extend(inputs)
         attributes = [a for a in node.attribute if a.name != "qkv_hidden_sizes"]
@@ -121,7 +122,7 @@ def attention_on_mask_index(model: Any) -> int:
 
 
 def unfused(counts: collections.Counter[str], quantized: bool) -> list[str]:
-    """What the recipe could not fuse, read off the graph ORT runs: attention left as its parts,
+    """What the recipe could not fuse, read off the engine's graph: attention left as its parts,
     and (int8-dynamic) attention left in floating point because it takes a bias, not a mask index."""
     lost = []
     if counts["Softmax"]:
