@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 MASK_INDEX = "kiln_mask_index"
+_MASK_TYPES = {6: np.int32, 7: np.int64, 9: np.bool_}  # ONNX's int32, int64, bool: what a mask input may be
 # ORT's Attention masks a padded key with -10000 before its softmax; a bias this negative or more
 # is a padded key to the same precision.
 _MASKED = -1e4
@@ -56,7 +57,7 @@ def _padding_mask_input(model: Any, bias: str) -> str | None:
         return None
     (name,) = found
     tt = inputs[name].type.tensor_type
-    return name if len(tt.shape.dim) == 2 and tt.elem_type in (6, 7, 9) else None  # int32, int64, bool
+    return name if len(tt.shape.dim) == 2 and tt.elem_type in _MASK_TYPES else None
 
 
 def is_padding_bias(model: Any, bias: str, mask: str) -> bool:
@@ -71,7 +72,7 @@ def is_padding_bias(model: Any, bias: str, mask: str) -> bool:
         session = ort.InferenceSession(sub.SerializeToString(), providers=["CPUExecutionProvider"])
     except Exception:  # a bias this check cannot evaluate on its own is not proven a padding mask
         return False
-    dtype = {6: np.int32, 7: np.int64, 9: np.bool_}[next(i for i in model.graph.input if i.name == mask).type.tensor_type.elem_type]
+    dtype = _MASK_TYPES[next(i for i in model.graph.input if i.name == mask).type.tensor_type.elem_type]
     rng = np.random.default_rng(0)
     for batch, seq in ((1, 5), (3, 7)):
         keep = rng.random((batch, seq)) > 0.3
