@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -234,7 +235,13 @@ class OpenVinoBackend(Backend):
         def make(tmp: Path) -> None:
             import openvino as ov
 
-            model = ov.convert_model(captured.program)
+            try:
+                model = ov.convert_model(captured.program)
+            except Exception as e:  # its message opens with the C++ check's file and line; the ops it lacks come last
+                lacking = re.search(r"No conversion rule found for operations: (.*)", str(e))
+                if lacking is None:
+                    raise
+                raise BackendError(f"OpenVINO {version('openvino')} cannot convert {lacking.group(1).strip()}") from e
             _finite_masks(model)
             how = ""
             if spec.precision.quantized:

@@ -178,7 +178,18 @@ class Captured:
         try:
             return cached_dir(final, export_onnx) / "model.onnx"
         except Exception as e:
-            raise BackendError(f"ONNX export failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
+            raise BackendError(f"ONNX export failed: {_exporter_cause(e)}") from e
+
+
+def _exporter_cause(e: BaseException) -> str:
+    """The exporter's own cause (its message opens with generic next steps and a summary below),
+    without the terminal colours it writes into the text."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(e))
+    _, _, summary = text.partition("## Exception summary")
+    cause = next((line for line in summary.splitlines() if line.strip()), "")
+    if cause.startswith("<class '"):  # "<class 'a.b.DispatchError'>: message"
+        cause = re.sub(r"^<class '(?:[\w.]*\.)?(\w+)'>", r"\1", cause)
+    return cause or f"{type(e).__name__}: {text.strip().splitlines()[0] if text.strip() else ''}"
 
 
 def capture(bundle: ModelBundle, cache_dir: Path | str | None = None, quant: QuantSpec | None = None) -> Captured:

@@ -190,3 +190,55 @@ def test_eager_that_gives_nan_is_refused_before_any_engine_is_judged() -> None:
     bundle = ModelBundle.from_module(_NaN(), {"x": torch.ones(2, 4)}, dynamic_axes={"x": {0: "batch"}})
     with pytest.raises(NumericsError, match="eager fp32 itself gives NaN or Inf"):
         References.compute(bundle, [Shape(2, 4)])
+
+
+class _Affine(torch.nn.Module):
+    """A plain module that does not cast its inputs, as most users' modules do not."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.proj = torch.nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x)
+
+
+def test_the_shadow_and_lower_precisions_are_fed_inputs_in_their_own_dtype() -> None:
+    from pipeline.inputs import Shape
+    from pipeline.models import ModelBundle
+    from pipeline.precision import Precision
+    from pipeline.references import References
+
+    bundle = ModelBundle.from_module(_Affine(), {"x": torch.ones(2, 4)}, dynamic_axes={"x": {0: "batch"}})
+    refs = References.compute(bundle, [Shape(2)], [Precision.BF16])
+    assert refs.outputs["fp64"][Shape(2)][0]["output"].dtype == torch.float64
+    assert refs.outputs["bf16"][Shape(2)][0]["output"].dtype == torch.bfloat16
+    assert not bundle.notes
+    assert refs.judge(lambda b: {"output": bundle.module(**b)[0]}, [Shape(2)], Precision.FP32).passed
+
+
+@pytest.mark.parametrize("fault", ["raises", "nan"])
+def test_a_shadow_that_cannot_be_had_leaves_fp32_to_judge_alone(fault: str) -> None:
+    from pipeline.inputs import Shape
+    from pipeline.models import ModelBundle
+    from pipeline.precision import Precision
+    from pipeline.references import References
+
+    class _NoDouble(_Affine):  # an op with no float64 kernel, or one that overflows only in fp64
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if x.dtype == torch.float64 and fault == "raises":
+                raise RuntimeError("Expected mat_a to be Float32, BFloat16 or Float16 matrix, got Double")
+            return self.proj(x) * (float("nan") if x.dtype == torch.float64 else 1.0)
+
+    bundle = ModelBundle.from_module(_NoDouble(), {"x": torch.ones(2, 4)}, dynamic_axes={"x": {0: "batch"}})
+    said: list[str] = []
+    refs = References.compute(bundle, [Shape(2)], [Precision.FP16], say=said.append)
+    why = "eager fp64 fails: RuntimeError: Expected mat_a to be Float32, BFloat16 or Float16 matrix, got Double" if fault == "raises" else "eager fp64 gives NaN or Inf at 2 where fp32 does not"
+    assert bundle.notes == [f"no fp64 shadow ({why}): judged against eager fp32 alone"] and bundle.notes[0] in said
+    assert refs.outputs["fp64"] is refs.outputs["fp32"]
+    good = refs.judge(lambda b: {"output": bundle.module(**b)[0]}, [Shape(2)], Precision.FP32)
+    off = refs.judge(lambda b: {"output": bundle.module(**b)[0] + 1e-2}, [Shape(2)], Precision.FP32)
+    assert good.passed and good.outputs[0].rmse_vs_fp64 == 0.0 and not off.passed
+    References.compute(bundle, [Shape(2)])
+    assert len(bundle.notes) == 1  # computed again for the same model: said once
