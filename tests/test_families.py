@@ -61,6 +61,15 @@ FAMILIES: dict[str, tuple[Callable[[], Any], Any, dict[str, Any]]] = {
             transformers.ViTForImageClassification, {"task": "image-classification", "agreement": "label"}),
     "deit": (lambda: transformers.DeiTConfig(**H, image_size=32, patch_size=8), transformers.DeiTModel,
              {"task": "image-encoder"}),
+    # a vocabulary (for masked image modelling) in an image classifier's config: an image model all the same
+    "beit": (lambda: transformers.BeitConfig(**H, image_size=32, patch_size=8, num_labels=3),
+             transformers.BeitForImageClassification, {"task": "image-classification", "agreement": "label"}),
+    # no image size in its config: the size its image processor resizes to
+    "segformer": (lambda: transformers.SegformerConfig(num_encoder_blocks=2, depths=[1, 1], sr_ratios=[2, 1], hidden_sizes=[16, 32],
+                                                       patch_sizes=[7, 3], strides=[4, 2], num_attention_heads=[1, 2],
+                                                       mlp_ratios=[2, 2], decoder_hidden_size=32, num_labels=4),
+                  transformers.SegformerForSemanticSegmentation,
+                  {"task": "semantic-segmentation", "agreement": "pixel-label", "processor": transformers.SegformerImageProcessor}),
     "swin": (lambda: transformers.SwinConfig(image_size=32, patch_size=4, embed_dim=16, depths=[1, 1], num_heads=[1, 2],
                                              window_size=4, num_labels=2),
              transformers.SwinForImageClassification, {"task": "image-classification"}),
@@ -84,6 +93,8 @@ def _save(family: str, root: Path) -> Path:
     cls(config()).save_pretrained(path)
     if "tokenizer" in expect:
         word_tokenizer(path, expect["tokenizer"])
+    if "processor" in expect:
+        expect["processor"](size={"height": 64, "width": 64}).save_pretrained(path)
     return path
 
 
@@ -157,3 +168,30 @@ def test_export_narrowing_keeps_batch_one_and_refuses_the_excluded_size(tmp_path
         program(**make_inputs(bundle, s, "random"))
     with pytest.raises(ShapeError, match=r"seq 2048 is outside gpt-neo's range \[1, 2047\]"):
         check_shape(bundle, Shape(1, 2048))
+
+
+def test_a_head_kiln_does_not_serve_is_refused_by_name_and_its_trunk_taken_when_asked(tmp_path: Path) -> None:
+    from pipeline.errors import InputError
+
+    for cls in (transformers.BertForMultipleChoice, transformers.BertForPreTraining):
+        torch.manual_seed(0)
+        cls(transformers.BertConfig(**H)).save_pretrained(tmp_path / cls.__name__)
+    with pytest.raises(InputError, match=r"holds BertForMultipleChoice, a multiple choice head, which Kiln does not serve; "
+                                         r"it serves encoder, classification, .* \(--task encoder runs the model without its head\)"):
+        load_model(str(tmp_path / "BertForMultipleChoice"))
+    with pytest.raises(InputError, match="holds BertForPreTraining, a pretraining head"):
+        load_model(str(tmp_path / "BertForPreTraining"))
+    trunk = load_model(str(tmp_path / "BertForMultipleChoice"), task="encoder")
+    assert trunk.task == "encoder" and trunk.summary["architecture"] == "BertModel"
+
+
+def test_an_audio_model_is_refused_in_one_line_whatever_its_class_is_named(tmp_path: Path) -> None:
+    from pipeline.errors import InputError
+
+    # Wav2Vec2ForSequenceClassification classifies sound: its name alone reads as a text classifier
+    config = transformers.Wav2Vec2Config(**H, vocab_size=32, conv_dim=(16, 16), conv_stride=(5, 2), conv_kernel=(10, 3),
+                                         num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=2)
+    for cls in (transformers.Wav2Vec2ForSequenceClassification, transformers.Wav2Vec2Model):
+        cls(config).save_pretrained(tmp_path / cls.__name__)
+        with pytest.raises(InputError, match=f"holds an audio model \\({cls.__name__}\\); Kiln takes text and image models"):
+            load_model(str(tmp_path / cls.__name__))

@@ -133,3 +133,21 @@ def test_an_int8_classifier_is_judged_by_its_labels() -> None:
     comp = Comparator(Precision.INT8, "classification")
     comp.add({"logits": flipped}, {"logits": ref}, {"logits": ref.double()}, {"logits": ref}, None)
     assert not comp.result().passed  # one label in four lost: 75% < the int8 floor
+
+
+def test_pixel_agreement_and_the_labels_a_segmenter_answers() -> None:
+    from pipeline.heads import HEADS, Asked
+
+    ref = torch.zeros(2, 3, 4, 4)
+    ref[:, 1, :2] = 1.0  # the top half is label 1, the bottom label 0
+    cand = ref.clone()
+    cand[1, 2, 3, 3] = 5.0  # one pixel of image 1 flips to label 2
+    comp = Comparator(Precision.FP16, "semantic-segmentation")
+    comp.add({"logits": cand}, {"logits": ref}, {"logits": ref.double()})
+    m = comp.result().outputs[0]
+    assert m.agreement_kind == "pixel-label" and m.agreement == pytest.approx((1 + 15 / 16) / 2)
+    answer = HEADS["semantic-segmentation"].answer
+    assert answer is not None
+    got = answer(Asked(["a.png", "b.png"], cand, None, None, None, {0: "road", 1: "sky"}))
+    assert got[0] == {"image": "a.png", "labels": {"road": 0.5, "sky": 0.5}}
+    assert got[1] == {"image": "b.png", "labels": {"sky": 0.5, "road": 0.4375, "2": 0.0625}}

@@ -57,7 +57,7 @@ def test_an_image_model_takes_pixels_at_its_size_and_batch_sizes_as_shapes(vit_d
 
 
 def test_a_text_task_on_an_image_model_is_refused(vit_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    with pytest.raises(InputError, match="holds an image model; its tasks are image-classification, image-encoder"):
+    with pytest.raises(InputError, match="holds an image model; its tasks are image-classification, semantic-segmentation, image-encoder"):
         load_model(str(vit_dir), task="classification")
     out = tmp_path / "run"
     assert main(["run", "--model", str(vit_dir), "--shapes", "1x128", "--backends", "eager", "--out", str(out)]) == 2
@@ -97,3 +97,41 @@ def test_build_an_image_classifier_and_predict_labels_of_image_files(vit_dir: Pa
     engine = store.load(art)
     with pytest.raises(ShapeError, match=r"input 'pixel_values' has shape \(1, 3, 48, 48\); its dims are \(batch, 3, 32, 32\)"):
         engine({"pixel_values": torch.zeros(1, 3, 48, 48)})
+
+
+@pytest.mark.slow
+def test_a_segmenter_is_judged_per_pixel_and_predicts_the_labels_each_image_covers(tmp_path: Path, cache_dir: Path) -> None:
+    from PIL import Image
+
+    path = tmp_path / "tiny-segformer"
+    torch.manual_seed(0)
+    labels = {0: "road", 1: "sky", 2: "tree", 3: "car"}
+    config = transformers.SegformerConfig(num_encoder_blocks=2, depths=[1, 1], sr_ratios=[2, 1], hidden_sizes=[16, 32],
+                                          patch_sizes=[7, 3], strides=[4, 2], num_attention_heads=[1, 2], mlp_ratios=[2, 2],
+                                          decoder_hidden_size=32, num_labels=4, id2label=labels,
+                                          label2id={v: k for k, v in labels.items()})
+    transformers.SegformerForSemanticSegmentation(config).save_pretrained(path)
+    transformers.SegformerImageProcessor(size={"height": 64, "width": 64}).save_pretrained(path)
+    bundle = load_model(str(path))
+    assert bundle.task == "semantic-segmentation" and bundle.inputs["pixel_values"].dims == ("batch", 3, 64, 64)
+    out = build(str(path), "onnxruntime", shapes="1,2", root=tmp_path / "artifacts", cache_dir=cache_dir,
+                isolation="none", warmup=0, rounds=1)
+    assert [(o.backend, o.status) for o in out] == [("onnxruntime", "built")], out[0].reason
+    meta = json.loads((out[0].path / "manifest.json").read_text())
+    assert "pixel-label" in json.dumps(meta)  # judged by the label of every pixel, not only elementwise
+    images = []
+    for i, colour in enumerate([(250, 10, 10), (10, 200, 30)]):
+        Image.new("RGB", (70, 50 + 10 * i), colour).save(tmp_path / f"{i}.png")
+        images.append(str(tmp_path / f"{i}.png"))
+    res = subprocess.run([sys.executable, "-m", "pipeline", "predict", str(out[0].path), *images], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    answers = [json.loads(line) for line in res.stdout.splitlines()]
+    model = transformers.SegformerForSemanticSegmentation.from_pretrained(path).eval()
+    proc = transformers.SegformerImageProcessor.from_pretrained(path)
+    with torch.no_grad():
+        want = model(**proc(images=[Image.open(p).convert("RGB") for p in images], return_tensors="pt")).logits.argmax(1)
+    for answer, pixels, image in zip(answers, want, images):
+        assert answer["image"] == image and abs(sum(answer["labels"].values()) - 1) < 1e-5
+        ids, counts = pixels.unique(return_counts=True)
+        assert answer["labels"] == pytest.approx({labels[int(i)]: int(n) / pixels.numel() for i, n in zip(ids, counts)}, abs=1e-6)
+        assert list(answer["labels"].values()) == sorted(answer["labels"].values(), reverse=True)
