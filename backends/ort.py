@@ -16,7 +16,7 @@ import torch
 
 from pipeline.capture import Captured
 from pipeline.env import version
-from pipeline.errors import BackendError
+from pipeline.errors import BackendError, KilnError, short
 from pipeline.fsutil import cache_entry, cached_dir
 from pipeline.inputs import Shape
 from pipeline.manifest import Manifest
@@ -229,25 +229,26 @@ class OrtBackend(Backend):
             fusions = _build_onnx(captured, spec.precision, options, tmp)
             (tmp / "fusions.txt").write_text("".join(f"{k} {v}\n" for k, v in fusions.items()))
 
-        cached_dir(final, make)
-        fusions = {k: int(v) for k, v in (line.split() for line in (final / "fusions.txt").read_text().splitlines())}
         try:
+            cached_dir(final, make)
+            fusions = {k: int(v) for k, v in (line.split() for line in (final / "fusions.txt").read_text().splitlines())}
             model = OrtModel(spec, final / "model.onnx", fusions)
             # some fused graphs ORT loads but refuses to run (a Gemm fed rank 3)
             model.run({k: v.to(model.device) for k, v in captured.example.items()})
             return model
         except Exception as e:
-            # a fused graph ORT refuses (a Gemm fed rank 3 in GPT-2's graphs): the graph one recipe
-            # step earlier still runs, and the engine says so (its manifest records the options
-            # it was built with)
-            if not options.fuse or spec.precision in _UNFUSED:
+            # a recipe step that fails on a graph (ORT's optimizer finds a cycle in a multiple-choice
+            # BERT's), or a fused graph ORT refuses (a Gemm fed rank 3 in GPT-2's): the graph one
+            # step earlier still runs, and the engine says so (its manifest records the options it
+            # was built with). Kiln's own errors (the export's) are not the recipe's.
+            if not options.fuse or spec.precision in _UNFUSED or isinstance(e, KilnError):
                 raise
             step = "ORT's transformers optimizer" if options.transformers_optimizer else "onnxscript's fusions"
             lighter = (dataclasses.replace(options, transformers_optimizer=False) if options.transformers_optimizer
                        else dataclasses.replace(options, fuse=False))
             fallback = self._compile(captured, dataclasses.replace(spec, options=lighter), shapes)
             assert isinstance(fallback, OrtModel)
-            fallback.fallback = fallback.fallback or f"runs without {step}: with it ORT refused the graph ({str(e)[:160]})"
+            fallback.fallback = fallback.fallback or f"runs without {step}: with it the graph failed ({short(e)[:160]})"
             return fallback
 
     def _load(self, directory: Path, spec: EngineSpec, manifest: Manifest) -> CompiledModel:

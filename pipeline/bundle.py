@@ -59,6 +59,11 @@ class ModelBundle:
         return self.task in HEADS and HEADS[self.task].vision
 
     @property
+    def options(self) -> int:
+        """How many sequences a row of text holds: a multiple-choice head's options, else 1."""
+        return (HEADS[self.task].options or 1) if self.task in HEADS else 1
+
+    @property
     def padding_side(self) -> str:
         """Where this model's own tokenizer puts padding (some decoders' pad left); right without one."""
         return str(getattr(self.tokenizer, "padding_side", "right") or "right")

@@ -50,10 +50,13 @@ def calibration_batches(bundle: ModelBundle, spec: QuantSpec) -> list[Inputs]:
             raise InputError(f"a calibration set of {spec.samples} samples: Kiln ships {len(pool)} calibration "
                              f"sentences; give --calibration-samples {len(pool)} or fewer")
         rows = random.Random(spec.seed).sample(pool, spec.samples)
+        k = bundle.options  # a multiple-choice row's options: the sentences after it, round the sample
         out, at = [], 0
         for b in sizes:
-            enc = bundle.tokenizer(rows[at:at + b], padding="max_length", truncation=True, max_length=seq, return_tensors="pt")
-            out.append({"input_ids": enc["input_ids"].to(torch.int64), "attention_mask": enc["attention_mask"].to(torch.int64)})
+            enc = bundle.tokenizer([rows[(at + i) % len(rows)] for i in range(b * k)], padding="max_length", truncation=True,
+                                   max_length=seq, return_tensors="pt")
+            dims = (b, k, seq) if k > 1 else (b, seq)
+            out.append({n: enc[n].to(torch.int64).view(dims) for n in ("input_ids", "attention_mask")})
             at += b
         return out
     kinds = ("random", "padded")

@@ -61,6 +61,7 @@ class Head:
     answer: Callable[[Asked], list[dict[str, Any]]] | None = None
     no_answer: str = ""  # why `kiln predict` does not take it, where `answer` is None
     mapping: str = ""
+    options: int = 0  # multiple choice: each row holds this many options, its text inputs [batch, options, seq]
 
 
 HEADS: dict[str, Head] = {}
@@ -259,6 +260,11 @@ for _head in (
          mapping="MASKED_LM"),
     Head("causal-lm", "AutoModelForCausalLM", architectures=("ForCausalLM", "LMHeadModel"), generates=True,
          agreement=token_agreement, answer=_next_token, mapping="CAUSAL_LM"),
+    # Four options a row, as SWAG, RACE and HellaSwag have: the model itself takes any number (it
+    # scores each option alone), and its logits are [batch, options], one label a row to agree on.
+    Head("multiple-choice", "AutoModelForMultipleChoice", architectures=("ForMultipleChoice",), options=4,
+         agreement=label_agreement, mapping="MULTIPLE_CHOICE",
+         no_answer="predict does not take multiple choice yet (it needs a question and its options)"),
     Head("image-classification", "AutoModelForImageClassification", architectures=("ForImageClassification",), vision=True,
          labelled=True, agreement=label_agreement, answer=_labels("image"), mapping="IMAGE_CLASSIFICATION"),
     Head("semantic-segmentation", "AutoModelForSemanticSegmentation", architectures=("ForSemanticSegmentation",),

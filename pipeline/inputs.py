@@ -80,11 +80,12 @@ def make_inputs(bundle: ModelBundle, shape: Shape, kind: str = "random", seed: i
     if bundle.vision:
         return {"pixel_values": _images(bundle, shape.batch, kind, g)}
     vocab = bundle.inputs["input_ids"].high
-    ids = torch.randint(0, vocab, (shape.batch, shape.seq), generator=g)
+    n = shape.batch * bundle.options  # a multiple-choice row's options are rows of their own, reshaped at the end
+    ids = torch.randint(0, vocab, (n, shape.seq), generator=g)
     mask = torch.ones_like(ids)
     if kind == "text" and bundle.tokenizer is not None:
         sents = sentences()
-        rows = [sents[(seed + i) % len(sents)] for i in range(shape.batch)]
+        rows = [sents[(seed + i) % len(sents)] for i in range(n)]
         enc = bundle.tokenizer(rows, padding="max_length", truncation=True, max_length=shape.seq, return_tensors="pt")
         ids, mask = enc["input_ids"].to(torch.int64), enc["attention_mask"].to(torch.int64)
     elif kind in ("padded", "text"):
@@ -92,15 +93,16 @@ def make_inputs(bundle: ModelBundle, shape: Shape, kind: str = "random", seed: i
         # whole is NaN in some attention implementations, the fp64 reference's included), and
         # padding sits on the side the model's tokenizer puts it.
         hi = max(1, shape.seq // 4) if kind == "padded" else shape.seq
-        lengths = torch.randint(1, hi + 1, (shape.batch,), generator=g)
-        lengths[0] = shape.seq if kind == "padded" and shape.batch > 1 else lengths[0]
+        lengths = torch.randint(1, hi + 1, (n,), generator=g)
+        lengths[0] = shape.seq if kind == "padded" and n > 1 else lengths[0]
         pos = torch.arange(shape.seq).unsqueeze(0)
         real = pos >= shape.seq - lengths.unsqueeze(1) if bundle.padding_side == "left" else pos < lengths.unsqueeze(1)
         mask = real.to(torch.int64)
         ids = torch.where(mask.bool(), ids, torch.full_like(ids, bundle.pad_token_id))
     elif kind != "random":
         raise ValueError(f"unknown batch kind {kind!r}; valid: {', '.join(BATCH_KINDS)}")
-    return {"input_ids": ids, "attention_mask": mask}
+    dims = (shape.batch, bundle.options, shape.seq) if bundle.options > 1 else (shape.batch, shape.seq)
+    return {"input_ids": ids.view(dims), "attention_mask": mask.view(dims)}
 
 
 def _images(bundle: ModelBundle, batch: int, kind: str, g: torch.Generator) -> torch.Tensor:

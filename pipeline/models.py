@@ -41,9 +41,8 @@ class _HFWrapper(nn.Module):
             # counted over real tokens, as generation does: a left-padded row's first token is at 0
             # (padding gets 0; a clamp would reach TVM as a clip to +inf, which its int legalizer refuses)
             kwargs["position_ids"] = (attention_mask.cumsum(-1) - 1) * attention_mask
-        elif self.pass_positions:
-            b, s = input_ids.shape
-            kwargs["position_ids"] = torch.arange(s, device=input_ids.device).unsqueeze(0).expand(b, s)
+        elif self.pass_positions:  # [batch, seq], or [batch, options, seq] for multiple choice
+            kwargs["position_ids"] = torch.arange(input_ids.shape[-1], device=input_ids.device).expand(input_ids.shape)
         if self.pass_token_types:
             kwargs["token_type_ids"] = torch.zeros_like(input_ids)
         if self.causal:
@@ -167,7 +166,8 @@ def _hf_bundle(name: str, model: nn.Module, source: str, tokenizer: Any, task: s
     outputs = HEADS[task].outputs
     vocab = int(config.vocab_size)
     max_pos = int(getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None) or 512)
-    specs = {n: InputSpec(torch.int64, ("batch", "seq"), vocab if n == "input_ids" else 2, bounded=True)
+    dims = ("batch", HEADS[task].options, "seq") if HEADS[task].options else ("batch", "seq")
+    specs = {n: InputSpec(torch.int64, dims, vocab if n == "input_ids" else 2, bounded=True)
              for n in ("input_ids", "attention_mask")}
     pad = getattr(config, "pad_token_id", None)
     return ModelBundle(

@@ -114,6 +114,8 @@ def _text_configs(name: str, meta: Manifest, engine_cfg: Any) -> tuple[Any, Any]
     pb = _pb()
     if set(meta.inputs) != {"input_ids", "attention_mask"}:
         raise InputError(f"--text needs an engine that takes input_ids and attention_mask; this one takes {', '.join(meta.inputs)}")
+    if len(meta.inputs["input_ids"].get("dims", ())) != 2:  # the tokenizer model makes one sequence a row
+        raise InputError(f"--text makes one sequence a row; this engine takes input_ids {tuple(meta.inputs['input_ids']['dims'])}")
     batch = engine_cfg.max_batch_size
     lo_s, hi_s = meta.axis_ranges.get("seq", (1, 512))
     tok = pb.ModelConfig(name=f"{name}-tokenizer", backend="python", max_batch_size=batch)

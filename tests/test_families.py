@@ -28,6 +28,9 @@ DEC = dict(H, num_key_value_heads=1, vocab_size=1000)
 FAMILIES: dict[str, tuple[Callable[[], Any], Any, dict[str, Any]]] = {
     "bert": (lambda: transformers.BertConfig(**H, num_labels=2), transformers.BertForSequenceClassification,
              {"task": "classification", "agreement": "label"}),
+    # four options a row: text inputs [batch, 4, seq], one chosen option a row to agree on
+    "bert-mc": (lambda: transformers.BertConfig(**H, vocab_size=1000), transformers.BertForMultipleChoice,
+                {"task": "multiple-choice", "agreement": "label"}),
     "roberta": (lambda: transformers.RobertaConfig(**H, num_labels=3), transformers.RobertaForTokenClassification,
                 {"task": "token-classification", "agreement": "top1"}),
     "albert": (lambda: transformers.AlbertConfig(**H, embedding_size=16), transformers.AlbertForQuestionAnswering,
@@ -173,15 +176,16 @@ def test_export_narrowing_keeps_batch_one_and_refuses_the_excluded_size(tmp_path
 def test_a_head_kiln_does_not_serve_is_refused_by_name_and_its_trunk_taken_when_asked(tmp_path: Path) -> None:
     from pipeline.errors import InputError
 
-    for cls in (transformers.BertForMultipleChoice, transformers.BertForPreTraining):
+    for cls in (transformers.BertForNextSentencePrediction, transformers.BertForPreTraining):
         torch.manual_seed(0)
         cls(transformers.BertConfig(**H)).save_pretrained(tmp_path / cls.__name__)
-    with pytest.raises(InputError, match=r"holds BertForMultipleChoice, a multiple choice head, which Kiln does not serve; "
-                                         r"it serves encoder, classification, .* \(--task encoder runs the model without its head\)"):
-        load_model(str(tmp_path / "BertForMultipleChoice"))
+    with pytest.raises(InputError, match=r"holds BertForNextSentencePrediction, a next sentence prediction head, which Kiln "
+                                         r"does not serve; it serves encoder, classification, .*multiple-choice.* "
+                                         r"\(--task encoder runs the model without its head\)"):
+        load_model(str(tmp_path / "BertForNextSentencePrediction"))
     with pytest.raises(InputError, match="holds BertForPreTraining, a pretraining head"):
         load_model(str(tmp_path / "BertForPreTraining"))
-    trunk = load_model(str(tmp_path / "BertForMultipleChoice"), task="encoder")
+    trunk = load_model(str(tmp_path / "BertForNextSentencePrediction"), task="encoder")
     assert trunk.task == "encoder" and trunk.summary["architecture"] == "BertModel"
 
 

@@ -89,3 +89,25 @@ def test_onnx_export_is_cached(tiny_captured) -> None:  # type: ignore[no-untype
     mtime = p.stat().st_mtime_ns
     assert tiny_captured.onnx_path() == p and p.stat().st_mtime_ns == mtime
     assert tiny_captured.graph_hash in str(p)
+
+
+def test_a_multiple_choice_row_holds_its_options_in_every_input_kind_and_calibration(tmp_path: Path) -> None:
+    import transformers
+
+    from pipeline.calibration import calibration_batches
+    from pipeline.choices import QuantSpec
+
+    torch.manual_seed(0)
+    config = transformers.BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
+    transformers.BertForMultipleChoice(config).save_pretrained(tmp_path)
+    bundle = load_model(str(tmp_path))
+    assert bundle.task == "multiple-choice" and bundle.options == 4
+    assert bundle.inputs["input_ids"].dims == ("batch", 4, "seq")
+    bundle.tokenizer = load_model("tiny-bert").tokenizer  # BERT's vocabulary: real sentences, one per option
+    for kind in ("text", "random", "padded"):
+        x = make_inputs(bundle, Shape(2, 16), kind)
+        assert {k: tuple(v.shape) for k, v in x.items()} == {"input_ids": (2, 4, 16), "attention_mask": (2, 4, 16)}
+        assert len({tuple(row.tolist()) for row in x["input_ids"].flatten(0, 1)}) == 8  # no option repeats another
+        assert tuple(bundle.module(**x)[0].shape) == (2, 4)  # a score per option
+    batches = calibration_batches(bundle, QuantSpec(samples=16))
+    assert [tuple(b["input_ids"].shape)[:2] for b in batches] == [(8, 4), (8, 4)]
