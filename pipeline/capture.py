@@ -26,14 +26,14 @@ from .fsutil import cache_entry, cached_dir
 DEFAULT_CACHE = default_cache_dir()
 
 
-def _example(bundle: ModelBundle) -> dict[str, torch.Tensor]:
+def _example(bundle: ModelBundle, seq: int | None = None) -> dict[str, torch.Tensor]:
     if bundle.example is not None:
         return bundle.example
     # batch 2 and seq 16 keep both axes dynamic (a size-1 example would be specialized).
     if "seq" not in bundle.axis_ranges:
         return make_inputs(bundle, Shape(2), "padded", seed=0)
     lo_s, hi_s = bundle.axis_ranges["seq"]
-    return make_inputs(bundle, Shape(2, min(max(16, lo_s), hi_s)), "padded", seed=0)
+    return make_inputs(bundle, Shape(2, min(max(seq or 16, lo_s), hi_s)), "padded", seed=0)
 
 
 def graph_hash(ep: ExportedProgram) -> str:
@@ -60,13 +60,16 @@ def _plain(name: str, t: Any) -> list[tuple[str, torch.Tensor]]:
     return [(name, t)]
 
 
-def export(bundle: ModelBundle, dtype: torch.dtype = torch.float32, module: torch.nn.Module | None = None) -> ExportedProgram:
+def export(bundle: ModelBundle, dtype: torch.dtype = torch.float32, module: torch.nn.Module | None = None,
+           seq: int | None = None) -> ExportedProgram:
     """The bundle's module (or `module`, one derived from it: a quantized one) captured with batch and seq dynamic.
 
     When torch.export cannot keep an axis dynamic over the whole declared range ("Constraints
     violated"), it captures again with the ranges torch.export infers itself (Dim.AUTO), narrows
     the bundle's ranges to them and says so in the bundle's notes: a model that runs up to seq
-    2047 is a model that runs, not a failure."""
+    2047 is a model that runs, not a failure. That capture's example has sequence length `seq`
+    (the run's longest) where given: a model whose code fixes the sequence at whatever size it is
+    traced with (Funnel's pooling) is then captured at a size the run asks for."""
     if module is None:
         module = bundle.module if dtype == torch.float32 else copy.deepcopy(bundle.module).to(dtype)
     if not isinstance(module, torch.fx.GraphModule):
@@ -79,11 +82,11 @@ def export(bundle: ModelBundle, dtype: torch.dtype = torch.float32, module: torc
                 if "Constraints violated" not in str(e):
                     raise
                 violation = str(e)
-            ep = torch.export.export(module, (), _example(bundle), dynamic_shapes=_dynamic_shapes(bundle, auto=True))
+            ep = torch.export.export(module, (), _example(bundle, seq), dynamic_shapes=_dynamic_shapes(bundle, auto=True))
     except Exception as e:  # torch raises many kinds here; the user needs the first line
         first = next((line.strip() for line in str(e).splitlines() if line.strip()), "")
         raise BackendError(f"torch.export failed for {bundle.name}: {type(e).__name__}: {first}") from e
-    _narrow(bundle, ep, violation)
+    _narrow(bundle, ep, violation, _example(bundle, seq))
     return ep
 
 
@@ -92,7 +95,7 @@ def _dynamic_shapes(bundle: ModelBundle, auto: bool = False) -> dict[str, dict[i
     return {n: {i: dims[a] for i, a in enumerate(spec.dims) if isinstance(a, str)} for n, spec in bundle.inputs.items()}
 
 
-def _narrow(bundle: ModelBundle, ep: ExportedProgram, violation: str) -> None:
+def _narrow(bundle: ModelBundle, ep: ExportedProgram, violation: str, example: dict[str, torch.Tensor]) -> None:
     """The bundle's axis ranges, narrowed to what the program `ep` (captured with Dim.AUTO) takes:
     its range constraints, less single sizes the violation excluded at either end ("!= 2048")."""
     shapes = {n.name: n.meta["val"].shape for n in ep.graph.nodes if n.op == "placeholder" and "val" in n.meta}
@@ -104,6 +107,8 @@ def _narrow(bundle: ModelBundle, ep: ExportedProgram, violation: str) -> None:
                 if a != axis or name not in shapes:
                     continue
                 size = shapes[name][i]
+                if not isinstance(size, int) and size.node.expr.is_number:  # a SymInt the program specialized (Funnel's seq)
+                    size = int(size.node.expr)
                 if isinstance(size, int):
                     new_lo, new_hi = max(new_lo, size), min(new_hi, size)
                     continue
@@ -120,7 +125,10 @@ def _narrow(bundle: ModelBundle, ep: ExportedProgram, violation: str) -> None:
         if (new_lo, new_hi) != (lo, hi):
             bundle.axis_ranges[axis] = (new_lo, new_hi)
             what = f"fixed at {new_lo}" if new_lo == new_hi else f"narrowed to [{new_lo}, {new_hi}]"
-            bundle.notes.append(f"torch.export: {axis} {what} from [{lo}, {hi}] (the model's code constrains it)")
+            traced = {int(t.shape[i]) for n, t in example.items() for i, a in enumerate(bundle.inputs[n].dims) if a == axis}
+            why = ("the model's code fixes it at the size it is captured at, the run's longest" if traced == {new_lo} == {new_hi}
+                   else "the model's code constrains it")
+            bundle.notes.append(f"torch.export: {axis} {what} from [{lo}, {hi}] ({why})")
 
 
 @dataclass
@@ -192,8 +200,10 @@ def _exporter_cause(e: BaseException) -> str:
     return cause or f"{type(e).__name__}: {text.strip().splitlines()[0] if text.strip() else ''}"
 
 
-def capture(bundle: ModelBundle, cache_dir: Path | str | None = None, quant: QuantSpec | None = None) -> Captured:
+def capture(bundle: ModelBundle, cache_dir: Path | str | None = None, quant: QuantSpec | None = None,
+            seq: int | None = None) -> Captured:
+    """`seq`: the run's longest sequence, where the model's code fixes the length it is captured at (see `export`)."""
     t0 = time.perf_counter()
-    ep = export(bundle)
+    ep = export(bundle, seq=seq)
     return Captured(bundle, ep, graph_hash(ep), time.perf_counter() - t0, Path(cache_dir) if cache_dir else DEFAULT_CACHE,
                     quant or QuantSpec())

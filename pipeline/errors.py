@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 
 
@@ -37,7 +38,13 @@ class ArtifactError(KilnError):
     """An artifact that is missing, corrupted, tampered with, or from another tool or version."""
 
 
+_WHERE = re.compile(r"^Exception from \S+:\d+:$")
+
+
 def short(e: BaseException) -> str:
     """An exception as a row's reason: Kiln's own in full, anything else as its type and first line."""
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0] if text else ''}"[:400] if not isinstance(e, KilnError) else str(e)[:800]
+    if isinstance(e, KilnError):
+        return str(e)[:800]
+    # native libraries open with the C++ file and line of each rethrow ("Exception from src/...cpp:224:"): not the cause
+    text = [line for line in str(e).strip().splitlines() if line.strip() and not _WHERE.match(line.strip())]
+    return f"{type(e).__name__}: {text[0] if text else ''}"[:400]

@@ -32,11 +32,16 @@ if TYPE_CHECKING:
 
 def compiled(req: CompileRequest) -> Any:
     """A forward engine: the captured program read from the cache by content (checked against the run's hash), compiled."""
-    captured = capture(load_model(req.model_spec, req.model_task), Path(req.cache_dir) if req.cache_dir else None, req.quant)
+    captured = capture(load_model(req.model_spec, req.model_task), Path(req.cache_dir) if req.cache_dir else None, req.quant,
+                       longest(req.shapes))
     if captured.graph_hash != req.graph_hash:
         raise BackendError(f"the worker captured graph {captured.graph_hash}, the run {req.graph_hash}: the model loaded differently")
     engine_starts()  # the engine's peak, as the in-process watch counts it: not the model's load
     return registry.resolve(req.backend, req.cls_path).compile(captured, req.precision, req.device, req.options, list(req.shapes))
+
+
+def longest(shapes: Any) -> int | None:
+    return max((s.seq for s in shapes if s.seq), default=None)
 
 
 def loaded(directory: str, device: str, cls_path: tuple[str, str] | None) -> Any:
@@ -65,7 +70,7 @@ class Forward:
             r = self.r
             r.say(f"capturing {r.bundle.name} with torch.export (batch and seq dynamic)")
             with progress.ticking(r.say, "capturing with torch.export"):
-                captured = capture(r.bundle, r.cache_dir, r.cfg.quant)
+                captured = capture(r.bundle, r.cache_dir, r.cfg.quant, longest(r.cfg.shapes))
             r.say(f"captured graph {captured.graph_hash} in {captured.capture_s:.1f}s")
             for s in r.cfg.shapes:  # capture may have narrowed the model's ranges (its notes say why)
                 check_shape(r.bundle, s)

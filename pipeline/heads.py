@@ -111,10 +111,14 @@ def of_architecture(arch: str) -> Head | None:
 
 
 def pooled_embeddings(hidden: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """Mean over valid tokens, L2-normalized: how sentence-transformers turns MiniLM into embeddings."""
+    """Mean over valid tokens, L2-normalized: how sentence-transformers turns MiniLM into embeddings.
+    An output shorter than its input (Funnel pools the sequence) is averaged over all its positions."""
     import torch
 
-    m = torch.ones(hidden.shape[:2], dtype=hidden.dtype) if mask is None else mask.to(hidden.dtype).cpu()
+    if mask is None or mask.shape != hidden.shape[:2]:
+        m = torch.ones(hidden.shape[:2], dtype=hidden.dtype)
+    else:
+        m = mask.to(hidden.dtype).cpu()
     pooled = (hidden * m.unsqueeze(-1)).sum(1) / m.sum(1, keepdim=True).clamp(min=1)
     return torch.nn.functional.normalize(pooled, dim=-1)
 

@@ -169,9 +169,24 @@ def check_memory(bundle: ModelBundle, shapes: Sequence[Shape], precisions: Seque
                          f"has {have / 2**30:.1f} GiB available: use smaller shapes than {big}")
 
 
+def _probes(bundle: ModelBundle) -> tuple[Shape, Shape]:
+    """Two small shapes inside the model's ranges (a model whose sequence starts at 400 samples, or
+    is fixed at 32), batch and seq apart by different steps so that no dim could follow both."""
+    def two(axis: str, first: int, step: int) -> tuple[int, int]:
+        lo, hi = bundle.axis_ranges.get(axis, (1, 2**31))
+        x = min(max(first, lo), hi)
+        return x, x + step if x + step <= hi else max(x - step, lo)
+
+    b1, b2 = two("batch", 2, 1)
+    if "seq" not in bundle.axis_ranges:
+        return Shape(b1), Shape(b2)
+    s1, s2 = two("seq", 3, 2)
+    return Shape(b1, s1), Shape(b2, s2)
+
+
 def output_axes(bundle: ModelBundle) -> dict[str, list[int | str]]:
     """Each output's dims, with batch and seq named: eager at two small shapes tells which dims follow which axis."""
-    a, b = (Shape(2, 3), Shape(3, 5)) if "seq" in bundle.axis_ranges else (Shape(2), Shape(3))
+    a, b = _probes(bundle)
     oa, ob = (_eager(bundle.module, bundle.output_names, make_inputs(bundle, s, "random")) for s in (a, b))
     out: dict[str, list[int | str]] = {}
     for name in bundle.output_names:

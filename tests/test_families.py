@@ -18,6 +18,7 @@ from helpers import word_tokenizer
 from pipeline.config import make_config
 from pipeline.inputs import Shape, make_inputs
 from pipeline.models import load_model
+from pipeline.precision import Precision
 from pipeline.runner import Runner
 
 H = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
@@ -60,6 +61,11 @@ FAMILIES: dict[str, tuple[Callable[[], Any], Any, dict[str, Any]]] = {
     "mixtral": (lambda: transformers.MixtralConfig(**DEC, num_local_experts=4, num_experts_per_tok=2),
                 transformers.MixtralForCausalLM, {"task": "causal-lm", "tokenizer": "left",
                                                   "note": "no fp64 shadow (eager fp64 fails: RuntimeError: Expected mat_a"}),
+    # pools its sequence in code that fixes the length it is traced at: captured at the run's longest, pinned there
+    "funnel": (lambda: transformers.FunnelConfig(d_model=32, n_head=2, d_head=16, d_inner=64, block_sizes=[1, 1], vocab_size=1000),
+               transformers.FunnelBaseModel,
+               {"task": "encoder", "note": "torch.export: seq fixed at 16 from [1, 512] (the model's code fixes it at the size "
+                                           "it is captured at, the run's longest)"}),
     "vit": (lambda: transformers.ViTConfig(**H, image_size=32, patch_size=8, num_labels=3),
             transformers.ViTForImageClassification, {"task": "image-classification", "agreement": "label"}),
     "deit": (lambda: transformers.DeiTConfig(**H, image_size=32, patch_size=8), transformers.DeiTModel,
@@ -86,6 +92,8 @@ BACKENDS = ["eager", "inductor", "onnxruntime", "tvm", "openvino"]
 KNOWN_FAILURES = {("gpt-neo", "tvm"): "emit_te now only supports Tensor that has ShapeExpr shape",
                   ("mixtral", "onnxruntime"): "No ONNX function found for <OpOverload(op='transformers.grouped_mm_fallback'",
                   ("mixtral", "tvm"): "Unsupported function types ['grouped_mm_fallback.default'",
+                  ("funnel", "tvm"): "broadcast_to expects the input tensor shape is broadcastable to the target shape",
+                  ("funnel", "openvino"): "ScatterNDUpdate",
                   ("mixtral", "openvino"): "cannot convert aten.empty_permuted.default, aten.histc.default, transformers.grouped_mm_fallback"}
 
 
@@ -199,3 +207,37 @@ def test_an_audio_model_is_refused_in_one_line_whatever_its_class_is_named(tmp_p
         cls(config).save_pretrained(tmp_path / cls.__name__)
         with pytest.raises(InputError, match=f"holds an audio model \\({cls.__name__}\\); Kiln takes text and image models"):
             load_model(str(tmp_path / cls.__name__))
+
+
+def test_an_axis_the_program_pins_is_the_models_range_and_a_pooled_output_is_judged_at_its_own_length(
+        tmp_path: Path, cache_dir: Path) -> None:
+    from pipeline.capture import capture
+    from pipeline.errors import ShapeError
+    from pipeline.inputs import check_shape
+    from pipeline.references import References, output_axes
+
+    bundle = load_model(str(_save("funnel", tmp_path)))
+    capture(bundle, cache_dir, seq=24)  # a run whose longest sequence is 24
+    assert bundle.axis_ranges == {"batch": (1, 64), "seq": (24, 24)} and "seq fixed at 24" in bundle.notes[-1]
+    with pytest.raises(ShapeError, match=r"seq 16 is outside funnel's range \[24, 24\]"):
+        check_shape(bundle, Shape(2, 16))
+    assert output_axes(bundle) == {"last_hidden_state": ["batch", 12, 32]}  # probed inside the range: pooled to half
+    refs = References.compute(bundle, [Shape(3, 24)])
+    verdict = refs.judge(lambda b: dict(zip(bundle.output_names, bundle.module(**b))), [Shape(3, 24)], Precision.FP32)
+    assert verdict.passed and verdict.outputs[0].embedding_cosine == pytest.approx(1.0)
+
+
+def test_native_errors_are_named_by_their_cause_not_where_they_were_rethrown() -> None:
+    from pipeline.capture import _exporter_cause
+    from pipeline.errors import short
+
+    ov = RuntimeError("Exception from src/inference/src/cpp/infer_request.cpp:224:\nException from src/plugins/intel_cpu/"
+                      "src/node.cpp:794:\n[CPU] ScatterNDUpdate node with name 'slice_scatter' failed\n")
+    assert short(ov) == "RuntimeError: [CPU] ScatterNDUpdate node with name 'slice_scatter' failed"
+    onnx = RuntimeError("Failed to convert the exported program to an ONNX model. \x1b[96mThis is step 3/3\x1b[0m of exporting "
+                        "the model to ONNX. Next steps:\n- If there is a missing ONNX function, implement it.\n\n## Exception "
+                        "summary\n\n<class 'torch.onnx._internal.exporter._errors.DispatchError'>: No ONNX function found for "
+                        "<OpOverload(op='transformers.grouped_mm_fallback', overload='default')>.\n")
+    assert _exporter_cause(onnx) == ("DispatchError: No ONNX function found for "
+                                     "<OpOverload(op='transformers.grouped_mm_fallback', overload='default')>.")
+    assert _exporter_cause(ValueError("\x1b[96mplain\x1b[0m failure\nmore")) == "ValueError: plain failure"
