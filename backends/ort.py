@@ -16,7 +16,7 @@ import torch
 
 from pipeline.capture import Captured
 from pipeline.env import version
-from pipeline.errors import BackendError, KilnError, short
+from pipeline.errors import BackendError, short
 from pipeline.fsutil import cache_entry, cached_dir
 from pipeline.inputs import Shape
 from pipeline.manifest import Manifest
@@ -229,6 +229,8 @@ class OrtBackend(Backend):
             fusions = _build_onnx(captured, spec.precision, options, tmp)
             (tmp / "fusions.txt").write_text("".join(f"{k} {v}\n" for k, v in fusions.items()))
 
+        if not final.exists():
+            captured.onnx_path()  # the export's own failure is no recipe step's: it raises here, not in the fallback below
         try:
             cached_dir(final, make)
             fusions = {k: int(v) for k, v in (line.split() for line in (final / "fusions.txt").read_text().splitlines())}
@@ -240,8 +242,8 @@ class OrtBackend(Backend):
             # a recipe step that fails on a graph (ORT's optimizer finds a cycle in a multiple-choice
             # BERT's), or a fused graph ORT refuses (a Gemm fed rank 3 in GPT-2's): the graph one
             # step earlier still runs, and the engine says so (its manifest records the options it
-            # was built with). Kiln's own errors (the export's) are not the recipe's.
-            if not options.fuse or spec.precision in _UNFUSED or isinstance(e, KilnError):
+            # was built with).
+            if not options.fuse or spec.precision in _UNFUSED:
                 raise
             step = "ORT's transformers optimizer" if options.transformers_optimizer else "onnxscript's fusions"
             lighter = (dataclasses.replace(options, transformers_optimizer=False) if options.transformers_optimizer

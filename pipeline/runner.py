@@ -116,7 +116,7 @@ class Runner:
         except Exception as e:  # a compiler may raise anything; it becomes a row, the run goes on
             self.say(f"{name} {precision}: failed: {short(e)}")
             log.debug("%s %s failed", name, precision, exc_info=True)
-            return self._rows(name, precision, "failed", short(e), crashed=isinstance(e, WorkerCrashed))
+            return self._rows(name, precision, "failed", "; ".join((short(e), *self.bundle.notes)), crashed=isinstance(e, WorkerCrashed))
         self.engines[(name, precision)] = model
         for r in results.values():  # what the engine says of itself, and how the model was loaded or captured
             r.peak_host_mb, r.peak_device_mb = info.get("peak_host_mb"), info.get("peak_device_mb")
