@@ -41,7 +41,10 @@ class _HFWrapper(nn.Module):
             # counted over real tokens, as generation does: a left-padded row's first token is at 0
             # (padding gets 0; a clamp would reach TVM as a clip to +inf, which its int legalizer refuses)
             kwargs["position_ids"] = (attention_mask.cumsum(-1) - 1) * attention_mask
-        elif self.pass_positions:  # [batch, seq], or [batch, options, seq] for multiple choice
+        elif self.pass_positions and input_ids.dim() == 2:
+            b, s = input_ids.shape
+            kwargs["position_ids"] = torch.arange(s, device=input_ids.device).unsqueeze(0).expand(b, s)
+        elif self.pass_positions:  # multiple choice: [batch, options, seq] (apart, so that no 2-D model's graph hash moves)
             kwargs["position_ids"] = torch.arange(input_ids.shape[-1], device=input_ids.device).expand(input_ids.shape)
         if self.pass_token_types:
             kwargs["token_type_ids"] = torch.zeros_like(input_ids)
