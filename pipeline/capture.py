@@ -82,11 +82,12 @@ def export(bundle: ModelBundle, dtype: torch.dtype = torch.float32, module: torc
                 if "Constraints violated" not in str(e):
                     raise
                 violation = str(e)
-            ep = torch.export.export(module, (), _example(bundle, seq), dynamic_shapes=_dynamic_shapes(bundle, auto=True))
+            example = _example(bundle, seq)
+            ep = torch.export.export(module, (), example, dynamic_shapes=_dynamic_shapes(bundle, auto=True))
     except Exception as e:  # torch raises many kinds here; the user needs the first line
         first = next((line.strip() for line in str(e).splitlines() if line.strip()), "")
         raise BackendError(f"torch.export failed for {bundle.name}: {type(e).__name__}: {first}") from e
-    _narrow(bundle, ep, violation, _example(bundle, seq))
+    _narrow(bundle, ep, violation, example)
     return ep
 
 

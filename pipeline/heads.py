@@ -75,29 +75,27 @@ def register(head: Head) -> Head:
 
 
 @functools.cache
-def _auto_mappings() -> dict[str, frozenset[str]]:
+def _auto_mappings() -> dict[str, tuple[frozenset[str], frozenset[str]]]:
+    """transformers' auto mappings, by task: (the model types, the class names) it lists."""
     from transformers.models.auto import modeling_auto
 
     out = {}
     for name in dir(modeling_auto):
         if name.startswith("MODEL_FOR_") and name.endswith("_MAPPING_NAMES"):
-            values = getattr(modeling_auto, name).values()
-            out[name[len("MODEL_FOR_"):-len("_MAPPING_NAMES")]] = frozenset(
-                c for v in values for c in ((v,) if isinstance(v, str) else v))
+            mapping = getattr(modeling_auto, name)
+            out[name[len("MODEL_FOR_"):-len("_MAPPING_NAMES")]] = (
+                frozenset(mapping), frozenset(c for v in mapping.values() for c in ((v,) if isinstance(v, str) else v)))
     return out
 
 
-@functools.cache
 def model_types(task: str) -> frozenset[str]:
     """The model types transformers has a class for at `task` (CTC: wav2vec2, hubert, ...)."""
-    from transformers.models.auto import modeling_auto
-
-    return frozenset(getattr(modeling_auto, f"MODEL_FOR_{task}_MAPPING_NAMES", {}))
+    return _auto_mappings().get(task, (frozenset(), frozenset()))[0]
 
 
 def transformers_tasks(arch: str) -> list[str]:
     """The tasks transformers lists the class `arch` under (BertForMultipleChoice: MULTIPLE_CHOICE)."""
-    return [task for task, classes in _auto_mappings().items() if arch in classes]
+    return [task for task, (_, classes) in _auto_mappings().items() if arch in classes]
 
 
 def of_architecture(arch: str) -> Head | None:

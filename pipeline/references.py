@@ -36,6 +36,10 @@ def _eager(module: torch.nn.Module, names: Sequence[str], inputs: Inputs) -> Ten
         return dict(zip(names, module(**inputs)))
 
 
+def _over(module: torch.nn.Module, bundle: ModelBundle, batches: dict[Shape, list[Inputs]]) -> dict[Shape, list[Tensors]]:
+    return {s: [_eager(module, bundle.output_names, b) for b in bs] for s, bs in batches.items()}
+
+
 def _nonfinite(outs: dict[Shape, list[Tensors]], batches: dict[Shape, list[Inputs]], task: str) -> Shape | None:
     """The first shape where an output is NaN or Inf at real tokens (what padding positions hold is never compared)."""
     return next((s for s, o in outs.items() for x, b in zip(o, batches[s]) for t in x.values()
@@ -47,8 +51,7 @@ def _shadow(bundle: ModelBundle, batches: dict[Shape, list[Inputs]]) -> dict[Sha
     mixture-of-experts' grouped matmul), or NaN or Inf where fp32 has none (an explicit softmax
     over a fully masked row, which fp32 survives and fp64 does not)."""
     try:
-        mod = copy.deepcopy(bundle.module).double()
-        outs = {s: [_eager(mod, bundle.output_names, b) for b in bs] for s, bs in batches.items()}
+        outs = _over(copy.deepcopy(bundle.module).double(), bundle, batches)
     except Exception as e:  # the model's own code may raise anything in fp64
         return f"eager fp64 fails: {short(e)}"
     bad = _nonfinite(outs, batches, bundle.task)
@@ -73,8 +76,7 @@ class References:
         if say:
             say("reference outputs: eager fp32, fp64 shadow" + "".join(f", eager {p}" for p in lower))
         batches = {s: [make_inputs(bundle, s, kind, seed=i) for i, kind in enumerate(KINDS)] for s in shapes}
-        outputs: dict[str, dict[Shape, list[Tensors]]] = {
-            "fp32": {s: [_eager(bundle.module, bundle.output_names, b) for b in bs] for s, bs in batches.items()}}
+        outputs: dict[str, dict[Shape, list[Tensors]]] = {"fp32": _over(bundle.module, bundle, batches)}
         bad = _nonfinite(outputs["fp32"], batches, bundle.task)
         if bad is not None:
             raise NumericsError(f"eager fp32 itself gives NaN or Inf on {bundle.name} at {bad}: the model or inputs are broken")
@@ -89,8 +91,7 @@ class References:
         outputs["fp64"] = shadow
         for p in lower:
             if not p.quantized:
-                mod = copy.deepcopy(bundle.module).to(p.dtype)
-                outputs[p.value] = {s: [_eager(mod, bundle.output_names, b) for b in bs] for s, bs in batches.items()}
+                outputs[p.value] = _over(copy.deepcopy(bundle.module).to(p.dtype), bundle, batches)
         failed: dict[str, str] = {}
         for p in (p for p in lower if p.quantized):
             if quantized is None:
